@@ -1,0 +1,1 @@
+"""Pure tensor math of the RL step (torch only): advantages, selection, shaping, losses, metrics."""

@@ -1,0 +1,73 @@
+"""`lcot-mega` command line: `config`, `check` and `grade` (train, eval, serve, convert land with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from lcot_mega.config import ConfigError, config_to_dict, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="recipe YAML (only what differs from the defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.polarity=negative")
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from lcot_mega.doctor import run_checks
+
+    cfg = load_config(args.config, args.overrides)
+    return 0 if run_checks(cfg, run_dir=args.run_dir) else 1
+
+
+def _cmd_grade(args: argparse.Namespace) -> int:
+    from lcot_mega.reward import Grader
+
+    with Grader(num_workers=1, timeout_s=args.timeout, fallbacks=args.fallback or ()) as grader:
+        (result,) = grader.grade_batch([args.response], [args.answer])
+    print(f"correct={result.correct} extracted={result.extracted!r} timed_out={result.timed_out}")
+    return 0 if result.correct else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lcot-mega", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved config (defaults + YAML + overrides) after validation")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("check", help="validate a config and self-test the installed components")
+    _add_config_args(p)
+    p.add_argument("--run-dir", default=None, help="also write the resolved config here (default: trainer.run_dir)")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("grade", help="grade one response against a gold answer (math-verify, isolated)")
+    p.add_argument("response")
+    p.add_argument("answer")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--fallback", action="append", choices=("answer_is", "last_number"))
+    p.set_defaults(func=_cmd_grade)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"lcot-mega: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Typed configuration of every component; the one place where defaults live.
+
+A recipe YAML states only what differs from these defaults (STYLE.md, "Config"). Each field's
+docstring says what it does; `opt(...)` states what values are allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lcot_mega.config.fields import opt
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Hugging Face model directory (or hub id in a user's config) of the initial policy."""
+    dtype: str = opt("float32", choices=("float32", "bfloat16", "float16"))
+    """Parameter dtype of the rollout copy; fp32 on CPU, bf16 on GPU."""
+    trust_remote_code: bool = False
+    """Passed to transformers when loading the tokenizer and config; off unless you trust the model repo."""
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = opt([])
+    """Training prompt sources: JSONL/parquet files with `prompt`/`answer` fields, or `reasoning_gym:TASK`."""
+    eval: list[str] = opt([])
+    """Held-out sources evaluated during training (same formats as `train`)."""
+    prompt_template: str = "{problem}"
+    """User-turn text; `{problem}` is replaced by the problem. The study: "{problem} Let's think step by step
+    and output the final answer within \\boxed{}."."""
+    apply_chat_template: bool = True
+    """Render the user turn with the tokenizer's chat template."""
+    max_prompt_len: int = opt(1024, gt=0)
+    """Prompts longer than this many tokens are skipped (and counted)."""
+    shuffle: bool = True
+    """Shuffle the training prompts each epoch (seeded by trainer.seed)."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = opt("embedded", choices=("embedded", "sglang", "vllm"))
+    """Rollout backend: in-process/served transformers engine on CPU, SGLang or vLLM servers on GPU."""
+    n_samples: int = opt(8, ge=1)
+    """G: responses sampled per prompt (the group of group-relative advantages)."""
+    temperature: float = opt(1.0, ge=0.0)
+    """Sampling temperature; the actor's log-probs are scaled by the same value."""
+    top_p: float = opt(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass; 1.0 keeps the full distribution (needed for exact importance ratios)."""
+    top_k: int = opt(-1, ge=-1)
+    """Top-k sampling; -1 disables it (SGLang's convention)."""
+    max_new_tokens: int = opt(1024, gt=0)
+    """Response length limit; longer responses are truncated (status TRUNCATED)."""
+    stop: list[str] = opt([])
+    """Extra stop strings besides the tokenizer's EOS."""
+    seed: int | None = None
+    """Sampling seed; None derives it from trainer.seed and the step."""
+
+
+@dataclass
+class RelativeLengthConfig:
+    """Relative length reward (Mu et al. 2025, from DeepScaleR): a signal for all-correct groups."""
+
+    enabled: bool = False
+    corr_ratio: float = opt(0.75, ge=0.0, le=1.0)
+    """Only groups with at least this accuracy get the length term."""
+    length_base: float = opt(500.0, gt=0.0)
+    """Tokens per unit of reward: bonus = (mean correct length - length) / length_base."""
+    lower: float = -0.5
+    """Lower clip of the bonus."""
+    upper: float = 1.0
+    """Upper clip of the bonus."""
+
+
+@dataclass
+class OverlongConfig:
+    """Soft overlong punishment (DAPO, Yu et al. 2025, eq. 13)."""
+
+    enabled: bool = False
+    buffer_len: int = opt(256, gt=0)
+    """The penalty ramps linearly over the last buffer_len tokens before rollout.max_new_tokens."""
+    penalty_factor: float = opt(1.0, ge=0.0)
+    """Penalty at (and beyond) the maximum length."""
+
+
+@dataclass
+class RepetitionConfig:
+    """Repetition penalty on incorrect responses (Mu et al. 2025 reference code)."""
+
+    enabled: bool = False
+    ngram: int = opt(40, ge=1)
+    """Word n-gram size."""
+    max_penalty: float = opt(-2.0, le=0.0)
+    """Penalty of a fully repetitive response: (1 - unique/total n-grams) * max_penalty."""
+
+
+@dataclass
+class RewardConfig:
+    fn: str = "math"
+    """Reward function: a registered name (`math`, `exact`) or a dotted path `package.module:function`."""
+    require_think_close: bool = False
+    """The answer must follow a closing `</think>` (the study's verifier); otherwise it scores 0."""
+    fallbacks: list[str] = opt([], choices=("answer_is", "last_number"))
+    """Where to look when the response has no `\\boxed{}`, tried in order."""
+    timeout_s: float = opt(5.0, gt=0.0)
+    """Wall-clock budget per grade; an overrunning grade scores 0 and its worker process is replaced."""
+    num_workers: int = opt(2, ge=1)
+    """Grader processes (math-verify runs isolated; see DESIGN.md)."""
+    relative_length: RelativeLengthConfig = opt(RelativeLengthConfig)
+    overlong: OverlongConfig = opt(OverlongConfig)
+    repetition: RepetitionConfig = opt(RepetitionConfig)
+
+
+@dataclass
+class DynamicSamplingConfig:
+    """Dynamic sampling (DAPO): drop groups whose advantages are all zero and refill the batch."""
+
+    mode: str = opt("off", choices=("off", "drop", "drop_with_fallback"))
+    """off: train on every group; drop: keep only informative groups; drop_with_fallback: as drop, but
+    when refilling runs out of rounds, top up with zero-advantage groups."""
+    max_rounds: int = opt(4, ge=1)
+    """Generation rounds per step before giving up on filling the batch."""
+    oversample: float = opt(1.0, ge=1.0)
+    """Prompt groups generated per needed group in each round."""
+    on_shortfall: str = opt("train", choices=("train", "stop"))
+    """What to do when max_rounds did not fill the batch: train on what there is (and log it) or stop."""
+
+
+@dataclass
+class InjectionConfig:
+    """Offline correct solutions injected into hard groups (Mu et al. 2025, data efficiency)."""
+
+    enabled: bool = False
+    alpha: float = opt(0.125, ge=0.0, le=1.0)
+    """Groups with accuracy <= alpha get incorrect samples replaced by offline solutions."""
+    gamma: float = opt(0.1, gt=0.0)
+    """Policy-shaping constant of the injected samples' loss: -A * p / (p + gamma)."""
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "grpo"
+    """Advantage estimator by registered name: grpo, drgrpo, rloo, reinforce_pp (or one you register)."""
+    adv_eps: float = opt(1e-6, gt=0.0)
+    """Added to the group std in the GRPO denominator."""
+    polarity: str = opt("both", choices=("both", "positive", "negative", "weighted"))
+    """Which samples train (Mu et al. 2025): all, correct only, incorrect only, or positives down-weighted."""
+    reserve_ratio: float = opt(0.0, ge=0.0, le=1.0)
+    """positive/negative modes: share of the dropped polarity kept at random."""
+    reserve_min: int = opt(0, ge=0)
+    """positive/negative modes: at least this many of the dropped polarity are kept."""
+    positive_weight: float = opt(1.0, ge=0.0)
+    """weighted mode: advantages of correct samples are scaled by this (W-REINFORCE's lambda)."""
+    loss_agg: str = "token-mean"
+    """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
+    loss_max_len: int | None = opt(None, gt=0)
+    """Constant normaliser of seq-mean-token-sum-norm (Dr.GRPO); required by that mode."""
+    clip_low: float = opt(0.2, ge=0.0, lt=1.0)
+    """PPO clip below: ratio >= 1 - clip_low."""
+    clip_high: float = opt(0.2, ge=0.0)
+    """PPO clip above: ratio <= 1 + clip_high (clip-higher, DAPO: 0.28)."""
+    dual_clip: float | None = opt(None, gt=1.0)
+    """Dual-clip constant c > 1 for negative advantages; None disables it."""
+    kl_coef: float = opt(0.0, ge=0.0)
+    """Weight of the KL-to-reference loss; 0 skips the reference model entirely."""
+    kl_kind: str = opt("low_var_kl", choices=("k1", "k2", "k3", "low_var_kl", "abs"))
+    """KL estimator (Schulman 2020); the study used low_var_kl, clamped to [-10, 10]."""
+    entropy_coef: float = opt(0.0, ge=0.0)
+    """Weight of the entropy bonus."""
+    is_cap: float | None = opt(None, ge=1.0)
+    """Truncated importance sampling for the train/rollout mismatch: weights capped here; None disables it."""
+    dynamic_sampling: DynamicSamplingConfig = opt(DynamicSamplingConfig)
+    injection: InjectionConfig = opt(InjectionConfig)
+
+
+@dataclass
+class ActorConfig:
+    tensor_parallel: int = opt(1, ge=1)
+    """Megatron tensor-parallel size."""
+    pipeline_parallel: int = opt(1, ge=1)
+    """Megatron pipeline-parallel size."""
+    lr: float = opt(1e-6, gt=0.0)
+    """Peak learning rate (the study: 1e-6, constant)."""
+    lr_schedule: str = opt("constant", choices=("constant", "linear", "cosine"))
+    """Decay after warmup."""
+    warmup_steps: int = opt(0, ge=0)
+    """Linear warmup from 0 over this many optimizer steps."""
+    weight_decay: float = opt(0.0, ge=0.0)
+    adam_beta1: float = opt(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = opt(0.999, ge=0.0, lt=1.0)
+    grad_clip: float = opt(1.0, ge=0.0)
+    """Global gradient-norm clip; 0 disables it."""
+    micro_batch_tokens: int = opt(8192, gt=0)
+    """Token budget of one micro-batch (dynamic batch size)."""
+    updates_per_batch: int = opt(1, ge=1)
+    """Optimizer steps per rollout batch (the study: 1, fully on-policy)."""
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = opt(100, ge=1)
+    """RL steps (rollout + update) to run."""
+    prompts_per_step: int = opt(64, ge=1)
+    """Prompt groups per step (the study: 64)."""
+    seed: int = 1
+    run_dir: str = "runs/default"
+    """Where the resolved config, metrics, checkpoints and eval results go."""
+    save_every: int = opt(10, ge=0)
+    """Checkpoint every N steps; 0 saves only at the end."""
+    keep_last: int = opt(3, ge=1)
+    """Checkpoints kept on disk (older ones are deleted after a newer one is written)."""
+    eval_every: int = opt(10, ge=0)
+    """Evaluate on data.eval every N steps; 0 disables it."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    """Write TensorBoard events into the run directory (metrics.jsonl is always written)."""
+    wandb: str = opt("disabled", choices=("disabled", "offline", "online"))
+    """Weights & Biases mode; never required."""
+    wandb_project: str = "lcot-mega"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = opt(ModelConfig)
+    data: DataConfig = opt(DataConfig)
+    rollout: RolloutConfig = opt(RolloutConfig)
+    reward: RewardConfig = opt(RewardConfig)
+    algo: AlgoConfig = opt(AlgoConfig)
+    actor: ActorConfig = opt(ActorConfig)
+    trainer: TrainerConfig = opt(TrainerConfig)
+    logging: LoggingConfig = opt(LoggingConfig)
+
+
+def cross_field_errors(cfg: Config) -> list[str]:
+    """Constraints that involve more than one key."""
+    errors = []
+    rl = cfg.reward.relative_length
+    if rl.lower > rl.upper:
+        errors.append(f"reward.relative_length.lower = {rl.lower} must be <= reward.relative_length.upper = {rl.upper}")
+    if cfg.reward.overlong.enabled and cfg.reward.overlong.buffer_len >= cfg.rollout.max_new_tokens:
+        errors.append(
+            f"reward.overlong.buffer_len = {cfg.reward.overlong.buffer_len} must be < rollout.max_new_tokens"
+            f" = {cfg.rollout.max_new_tokens}"
+        )
+    if cfg.algo.loss_agg == "seq-mean-token-sum-norm" and cfg.algo.loss_max_len is None:
+        errors.append("algo.loss_agg = 'seq-mean-token-sum-norm' needs algo.loss_max_len (a constant token count)")
+    if cfg.algo.polarity != "weighted" and cfg.algo.positive_weight != 1.0:
+        errors.append(
+            f"algo.positive_weight = {cfg.algo.positive_weight} only applies with algo.polarity = 'weighted'"
+            f" (got {cfg.algo.polarity!r})"
+        )
+    if cfg.algo.polarity in ("both", "weighted") and (cfg.algo.reserve_ratio or cfg.algo.reserve_min):
+        errors.append("algo.reserve_ratio / algo.reserve_min only apply with algo.polarity = 'positive' or 'negative'")
+    return errors
