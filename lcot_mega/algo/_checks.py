@@ -27,3 +27,37 @@ def check_group_ids(group_ids: torch.Tensor, n: int) -> None:
         raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
     if n and int(group_ids.min()) < 0:
         raise ValueError("group_ids must be non-negative")
+
+
+def as_bool_mask(name: str, t: torch.Tensor, shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
+    """`t` as bool; integer or float masks must hold only 0 and 1 (anything else is a bug upstream)."""
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"shape mismatch: {name} {tuple(t.shape)} vs tokens {tuple(shape)}")
+    if t.dtype == torch.bool:
+        return t
+    check_finite(name, t)
+    if not bool(((t == 0) | (t == 1)).all()):
+        raise ValueError(f"{name} must be a bool mask (or hold only 0/1), got other values")
+    return t != 0
+
+
+def masked_finite(name: str, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reject NaN/Inf where `mask` is true; return `t` with padding replaced by 0 (a new tensor).
+
+    Padding may hold garbage; zeroing it first keeps it out of both values and gradients.
+    """
+    clean = torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    check_finite(name, clean)  # on the zero-padded copy: no data-dependent shape as with t[mask]
+    return clean
+
+
+def require_2d(**tensors: torch.Tensor) -> None:
+    """Token tensors are [B, T]."""
+    for name, t in tensors.items():
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be [B, T], got shape {tuple(t.shape)}")
+
+
+def count(x: torch.Tensor) -> torch.Tensor:
+    """Number of true entries as float32 (bf16 cannot count past 256 exactly)."""
+    return x.sum().to(torch.float32)

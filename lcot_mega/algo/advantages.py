@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 import torch
 
-from lcot_mega.algo.groups import group_moments, check_per_sample, group_index
+from lcot_mega.algo.groups import check_per_sample, group_index, group_moments
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -73,7 +73,9 @@ def group_advantages(
         return torch.zeros(0, dtype=torch.float32, device=rewards.device)
     adv = fn(rewards, group_ids, eps)
     if adv.shape != rewards.shape:
-        raise ValueError(f"estimator {estimator!r} returned shape {tuple(adv.shape)} for rewards {tuple(rewards.shape)}")
+        raise ValueError(
+            f"estimator {estimator!r} returned shape {tuple(adv.shape)} for rewards {tuple(rewards.shape)}"
+        )
     return adv.float()
 
 

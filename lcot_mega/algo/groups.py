@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from lcot_mega.algo._checks import check_finite, check_group_ids, check_same_shape
+from lcot_mega.algo._checks import as_bool_mask, check_finite, check_group_ids, check_same_shape
 
 __all__ = [
-    "as_bool_mask",
     "check_per_sample",
     "group_all",
     "group_any",
@@ -41,16 +40,6 @@ def check_per_sample(group_ids: torch.Tensor, **tensors: torch.Tensor) -> int:
     n = group_ids.numel()
     check_group_ids(group_ids, n)
     return n
-
-
-def as_bool_mask(name: str, t: torch.Tensor) -> torch.Tensor:
-    """`t` as a bool tensor; integer or float masks must hold only 0 and 1 (anything else is a bug upstream)."""
-    if t.dtype == torch.bool:
-        return t
-    check_finite(name, t)
-    if not bool(((t == 0) | (t == 1)).all()):
-        raise ValueError(f"{name} must be a bool mask (or hold only 0/1), got other values")
-    return t != 0
 
 
 def group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -122,10 +111,14 @@ def group_all(mask: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
 
 
 def group_mean(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """Group mean broadcast back per sample [N] float32 (a bool mask gives the group's True fraction)."""
-    if values.dtype == torch.bool:
-        values = values.to(torch.float64)
-    return group_stats(values, group_ids)[0]
+    """Group mean broadcast back per sample [N] in float64, for threshold tests such as `accuracy <= alpha`
+    against a Python float. A bool mask gives the group's True fraction."""
+    n = check_per_sample(group_ids, values=values)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64, device=values.device)
+    inv, g = group_index(group_ids)
+    v = values.to(torch.float64)
+    return (segment_sum(v, inv, g) / segment_sum(torch.ones_like(v), inv, g))[inv]
 
 
 def group_rank(mask: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:

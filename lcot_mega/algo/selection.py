@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from lcot_mega.algo._checks import check_finite
-from lcot_mega.algo.groups import as_bool_mask, check_per_sample, group_any
+from lcot_mega.algo._checks import as_bool_mask, check_finite
+from lcot_mega.algo.groups import check_per_sample, group_any
 
 __all__ = [
     "POLARITY_MODES",

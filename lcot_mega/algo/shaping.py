@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lcot_mega.algo._checks import check_finite
-from lcot_mega.algo.groups import as_bool_mask, check_per_sample, group_index, segment_sum
+from lcot_mega.algo._checks import as_bool_mask, check_finite
+from lcot_mega.algo.groups import check_per_sample, group_index, segment_sum
 
 __all__ = ["overlong_penalty", "relative_length_reward"]
 
@@ -56,9 +56,7 @@ def relative_length_reward(
     return torch.where(eligible, out.to(torch.float64) + bonus, out.to(torch.float64)).float()
 
 
-def overlong_penalty(
-    lengths: torch.Tensor, max_len: int, buffer_len: int, penalty_factor: float = 1.0
-) -> torch.Tensor:
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, penalty_factor: float = 1.0) -> torch.Tensor:
     """Soft overlong punishment of DAPO (Yu et al. 2025, eq. 13), the value [N] float32 to ADD to rewards.
 
     With L_max = `max_len` and L_cache = `buffer_len`: 0 for len <= L_max - L_cache, a linear ramp

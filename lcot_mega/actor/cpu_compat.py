@@ -1,0 +1,149 @@
+"""Let megatron-core run on a CPU-only torch (gloo), for development and CI.
+
+megatron-core assumes CUDA throughout. Measured on 0.16.1 (STACK-NOTES.md), what has to be redirected
+to run TP/PP/DP with DDP, the distributed optimizer and dist-checkpointing on CPU:
+
+- CUDA devices passed as arguments (`device="cuda"`, `device=torch.cuda.current_device()`, `.cuda()`,
+  `pin_memory=True`) in the causal mask, grad buffers, clip_grads, pipeline p2p, RoPE, optimizer:
+  one `TorchFunctionMode` rewrites every device argument to CPU, so no call site is patched by hand.
+- Type checks `param.type() == 'torch.cuda.FloatTensor'` (clip_grads, optimizers): under the mode an
+  argument-less `Tensor.type()` reports the CUDA type name of the same dtype.
+- `torch.cuda.*` calls with no CPU meaning (synchronize, set_device, streams, events, memory stats):
+  no-ops or neutral values. `torch.cuda.is_available()` stays False so megatron picks its CPU paths.
+- The CUDA RNG (`model_parallel_cuda_manual_seed`, the tensor-parallel RNG tracker): mapped to the CPU
+  default generator, which is what dropout uses on CPU. Seeding goes to
+  `torch.default_generator.manual_seed` directly: `torch.manual_seed` would call back into
+  `torch.cuda.manual_seed_all` and recurse.
+
+Applied only when no GPU is present (`enable()` is a no-op on a CUDA machine) and at most once per
+process. Sequence parallelism stays unsupported (it needs TE or apex LayerNorm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_lock = threading.Lock()
+_mode: TorchFunctionMode | None = None
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+def _to_cpu_device(device: Any) -> Any:
+    """CUDA device specs (str, torch.device, int ordinal) become "cpu"; anything else passes through."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return "cpu"
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments of every torch call to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and len(args) > 1:
+            args = (args[0], _to_cpu_device(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event: CPU work is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+    def __enter__(self) -> _NullStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _cpu_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _seed_cpu(seed: int) -> None:
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    replacements = {
+        "synchronize": lambda *a, **k: None,
+        "set_device": lambda *a, **k: None,
+        "current_device": lambda: 0,
+        "get_rng_state": _cpu_rng_state,
+        "set_rng_state": _set_cpu_rng_state,
+        "manual_seed": _seed_cpu,
+        "manual_seed_all": _seed_cpu,
+        "current_stream": lambda *a, **k: _NullStream(),
+        "default_stream": lambda *a, **k: _NullStream(),
+        "Stream": _NullStream,
+        "Event": _NullStream,
+        "stream": lambda *a, **k: contextlib.nullcontext(),
+        "empty_cache": lambda: None,
+        "memory_allocated": lambda *a, **k: 0,
+        "max_memory_allocated": lambda *a, **k: 0,
+        "memory_reserved": lambda *a, **k: 0,
+        "reset_peak_memory_stats": lambda *a, **k: None,
+    }
+    for name, fn in replacements.items():
+        setattr(cuda, name, fn)
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = _cpu_rng_state
+    mrandom._set_cuda_rng_state = _set_cpu_rng_state
+
+
+def enable() -> bool:
+    """Make megatron-core usable on this CPU-only process; returns True when the shim is active.
+
+    Idempotent. Does nothing (returns False) when CUDA is available: the real paths are used there.
+    """
+    global _mode
+    if torch.cuda.is_available():
+        return False
+    with _lock:
+        if _mode is None:
+            _patch_torch_cuda()
+            _patch_megatron_rng()
+            _mode = _CudaToCpuMode()
+            _mode.__enter__()  # stays pushed for the life of the process
+    return True
+
+
+def is_enabled() -> bool:
+    return _mode is not None
