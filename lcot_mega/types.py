@@ -59,7 +59,8 @@ class Sample:
     def __post_init__(self) -> None:
         if self.rollout_logprobs is not None and len(self.rollout_logprobs) != len(self.response_ids):
             raise ValueError(
-                f"rollout_logprobs has {len(self.rollout_logprobs)} entries for {len(self.response_ids)} response tokens"
+                f"rollout_logprobs has {len(self.rollout_logprobs)} entries"
+                f" for {len(self.response_ids)} response tokens"
             )
 
     @property
