@@ -32,7 +32,7 @@ def _abs(delta: torch.Tensor) -> torch.Tensor:
     return delta.abs()
 
 
-_KL_KINDS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+KL_KINDS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "k1": _k1,
     "k2": _k2,
     "k3": _k3,
@@ -54,17 +54,17 @@ def kl_penalty(
     Without `mask` every value must be finite; with `mask` only masked positions are checked and the
     result is 0 at padding.
     """
-    if kind not in _KL_KINDS:
-        raise ValueError(f"unknown KL kind {kind!r}; known: {sorted(_KL_KINDS)}")
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown KL kind {kind!r}; known: {sorted(KL_KINDS)}")
     check_same_shape(logp=logp, ref_logp=ref_logp)
     ref_logp = ref_logp.detach()
     if mask is None:
         check_finite("logp", logp)
         check_finite("ref_logp", ref_logp)
-        return _KL_KINDS[kind](logp - ref_logp)
+        return KL_KINDS[kind](logp - ref_logp)
     mask = as_bool_mask("mask", mask, logp.shape)
     delta = masked_finite("logp", logp, mask) - masked_finite("ref_logp", ref_logp, mask)  # [B, T]
-    return torch.where(mask, _KL_KINDS[kind](delta), 0.0)
+    return torch.where(mask, KL_KINDS[kind](delta), 0.0)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
