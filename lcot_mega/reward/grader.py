@@ -208,7 +208,7 @@ class Grader:
         try:
             self._start_missing()
             while any(w.waiting for w in self._live()):
-                self._collect([])
+                self._collect([], deque(), set())
         except BaseException:
             self.close()
             raise
@@ -260,11 +260,12 @@ class Grader:
         _check_inputs(responses, answers)
         results: list[GradeResult | None] = [None] * len(responses)
         pending = deque(range(len(responses)))
+        retried: set[int] = set()  # items whose worker died under them once already
         try:
             while pending or any(w.index is not None for w in self._live()):
                 self._start_missing()
                 self._dispatch(pending, responses, answers, options, timeout_s)
-                self._collect(results)
+                self._collect(results, pending, retried)
         except BaseException:
             self._recycle_busy()  # their late answers would be taken for the next batch's
             raise
@@ -302,7 +303,7 @@ class Grader:
             w.index = i
             w.deadline = time.monotonic() + timeout_s
 
-    def _collect(self, results: list[GradeResult | None]) -> None:
+    def _collect(self, results: list[GradeResult | None], pending: deque[int], retried: set[int]) -> None:
         """Wait for the next message, death or deadline among waiting workers, and handle it."""
         waiting = [w for w in self._live() if w.waiting]
         if not waiting:
@@ -311,7 +312,7 @@ class Grader:
         ready = set(wait([w.conn for w in waiting] + [w.proc.sentinel for w in waiting], timeout))
         for w in waiting:
             if w.conn in ready or w.proc.sentinel in ready:
-                self._receive(w, results)
+                self._receive(w, results, pending, retried)
         now = time.monotonic()
         for w in waiting:
             if w.stopped or not w.waiting or now < w.deadline:
@@ -321,7 +322,7 @@ class Grader:
             results[w.index] = GradeResult(reward=0.0, correct=False, timed_out=True)
             self._replace(w)
 
-    def _receive(self, w: _Worker, results: list[GradeResult | None]) -> None:
+    def _receive(self, w: _Worker, results: list[GradeResult | None], pending: deque[int], retried: set[int]) -> None:
         try:
             msg = w.conn.recv() if w.conn.poll() else None
         except (EOFError, OSError):
@@ -329,9 +330,12 @@ class Grader:
         if msg is None:  # died: crashed in the reward function, or killed from outside
             if not w.ready:
                 raise RuntimeError(f"grader worker died during start-up (exit code {w.proc.exitcode})")
-            if w.index is not None:
+            if w.index is not None and w.index not in retried:
+                retried.add(w.index)  # maybe killed from outside, not this item's fault: one more try
+                pending.appendleft(w.index)
+            elif w.index is not None:
                 w.proc.join(timeout=_JOIN_S)
-                error = f"grader worker died (exit code {w.proc.exitcode})"
+                error = f"grader worker died twice on this item (exit code {w.proc.exitcode})"
                 results[w.index] = GradeResult(reward=0.0, correct=False, error=error)
             self._replace(w)
         elif not w.ready:

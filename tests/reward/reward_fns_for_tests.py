@@ -36,3 +36,11 @@ def crashy(response: str, answer: str) -> bool:
     if response == "segfault":
         os.kill(os.getpid(), signal.SIGSEGV)
     return answer in response
+
+
+def slow_contains(response: str, answer: str) -> bool:
+    """Containment after a 1 s pause: long enough to kill the worker from outside mid-grade."""
+    import time
+
+    time.sleep(1.0)
+    return answer in response
