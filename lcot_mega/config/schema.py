@@ -180,6 +180,16 @@ class ActorConfig:
     """Megatron tensor-parallel size."""
     pipeline_parallel: int = opt(1, ge=1)
     """Megatron pipeline-parallel size."""
+    virtual_pipeline: int | None = opt(None, ge=2)
+    """Virtual pipeline stages per rank (interleaved schedule); None disables it."""
+    precision: str = opt("auto", choices=("auto", "fp32", "bf16"))
+    """Parameter/compute dtype: auto = bf16 on GPU, fp32 on CPU."""
+    fp8: str | None = opt(None, choices=("e4m3", "hybrid"))
+    """FP8 training through Transformer Engine (GPU only); None disables it."""
+    fp8_recipe: str = opt("delayed", choices=("delayed", "tensorwise", "blockwise", "mxfp8"))
+    """FP8 scaling recipe (what the installed Transformer Engine supports)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs Transformer Engine or apex: GPU only)."""
     lr: float = opt(1e-6, gt=0.0)
     """Peak learning rate (the study: 1e-6, constant)."""
     lr_schedule: str = opt("constant", choices=("constant", "linear", "cosine"))

@@ -1,0 +1,100 @@
+"""What the bridge and the actor need to know about a Hugging Face decoder: one frozen record per model.
+
+Supported: dense Llama, Qwen2 and Qwen3 (qk-norm) families. Anything else fails here with the list of
+supported `model_type`s, before a model is built or a weight is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+class UnsupportedModelError(ValueError):
+    """The HF config describes an architecture (or a feature of one) the bridge cannot map."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Shape and features of a dense decoder, read from its HF config."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    """Bias on the q, k and v projections (Qwen2; Llama with attention_bias)."""
+    qk_norm: bool
+    """RMSNorm over head_dim on queries and keys (Qwen3)."""
+    rope_scaling_factor: float | None = None
+    """Llama-3 style RoPE frequency scaling (low 1, high 4, original context 8192), or None."""
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    value = cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
+    return default if value is None else value
+
+
+def _rope(cfg: Any) -> tuple[float, float | None]:
+    """(theta, llama3 scaling factor or None) from `rope_parameters` (transformers 5) or the 4.x fields."""
+    params = _get(cfg, "rope_parameters") or _get(cfg, "rope_scaling") or {}
+    theta = params.get("rope_theta", _get(cfg, "rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if kind == "llama3" and all(float(params.get(k, v)) == v for k, v in expected.items()):
+        return float(theta), float(params["factor"])
+    raise UnsupportedModelError(
+        f"RoPE scaling {params} is not supported: only the default RoPE and llama3 scaling with "
+        f"low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192 (megatron-core's fixed values)"
+    )
+
+
+def arch_from_hf_config(cfg: Any) -> ArchSpec:
+    """Read an `ArchSpec` from a transformers `PretrainedConfig` (or its dict form)."""
+    model_type = _get(cfg, "model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if _get(cfg, "use_sliding_window", False):
+        raise UnsupportedModelError(f"{model_type} with use_sliding_window=True is not supported")
+    if _get(cfg, "mlp_bias", False):
+        raise UnsupportedModelError(f"{model_type} with mlp_bias=True is not supported")
+    if _get(cfg, "hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"hidden_act {_get(cfg, 'hidden_act')!r} is not supported (only silu / SwiGLU)")
+    heads = int(_get(cfg, "num_attention_heads"))
+    hidden = int(_get(cfg, "hidden_size"))
+    theta, scaling = _rope(cfg)
+    return ArchSpec(
+        model_type=model_type,
+        vocab_size=int(_get(cfg, "vocab_size")),
+        hidden_size=hidden,
+        ffn_hidden_size=int(_get(cfg, "intermediate_size")),
+        num_layers=int(_get(cfg, "num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(_get(cfg, "num_key_value_heads", heads)),
+        head_dim=int(_get(cfg, "head_dim", hidden // heads)),
+        norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        max_position_embeddings=int(_get(cfg, "max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or bool(_get(cfg, "attention_bias", False)),
+        qk_norm=model_type == "qwen3",
+        rope_scaling_factor=scaling,
+    )

@@ -1,0 +1,63 @@
+"""HF safetensors loaded into Megatron-core give the transformers model's logits, in every layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distributed_harness import run_gloo
+from tiny_models import FAMILIES, VOCAB, hf_logits, make_tiny_hf
+
+from lcot_mega.bridge.arch import UnsupportedModelError, arch_from_hf_config
+from lcot_mega.bridge.hf_load import CheckpointError, safetensors_index
+
+pytest.importorskip("megatron.core")
+
+INPUT_IDS = torch.tensor([[5, 17, 3, 88, 42, 7, 61, 0, 95, 23, 11, 70]])
+
+
+def _megatron_logits(rank: int, world: int, hf_dirs: list[str], tp: int) -> list[torch.Tensor]:
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from transformers import AutoConfig
+
+    from lcot_mega.actor import megatron_adapter as ma
+    from lcot_mega.bridge.hf_load import load_hf_weights
+    from lcot_mega.config import ActorConfig
+
+    cfg = ActorConfig(tensor_parallel=tp)
+    layout = ma.init_parallel(cfg, seed=1)
+    out = []
+    for hf_dir in hf_dirs:
+        arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
+        chunks = ma.build_model(arch, cfg)
+        load_hf_weights(chunks, hf_dir, arch, layout.tp_rank, layout.tp_size)
+        with torch.no_grad():
+            logits = chunks[0](INPUT_IDS, torch.arange(INPUT_IDS.shape[1]).unsqueeze(0), None)  # [B, S, V/tp]
+            out.append(gather_from_tensor_model_parallel_region(logits)[..., :VOCAB])
+    return out
+
+
+@pytest.mark.parametrize(("world", "tp"), [(1, 1), (2, 2), (2, 1)], ids=["tp1", "tp2", "dp2"])
+def test_megatron_logits_equal_transformers(tmp_path, world, tp):
+    # one run per layout covers every family (a gloo launch costs seconds); qwen3 also checks tied embeddings
+    dirs = [make_tiny_hf(tmp_path / f, f, tie=f == "qwen3") for f in FAMILIES]
+    expected = [hf_logits(d, INPUT_IDS) for d in dirs]
+    for per_rank in run_gloo(_megatron_logits, world, [str(d) for d in dirs], tp):
+        for family, logits, ref in zip(FAMILIES, per_rank, expected, strict=True):
+            assert (logits - ref).abs().max().item() < 1e-4, family
+
+
+def test_unsupported_architecture_is_named_with_the_supported_ones():
+    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported; supported: llama, qwen2, qwen3"):
+        arch_from_hf_config({"model_type": "gpt2"})
+    with pytest.raises(UnsupportedModelError, match="RoPE scaling"):
+        arch_from_hf_config(
+            {"model_type": "llama", "num_attention_heads": 4, "hidden_size": 64, "rope_scaling": {"rope_type": "yarn"}}
+        )
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match=r"pickled \.bin weights only"):
+        safetensors_index(tmp_path)
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
+        safetensors_index(tmp_path / "empty")

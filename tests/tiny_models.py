@@ -1,0 +1,48 @@
+"""Tiny random Hugging Face models of each supported family, made on the fly (no hub access)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+VOCAB = 96
+
+
+def make_tiny_hf(out_dir: str | Path, model_type: str, *, tie: bool = False, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random `model_type` model (fp32 safetensors + config) to `out_dir` and return it.
+
+    4 layers, GQA (4 query heads over 2 key/value groups), head_dim 16, so TP=2 and PP=2 both split it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        rms_norm_eps=1e-6,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs)).float()
+    with torch.no_grad():  # random norms and biases, so a mapping mistake there cannot hide behind ones/zeros
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(input_ids).logits
