@@ -12,7 +12,18 @@ from lcot_mega.bridge.hf_load import CheckpointError, safetensors_index
 
 pytest.importorskip("megatron.core")
 
-INPUT_IDS = torch.tensor([[5, 17, 3, 88, 42, 7, 61, 0, 95, 23, 11, 70]])
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+# 120 positions and sharp attention (initializer_range 0.2): RoPE scaling then moves logits by ~0.85,
+# so a wrong frequency table cannot pass the 1e-4 bound.
+INPUT_IDS = torch.randint(0, VOCAB, (2, 120), generator=torch.Generator().manual_seed(0))
+SHARP = {"initializer_range": 0.2}
 
 
 def _megatron_logits(rank: int, world: int, hf_dirs: list[str], tp: int) -> list[torch.Tensor]:
@@ -39,10 +50,11 @@ def _megatron_logits(rank: int, world: int, hf_dirs: list[str], tp: int) -> list
 @pytest.mark.parametrize(("world", "tp"), [(1, 1), (2, 2), (2, 1)], ids=["tp1", "tp2", "dp2"])
 def test_megatron_logits_equal_transformers(tmp_path, world, tp):
     # one run per layout covers every family (a gloo launch costs seconds); qwen3 also checks tied embeddings
-    dirs = [make_tiny_hf(tmp_path / f, f, tie=f == "qwen3") for f in FAMILIES]
+    dirs = [make_tiny_hf(tmp_path / f, f, tie=f == "qwen3", **SHARP) for f in FAMILIES]
+    dirs.append(make_tiny_hf(tmp_path / "llama3-rope", "llama", rope_parameters=LLAMA3_ROPE, **SHARP))
     expected = [hf_logits(d, INPUT_IDS) for d in dirs]
     for per_rank in run_gloo(_megatron_logits, world, [str(d) for d in dirs], tp):
-        for family, logits, ref in zip(FAMILIES, per_rank, expected, strict=True):
+        for family, logits, ref in zip([*FAMILIES, "llama3-rope"], per_rank, expected, strict=True):
             assert (logits - ref).abs().max().item() < 1e-4, family
 
 

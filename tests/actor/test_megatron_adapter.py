@@ -1,0 +1,54 @@
+"""Actor set-up refuses what cannot run here, naming the key to change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lcot_mega.actor.megatron_adapter import padded_vocab_size, params_dtype, setup_errors
+from lcot_mega.bridge.arch import arch_from_hf_config
+from lcot_mega.config import ActorConfig
+
+ON_CPU = not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not ON_CPU, reason="checks the CPU refusals")
+def test_gpu_only_features_are_refused_on_cpu_with_the_key_to_change():
+    errors = setup_errors(ActorConfig(fp8="e4m3", sequence_parallel=True, tensor_parallel=2, precision="bf16"), 2)
+    text = "\n".join(errors)
+    assert "actor.fp8 = 'e4m3' needs Transformer Engine" in text
+    assert "actor.sequence_parallel needs Transformer Engine" in text
+    assert "actor.precision = 'bf16' is GPU only here" in text
+
+
+def test_layout_must_fit_the_world():
+    assert (
+        "not divisible by actor.tensor_parallel * actor.pipeline_parallel = 2 * 2"
+        in setup_errors(ActorConfig(tensor_parallel=2, pipeline_parallel=2), 6)[0]
+    )
+    assert setup_errors(ActorConfig(tensor_parallel=2, pipeline_parallel=2), 8) == []
+    assert "virtual_pipeline needs actor.pipeline_parallel >= 2" in setup_errors(ActorConfig(virtual_pipeline=2), 1)[0]
+
+
+def test_precision_and_vocab_padding():
+    assert params_dtype(ActorConfig(precision="fp32")) == torch.float32
+    if ON_CPU:
+        assert params_dtype(ActorConfig()) == torch.float32
+    assert padded_vocab_size(97, 2) == 98 and padded_vocab_size(96, 2) == 96 and padded_vocab_size(5, 8) == 8
+
+
+def test_arch_reads_the_family_features():
+    base = dict(num_attention_heads=4, hidden_size=64, intermediate_size=112, num_hidden_layers=2, vocab_size=96)
+    llama = arch_from_hf_config({"model_type": "llama", "num_key_value_heads": 2, **base})
+    assert (llama.qkv_bias, llama.qk_norm, llama.head_dim, llama.heads_per_group) == (False, False, 16, 2)
+    assert arch_from_hf_config({"model_type": "qwen2", **base}).qkv_bias
+    qwen3 = arch_from_hf_config({"model_type": "qwen3", "head_dim": 32, **base})
+    assert qwen3.qk_norm and qwen3.head_dim == 32
+    scaled = arch_from_hf_config(
+        {
+            "model_type": "llama",
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0},
+            **base,
+        }
+    )
+    assert (scaled.rope_theta, scaled.rope_scaling_factor) == (500000.0, 32.0)
