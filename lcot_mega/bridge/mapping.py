@@ -144,3 +144,20 @@ def concat_tp(rule: Rule, per_rank: list[torch.Tensor], hf_rows: int | None = No
     if rule.layout == VOCAB and hf_rows is not None:
         full = full[:hf_rows]
     return full
+
+
+def hf_tensor_names(arch: ArchSpec) -> list[str]:
+    """Every tensor name of the HF checkpoint of `arch` (tied: no `lm_head.weight`), embedding first."""
+    attn = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]
+    if arch.qkv_bias:
+        attn += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+    if arch.qk_norm:
+        attn += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    mlp = ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    layer = ["input_layernorm.weight", *attn, "self_attn.o_proj.weight", "post_attention_layernorm.weight", *mlp]
+    names = ["model.embed_tokens.weight"]
+    names += [f"model.layers.{i}.{s}" for i in range(arch.num_layers) for s in layer]
+    names.append("model.norm.weight")
+    if not arch.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
