@@ -1,4 +1,4 @@
-"""`lcot-mega` command line: `config`, `check` and `grade` (train, eval, serve, convert land with their issues)."""
+"""`lcot-mega` command line: `config`, `check`, `grade` and `convert` (train, eval, serve land with their issues)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--fallback", action="append", choices=("answer_is", "last_number"))
     p.set_defaults(func=_cmd_grade)
+
+    _add_convert(sub)
     return parser
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from lcot_mega.checkpoint import convert
+
+    p = sub.add_parser("convert", help="convert between Hugging Face and Megatron dist checkpoints")
+    kinds = p.add_subparsers(dest="direction", required=True)
+    k = kinds.add_parser("hf-to-mcore", help="HF directory -> Megatron dist checkpoint (any TP/PP)")
+    convert.add_hf_to_mcore_args(k)
+    k.set_defaults(func=convert.run_hf_to_mcore)
+    k = kinds.add_parser("mcore-to-hf", help="Megatron dist checkpoint (any TP/PP) -> HF directory")
+    convert.add_mcore_to_hf_args(k)
+    k.set_defaults(func=convert.run_mcore_to_hf)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
