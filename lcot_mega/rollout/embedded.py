@@ -1,0 +1,482 @@
+"""An in-process rollout engine on transformers: the CPU quick start's generator and the reference backend.
+
+Decoding is our own loop (not `model.generate`), so the log-prob reported for each token is exactly the one of
+the processed distribution (`sampling.process_logits`) the token was drawn from.
+
+How a call runs:
+- prompts are sorted by length and cut into chunks of at most `max_batch_tokens` (rows x (longest prompt +
+  max_new_tokens)); a prompt's n samples always share a chunk, so one prompt may exceed the budget alone;
+- each chunk prefills its prompts once (left padding, attention mask, position ids counted from the first real
+  token), keeps logits of the last position only, then repeats the KV cache n times;
+- every decode step samples all live rows at once; a row that finishes (EOS, stop id, stop string) is dropped
+  from the batch and the KV cache right away, so finished rows cost no further compute. The cache grows by
+  concatenation (transformers' DynamicCache), as in `model.generate`.
+- a response that hits EOS/stop on its max_new_tokens-th token is COMPLETED, not TRUNCATED (SGLang reports
+  "length" there); the EOS/stop token is kept in `token_ids` and `logprobs`, and cut from `text`.
+
+Seeds: with `SamplingParams.seed = s`, sample j of prompt i (flat index k = i * n + j in the call) draws the
+uniform number of decode step t as `U(mix(mix(mix(s) + k) + t))`, mix = splitmix64 (mod 2**64), U = top 53
+bits / 2**53, and samples by inverse CDF (`sampling.sample`). Results therefore depend on (s, k, t) and the
+weights only: not on chunking, padding or which rows are still live. Logits of a row can still change in the
+last bits with the batch's padding, so in float32 a draw at a CDF boundary may differ across batch
+compositions; the same call with the same seed reproduces exactly. With seed None every draw comes from the
+engine's own generator, seeded once by `seed` at construction.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from lcot_mega.rollout.protocol import Completion, SamplingParams, check_memory_tags
+from lcot_mega.rollout.sampling import process_logits, sample
+from lcot_mega.types import SampleStatus
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_UPDATE_BUCKET_BYTES = 256 << 20
+# A stop string split over tokens is found in the decoded tail of this many tokens beyond its length.
+_STOP_WINDOW_SLACK = 8
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer (Steele et al. 2014) on a uint64 array; numpy array arithmetic wraps mod 2**64."""
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def _row_keys(seed: int, flat_index: np.ndarray) -> np.ndarray:
+    return _splitmix64(_splitmix64(np.array([seed % 2**64], dtype=np.uint64)) + flat_index.astype(np.uint64))
+
+
+def _step_uniforms(keys: np.ndarray, step: int) -> torch.Tensor:
+    bits = _splitmix64(keys + np.uint64(step)) >> np.uint64(11)
+    return torch.from_numpy(bits.astype(np.float64) * 2.0**-53)
+
+
+@dataclass
+class _Rows:
+    """Per-row decode state of one chunk; `live` maps the batch rows to the chunk's sample rows."""
+
+    live: torch.Tensor  # [A] int64, index into the chunk's sample rows
+    mask: torch.Tensor  # [A, S] int64 attention mask over cache + current token
+    next_pos: torch.Tensor  # [A] int64, position id of the next token
+    keys: np.ndarray | None  # [A] uint64 seeded stream keys, None without a seed
+
+    def keep(self, keep: torch.Tensor) -> None:
+        self.live, self.mask, self.next_pos = self.live[keep], self.mask[keep], self.next_pos[keep]
+        if self.keys is not None:
+            self.keys = self.keys[keep.numpy()]
+
+
+class EmbeddedEngine:
+    """`RolloutEngine` in-process on a transformers causal LM (see the module docstring for the semantics)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        max_batch_tokens: int = 65536,
+        seed: int = 0,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self.model_dir = Path(model_dir)
+        self.dtype, self.device, self.max_batch_tokens = dtype, torch.device(device), max_batch_tokens
+        self._model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
+        has_tok = any((self.model_dir / f).exists() for f in _TOKENIZER_FILES)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir) if has_tok else None
+        self.eos_token_ids = self._find_eos_ids()
+        self.vocab_size = self._model.get_input_embeddings().weight.shape[0]
+        self._rng = torch.Generator(self.device).manual_seed(seed)
+        self._version = 0
+        self._lock = threading.Lock()  # one generate / weight update at a time
+        self._state_lock = threading.Lock()  # guards _in_flight against abort()
+        self._in_flight = False
+        self._abort = threading.Event()
+        self._unloaded: set[str] = set()  # canonical names of weights released and not loaded since
+        self._saved_buffers: dict[str, torch.Tensor] = {}
+        self._closed = False
+        self.tokens_generated = 0
+        """Tokens sampled since construction (all calls), for throughput metrics and progress."""
+
+    def _find_eos_ids(self) -> tuple[int, ...]:
+        ids: set[int] = set()
+        sources = [self._model.generation_config.eos_token_id, self._model.config.eos_token_id]
+        if self.tokenizer is not None:
+            sources.append(self.tokenizer.eos_token_id)
+        for src in sources:
+            if src is not None:
+                ids.update([src] if isinstance(src, int) else src)
+        return tuple(sorted(ids))
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        prompts = [list(map(int, p)) for p in prompt_ids]
+        self._check_prompts(prompts)
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings {list(params.stop)} need a tokenizer; {self.model_dir} has none")
+        with self._lock:
+            self._check_ready()
+            with self._state_lock:
+                self._in_flight = True
+                self._abort.clear()
+            try:
+                out: list[list[Completion]] = [[] for _ in prompts]
+                for chunk in self._chunks(prompts, params):
+                    if self._abort.is_set():
+                        for i in chunk:
+                            out[i] = [self._aborted_empty(prompts[i]) for _ in range(params.n)]
+                        continue
+                    for i, comps in zip(chunk, self._generate_chunk(prompts, chunk, params), strict=True):
+                        out[i] = comps
+                return out
+            finally:
+                with self._state_lock:
+                    self._in_flight = False
+
+    @property
+    def in_flight(self) -> bool:
+        """True while a `generate` call is running."""
+        return self._in_flight
+
+    def abort(self) -> None:
+        with self._state_lock:
+            if self._in_flight:
+                self._abort.set()
+
+    def _check_prompts(self, prompts: list[list[int]]) -> None:
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if min(p) < 0 or max(p) >= self.vocab_size:
+                raise ValueError(f"prompt {i} has token ids outside [0, {self.vocab_size})")
+
+    def _check_ready(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine is shut down")
+        if self._released:
+            raise RuntimeError("weights are released; call resume_memory(), then update_weights or reload_weights()")
+        if self._unloaded:
+            missing = sorted(self._unloaded)
+            raise RuntimeError(
+                f"weights resumed after a release are not all loaded yet; send the rest with update_weights or"
+                f" call reload_weights() ({len(missing)} tensors missing, e.g. {missing[:3]})"
+            )
+
+    def _chunks(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[int]]:
+        """Prompt indices, longest first, in chunks whose padded rows x length fit max_batch_tokens."""
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        chunk: list[int] = []
+        for i in order:
+            longest = len(prompts[chunk[0]]) if chunk else len(prompts[i])
+            if chunk and (len(chunk) + 1) * params.n * (longest + params.max_new_tokens) > self.max_batch_tokens:
+                yield chunk
+                chunk = []
+            chunk.append(i)
+        if chunk:
+            yield chunk
+
+    def _aborted_empty(self, prompt: list[int]) -> Completion:
+        return Completion([], [], SampleStatus.ABORTED, None, "", self._version, len(prompt))
+
+    @torch.inference_mode()
+    def _generate_chunk(
+        self, prompts: list[list[int]], chunk: list[int], params: SamplingParams
+    ) -> list[list[Completion]]:
+        n, max_new = params.n, params.max_new_tokens
+        logits, rows, cache = self._prefill([prompts[i] for i in chunk], n)
+        if params.seed is not None:
+            flat = (np.asarray(chunk, dtype=np.int64)[:, None] * n + np.arange(n)).reshape(-1)
+            rows.keys = _row_keys(params.seed, flat)
+        total = len(chunk) * n
+        tokens = torch.zeros(total, max_new, dtype=torch.long)
+        logps = torch.zeros(total, max_new, dtype=torch.float32)
+        lengths = torch.zeros(total, dtype=torch.long)
+        finish = [SampleStatus.TRUNCATED] * total
+        matched: list[str | int | None] = [None] * total
+        stop_ids = self._stop_ids(params)
+        for step in range(max_new):
+            if self._abort.is_set():
+                for r in rows.live.tolist():
+                    finish[r] = SampleStatus.ABORTED
+                break
+            tok, tok_logp = self._draw(logits, params, rows, step)  # [A], [A]
+            tokens[rows.live, step], logps[rows.live, step] = tok, tok_logp
+            lengths[rows.live] += 1
+            self.tokens_generated += len(tok)
+            done = torch.isin(tok, stop_ids)  # [A]
+            for a in done.nonzero().flatten().tolist():
+                r = int(rows.live[a])
+                finish[r], matched[r] = SampleStatus.COMPLETED, int(tok[a])
+            if params.stop and self.tokenizer is not None:
+                self._match_stop_strings(params.stop, tokens, lengths, rows.live, done, finish, matched)
+            if step == max_new - 1:
+                break
+            if bool(done.any()):
+                keep = ~done
+                if not bool(keep.any()):
+                    break
+                rows.keep(keep)
+                tok = tok[keep]
+                cache.batch_select_indices(keep.nonzero().flatten())
+            logits = self._decode_step(tok, rows, cache)
+        return self._completions(prompts, chunk, n, tokens, logps, lengths, finish, matched)
+
+    def _prefill(self, prompts: list[list[int]], n: int) -> tuple[torch.Tensor, _Rows, DynamicCache]:
+        from transformers import DynamicCache
+
+        longest = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+        mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+        for b, p in enumerate(prompts):  # left padding: the last position is every prompt's last token
+            ids[b, longest - len(p) :] = torch.tensor(p)
+            mask[b, longest - len(p) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+        cache = DynamicCache(config=self._model.config)
+        out = self._model(
+            input_ids=ids.to(self.device),
+            attention_mask=None if bool(mask.all()) else mask.to(self.device),
+            position_ids=pos.to(self.device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.batch_repeat_interleave(n)
+        logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # [P * n, V]
+        rows = _Rows(
+            live=torch.arange(len(prompts) * n),
+            mask=mask.repeat_interleave(n, dim=0),
+            next_pos=mask.sum(-1).repeat_interleave(n),
+            keys=None,
+        )
+        return logits, rows, cache
+
+    def _decode_step(self, tok: torch.Tensor, rows: _Rows, cache: DynamicCache) -> torch.Tensor:
+        rows.mask = torch.cat([rows.mask, rows.mask.new_ones(rows.mask.shape[0], 1)], dim=1)
+        out = self._model(
+            input_ids=tok.unsqueeze(-1).to(self.device),
+            attention_mask=None if bool(rows.mask.all()) else rows.mask.to(self.device),
+            position_ids=rows.next_pos.unsqueeze(-1).to(self.device),
+            cache=cache,
+            use_cache=True,
+        )
+        rows.next_pos = rows.next_pos + 1
+        return out.logits[:, -1].float()  # [A, V]
+
+    def _draw(
+        self, logits: torch.Tensor, params: SamplingParams, rows: _Rows, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [A] and their log-probs [A] under the processed distribution."""
+        if params.temperature == 0.0:  # the processed distribution is one-hot: log-prob 0
+            tok = logits.argmax(-1)
+            return tok.cpu(), torch.zeros(tok.shape[0])
+        logp = process_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p)  # [A, V]
+        uniforms = None if rows.keys is None else _step_uniforms(rows.keys, step).to(logp.device)
+        tok = sample(logp, self._rng, uniforms)
+        return tok.cpu(), logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1).cpu()
+
+    def _stop_ids(self, params: SamplingParams) -> torch.Tensor:
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            ids.update(self.eos_token_ids)
+        return torch.tensor(sorted(ids), dtype=torch.long)
+
+    def _match_stop_strings(
+        self,
+        stops: tuple[str, ...],
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        live: torch.Tensor,
+        done: torch.Tensor,
+        finish: list[SampleStatus],
+        matched: list[str | int | None],
+    ) -> None:
+        """Mark rows whose decoded tail now contains a stop string (sets `done` in place)."""
+        window = max(len(s) for s in stops) + _STOP_WINDOW_SLACK
+        for a in (~done).nonzero().flatten().tolist():
+            r = int(live[a])
+            end = int(lengths[r])
+            tail = self.tokenizer.decode(tokens[r, max(0, end - window) : end].tolist(), skip_special_tokens=True)
+            hit = next((s for s in stops if s in tail), None)
+            if hit is not None:
+                done[a] = True
+                finish[r], matched[r] = SampleStatus.COMPLETED, hit
+
+    def _completions(
+        self,
+        prompts: list[list[int]],
+        chunk: list[int],
+        n: int,
+        tokens: torch.Tensor,
+        logps: torch.Tensor,
+        lengths: torch.Tensor,
+        finish: list[SampleStatus],
+        matched: list[str | int | None],
+    ) -> list[list[Completion]]:
+        out = []
+        for b, i in enumerate(chunk):
+            comps = []
+            for r in range(b * n, (b + 1) * n):
+                ids = tokens[r, : int(lengths[r])].tolist()
+                comps.append(
+                    Completion(
+                        token_ids=ids,
+                        logprobs=logps[r, : len(ids)].tolist(),
+                        finish=finish[r],
+                        matched_stop=matched[r],
+                        text=self._text(ids, matched[r]),
+                        weight_version=self._version,
+                        prompt_tokens=len(prompts[i]),
+                    )
+                )
+            out.append(comps)
+        return out
+
+    def _text(self, ids: list[int], matched: str | int | None) -> str:
+        """Decoded response with the matched stop cut off (SGLang's default, `no_stop_trim=False`)."""
+        if self.tokenizer is None:
+            return ""
+        if isinstance(matched, int):
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if isinstance(matched, str) and (cut := text.find(matched)) >= 0:
+            text = text[:cut]
+        return text
+
+    # --------------------------------------------------------------------------------------------- weights
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Copy full HF-named tensors into the model, bucket by bucket, each bucket checked before it is loaded.
+
+        A bad name or shape raises ValueError; buckets before it stay loaded and the version is not bumped,
+        so the caller must send the update again.
+        """
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"version must be an int, got {version!r}")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
+            if self._released:
+                raise RuntimeError("weights are released; call resume_memory() before update_weights")
+            state = self._model.state_dict()
+            canonical = self._canonical_names(state)
+            for bucket in _buckets(named_tensors, _UPDATE_BUCKET_BYTES):
+                for name, tensor in bucket:
+                    _check_tensor(name, tensor, state)
+                with torch.no_grad():
+                    for name, tensor in bucket:
+                        state[name].copy_(tensor)
+                        self._unloaded.discard(canonical[name])
+            self._version = version
+
+    def reload_weights(self, version: int = 0) -> None:
+        """Load the weights saved in `model_dir` again (after `release_memory`, or to undo updates)."""
+        from transformers import AutoModelForCausalLM
+
+        fresh = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
+        self.update_weights(fresh.state_dict().items(), version)
+
+    @staticmethod
+    def _canonical_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
+        """Name -> first name sharing its storage (tied embeddings are one tensor under two names)."""
+        first: dict[tuple[int, tuple[int, ...]], str] = {}
+        return {name: first.setdefault((t.data_ptr(), tuple(t.shape)), name) for name, t in state.items()}
+
+    # ---------------------------------------------------------------------------------------------- memory
+
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Free the weights ("weights": parameters move to the meta device). There is no persistent KV cache or
+        CUDA graph to free, so the other tags are accepted and do nothing. Refused while generating."""
+        tags = check_memory_tags(tags)
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("release_memory needs an idle engine; abort() and wait for generate to return")
+        try:
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
+            if "weights" in tags and not self._released:
+                self._unloaded = set(self._canonical_names(self._model.state_dict()).values())
+                # Non-persistent buffers (RoPE inv_freq) are not part of a weight update: keep them aside.
+                self._saved_buffers = {k: b.clone() for k, b in self._model.named_buffers()}
+                self._model.to("meta")
+        finally:
+            self._lock.release()
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Allocate released weights again, uninitialized: `update_weights` with every tensor (or
+        `reload_weights()`) must follow before `generate` is allowed."""
+        tags = check_memory_tags(tags)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
+            if "weights" not in tags or not self._released:
+                return
+            self._model.to_empty(device=self.device)
+            self._model.tie_weights()
+            with torch.no_grad():
+                for name, buf in self._model.named_buffers():
+                    buf.copy_(self._saved_buffers[name])
+            self._saved_buffers = {}
+
+    @property
+    def _released(self) -> bool:
+        return self._model.get_input_embeddings().weight.is_meta
+
+    def flush_cache(self) -> None:
+        """No prefix cache: the KV cache lives only inside one generate call."""
+
+    def health(self) -> bool:
+        return not self._closed
+
+    def shutdown(self) -> None:
+        self.abort()
+        with self._lock:
+            self._closed = True
+            self._model = None  # type: ignore[assignment]
+            self._saved_buffers = {}
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    if name not in state:
+        raise ValueError(f"update_weights: unknown parameter {name!r} (not an HF name of this model)")
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"update_weights: {name!r} is a {type(tensor).__name__}, not a tensor")
+    if tuple(tensor.shape) != tuple(state[name].shape):
+        raise ValueError(
+            f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(state[name].shape)}"
+        )
+
+
+def _buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named:
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
+        if size >= max_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
