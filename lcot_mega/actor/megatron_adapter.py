@@ -124,7 +124,7 @@ def transformer_config(arch: ArchSpec, cfg: ActorConfig):
     kwargs = {}
     if cfg.fp8 is not None:
         kwargs.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.ffn_hidden_size,
@@ -157,6 +157,17 @@ def transformer_config(arch: ArchSpec, cfg: ActorConfig):
         apply_rope_fusion=False,
         **kwargs,
     )
+    # Micro-batches are padded to their own longest sequence, so pipeline stages exchange shapes first (set
+    # after construction: __post_init__ rejects it with the default MoE token dispatcher, even without MoE).
+    # Not under the interleaved schedule: with PP = 2 the previous and next stage are the same rank, and
+    # megatron-core 0.16 posts the shape messages of both directions on one group in an order that pairs
+    # them wrongly (the gradient's shape arrives as the activation's; batched p2p of equal shapes would
+    # swap the tensors silently). There all micro-batches of a step share one shape
+    # (`logprobs.micro_batches_for_this_rank`) and tensors go through the unbatched p2p path, which sends
+    # the two directions over two different groups.
+    config.variable_seq_lengths = cfg.virtual_pipeline is None
+    config.batch_p2p_comm = cfg.virtual_pipeline is None
+    return config
 
 
 def layer_spec(arch: ArchSpec):
@@ -196,3 +207,122 @@ def build_model(arch: ArchSpec, cfg: ActorConfig) -> list[torch.nn.Module]:
         )
         chunks.append(model)
     return chunks
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def wrap_ddp(chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Wrap `chunks` in megatron-core DDP for the distributed optimizer, and hook them into the schedule.
+
+    Gradients are reduced in fp32 (`grad_reduce_in_fp32`) and pre-scaled by 1 / DP size before a SUM
+    collective (`average_in_collective=False`: gloo has no AVG). `check_for_nan_in_grad` raises instead of
+    letting a NaN gradient reach the weights. The schedule then calls `finalize_model_grads` after the last
+    backward (DP reduce-scatter, tied-embedding all-reduce across the first and last pipeline stages).
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        overlap_param_gather=False,
+        use_distributed_optimizer=True,
+        check_for_nan_in_grad=True,
+    )
+    config = chunks[0].config
+    wrapped = [
+        # only the first chunk is bucketed (megatron-core's own choice for virtual pipeline stages)
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    config.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def build_optimizer(chunks: list[torch.nn.Module], cfg: ActorConfig):
+    """megatron-core's distributed Adam over DDP-wrapped `chunks` (fp32 main weights, also under bf16).
+
+    Without Transformer Engine or apex megatron-core steps `torch.optim.AdamW`; weight decay is skipped for
+    biases and norms (megatron-core's default grouping). The returned `ChainedOptimizer` always computes the
+    gradient norm; `grad_clip = 0` only disables the clipping.
+    """
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    dtype = params_dtype(cfg)
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.grad_clip,
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        params_dtype=dtype,
+        use_distributed_optimizer=True,
+    )
+    return get_megatron_optimizer(config, chunks)
+
+
+def build_scheduler(optimizer, cfg: ActorConfig):
+    """megatron-core `OptimizerParamScheduler`: linear warmup from 0, then constant, linear or cosine decay.
+
+    Its step count is the number of optimizer steps taken; the caller advances it BEFORE each optimizer
+    step, so the k-th update (1-based) uses lr(k): warmup reaches `cfg.lr` at update `warmup_steps`, and no
+    update is spent at lr 0.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_steps = cfg.lr_decay_steps if cfg.lr_schedule != "constant" else cfg.warmup_steps + 1
+    if decay_steps is None or decay_steps <= cfg.warmup_steps:
+        raise ActorSetupError(
+            f"actor.lr_schedule = {cfg.lr_schedule!r} needs actor.lr_decay_steps > actor.warmup_steps"
+            f" = {cfg.warmup_steps} (got {cfg.lr_decay_steps})"
+        )
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=cfg.lr_schedule,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=1,
+        wd_incr_style="constant",
+    )
+
+
+def forward_backward_func():
+    """The pipeline schedule for the current layout (no pipelining, 1F1B, or interleaved 1F1B)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()
+
+
+def compute_device() -> torch.device:
+    """Where the model computes: this rank's current GPU, or the CPU (under the gloo shim)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def tensor_parallel_group() -> torch.distributed.ProcessGroup:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group()
+
+
+def data_parallel_group() -> torch.distributed.ProcessGroup:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
+def is_pipeline_last_stage() -> bool:
+    """This rank runs the last pipeline stage (the one with the output layer), any virtual stage."""
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_last_stage(ignore_virtual=True)

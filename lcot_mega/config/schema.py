@@ -196,9 +196,17 @@ class ActorConfig:
     """Decay after warmup."""
     warmup_steps: int = opt(0, ge=0)
     """Linear warmup from 0 over this many optimizer steps."""
+    lr_decay_steps: int | None = opt(None, gt=0)
+    """Optimizer step at which linear/cosine decay reaches min_lr (counted from the start, warmup included);
+    required by those schedules, unused by constant."""
+    min_lr: float = opt(0.0, ge=0.0)
+    """Learning rate at the end of linear/cosine decay."""
     weight_decay: float = opt(0.0, ge=0.0)
+    """Decoupled (AdamW) weight decay; never applied to biases and norms."""
     adam_beta1: float = opt(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = opt(0.999, ge=0.0, lt=1.0)
+    adam_eps: float = opt(1e-8, gt=0.0)
+    """Added to the square root of Adam's second moment."""
     grad_clip: float = opt(1.0, ge=0.0)
     """Global gradient-norm clip; 0 disables it."""
     micro_batch_tokens: int = opt(8192, gt=0)
@@ -258,6 +266,14 @@ def cross_field_errors(cfg: Config) -> list[str]:
         )
     if cfg.algo.loss_agg == "seq-mean-token-sum-norm" and cfg.algo.loss_max_len is None:
         errors.append("algo.loss_agg = 'seq-mean-token-sum-norm' needs algo.loss_max_len (a constant token count)")
+    actor = cfg.actor
+    if actor.lr_schedule != "constant" and (actor.lr_decay_steps is None or actor.lr_decay_steps <= actor.warmup_steps):
+        errors.append(
+            f"actor.lr_schedule = {actor.lr_schedule!r} needs actor.lr_decay_steps > actor.warmup_steps"
+            f" = {actor.warmup_steps} (got {actor.lr_decay_steps})"
+        )
+    if actor.min_lr > actor.lr:
+        errors.append(f"actor.min_lr = {actor.min_lr} must be <= actor.lr = {actor.lr}")
     if cfg.algo.polarity != "weighted" and cfg.algo.positive_weight != 1.0:
         errors.append(
             f"algo.positive_weight = {cfg.algo.positive_weight} only applies with algo.polarity = 'weighted'"

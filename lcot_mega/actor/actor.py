@@ -1,0 +1,81 @@
+"""`MegatronActor`: the policy (and, with a KL loss, a frozen reference) as megatron-core models.
+
+Built on an initialized `torch.distributed` default group (gloo on CPU, nccl on GPU); every rank of that
+group constructs one and makes the same calls with the same (whole) batch. Each data-parallel replica
+works on its share of the batch; results and metrics come back identical on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from lcot_mega.actor import megatron_adapter as ma
+from lcot_mega.actor.batching import TokenSequence
+from lcot_mega.actor.logprobs import TokenLogProbs, compute_logprobs
+from lcot_mega.actor.train_step import TrainBatch, train_step
+from lcot_mega.bridge.arch import ArchSpec
+from lcot_mega.bridge.hf_load import load_hf_weights
+from lcot_mega.config import ActorConfig, AlgoConfig
+
+
+class MegatronActor:
+    """Policy model chunks wrapped in megatron-core DDP, its distributed Adam and LR schedule.
+
+    Attributes for the checkpoint and weight-sync code: `chunks` (DDP-wrapped policy chunks, one per
+    virtual pipeline stage; `.module` is the `GPTModel`), `optimizer` (megatron-core `ChainedOptimizer`
+    over distributed Adam), `scheduler` (`OptimizerParamScheduler`), `ref_chunks` (unwrapped, frozen;
+    None when algo.kl_coef == 0), `layout`.
+    """
+
+    def __init__(self, arch: ArchSpec, cfg: ActorConfig, algo: AlgoConfig, hf_dir: str | Path, seed: int = 1) -> None:
+        self.arch, self.cfg, self.algo = arch, cfg, algo
+        self.layout = ma.init_parallel(cfg, seed)
+        chunks = ma.build_model(arch, cfg)
+        load_hf_weights(chunks, hf_dir, arch, self.layout.tp_rank, self.layout.tp_size)
+        self.chunks = ma.wrap_ddp(chunks)
+        self.optimizer = ma.build_optimizer(self.chunks, cfg)
+        self.scheduler = ma.build_scheduler(self.optimizer, cfg)
+        self.ref_chunks = self._build_reference(hf_dir) if algo.kl_coef > 0 else None
+
+    def _build_reference(self, hf_dir: str | Path) -> list[torch.nn.Module]:
+        chunks = ma.build_model(self.arch, self.cfg)
+        load_hf_weights(chunks, hf_dir, self.arch, self.layout.tp_rank, self.layout.tp_size)
+        for chunk in chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
+        return chunks
+
+    def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per-sequence [response_len] log-probs under the current policy (logits / temperature), on every rank."""
+        return compute_logprobs(
+            self.chunks, sequences, temperature, self.arch.vocab_size, self.cfg.micro_batch_tokens
+        ).logprobs
+
+    def compute_logprobs_and_entropy(
+        self, sequences: Sequence[TokenSequence], temperature: float = 1.0
+    ) -> TokenLogProbs:
+        """As `compute_logprobs`, plus the per-token entropy of softmax(logits / temperature)."""
+        return compute_logprobs(
+            self.chunks, sequences, temperature, self.arch.vocab_size, self.cfg.micro_batch_tokens, with_entropy=True
+        )
+
+    def compute_ref_logprobs(self, sequences: Sequence[TokenSequence], temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per-sequence log-probs under the frozen reference policy (needs algo.kl_coef > 0)."""
+        if self.ref_chunks is None:
+            raise RuntimeError("no reference model: it is built only when algo.kl_coef > 0")
+        return compute_logprobs(
+            self.ref_chunks, sequences, temperature, self.arch.vocab_size, self.cfg.micro_batch_tokens
+        ).logprobs
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step on the whole `batch`; metrics (loss, grad_norm, lr, clip fractions, entropy, kl).
+
+        With algo.kl_coef > 0 and no `batch.ref_logprobs`, the reference log-probs are computed first.
+        """
+        if self.algo.kl_coef > 0 and batch.ref_logprobs is None:
+            batch = replace(batch, ref_logprobs=self.compute_ref_logprobs(batch.sequences, batch.temperature))
+        return train_step(self.chunks, self.optimizer, self.scheduler, batch, self.cfg, self.algo, self.arch.vocab_size)

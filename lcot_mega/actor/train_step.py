@@ -1,0 +1,247 @@
+"""One optimizer step of the policy: forward/backward through the pipeline schedule, loss, clip, Adam.
+
+The loss of the whole batch is L = (sum over tokens of pg + kl_coef * kl - entropy_coef * H) / D, each term
+aggregated with `algo.loss_agg` over the SAME global denominator D (the sum of `aggregation_denominator`
+over every micro-batch of every data-parallel rank). Its gradient does not depend on how the batch is cut
+into micro-batches or spread over DP/TP/PP ranks; `train_step` says how megatron-core's own scaling is
+undone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lcot_mega.actor import megatron_adapter as ma
+from lcot_mega.actor.batching import MicroBatch, TokenSequence, to_token_layout
+from lcot_mega.actor.logprobs import (
+    is_reporting_rank,
+    micro_batches_for_this_rank,
+    run_schedule,
+    scaled_logits,
+    token_logprobs,
+    vocab_parallel_entropy,
+)
+from lcot_mega.algo import aggregate, aggregation_denominator, importance_correction, kl_penalty, policy_loss
+from lcot_mega.config import ActorConfig, AlgoConfig
+
+_POLICY_MEAN_KEYS = (
+    "actor/clipfrac",
+    "actor/clipfrac_upper",
+    "actor/clipfrac_lower",
+    "actor/dual_clipfrac",
+    "actor/ppo_kl",
+    "actor/approx_kl_k3",
+    "actor/ratio_mean",
+)
+_IS_MEAN_KEYS = ("rollout/is_weight_mean", "rollout/is_capped_frac", "rollout/logp_gap_mean")
+_MAX_KEYS = ("actor/ratio_max", "rollout/logp_gap_max")
+
+
+@dataclass
+class TrainBatch:
+    """One optimizer step's data; per-sequence lists in one order, the same on every rank (the whole batch).
+
+    Per-token entries are 1-D tensors of the sequence's response length.
+    """
+
+    prompt_ids: Sequence[Sequence[int]]
+    response_ids: Sequence[Sequence[int]]
+    advantages: Sequence[float | torch.Tensor]
+    """One advantage per sequence (GRPO) or one per response token."""
+    old_logprobs: Sequence[torch.Tensor] | None = None
+    """Log-probs under the policy that sampled (pi_old). None: this forward's own log-probs, detached
+    (exact for one update per batch, and it saves a forward pass)."""
+    ref_logprobs: Sequence[torch.Tensor] | None = None
+    """Reference-policy log-probs for the KL loss; needed only when algo.kl_coef > 0."""
+    rollout_logprobs: Sequence[torch.Tensor] | None = None
+    """The rollout engine's log-probs, for truncated importance sampling when algo.is_cap is set."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollout: logits are divided by it, as the engine did."""
+
+    def __post_init__(self) -> None:
+        n = len(self.prompt_ids)
+        for name in ("response_ids", "advantages", "old_logprobs", "ref_logprobs", "rollout_logprobs"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"TrainBatch.{name} has {len(value)} entries for {n} sequences")
+
+    @property
+    def sequences(self) -> list[TokenSequence]:
+        return list(zip(self.prompt_ids, self.response_ids, strict=True))
+
+
+def global_denominator(micro_batches: list[MicroBatch], algo: AlgoConfig) -> torch.Tensor:
+    """Sum of `aggregation_denominator` over this rank's micro-batches and over all data-parallel ranks."""
+    local = torch.zeros((), dtype=torch.float32, device=ma.compute_device())
+    for mb in micro_batches:
+        if mb.num_rows:
+            local += aggregation_denominator(mb.rows(mb.loss_mask), algo.loss_agg, algo.loss_max_len)
+    group = ma.data_parallel_group()
+    if group.size() > 1:
+        dist.all_reduce(local, group=group)
+    return local
+
+
+def metric_keys(algo: AlgoConfig, with_is: bool) -> tuple[list[str], list[str], list[str]]:
+    """(summed, token-mean, max) keys of the per-micro-batch statistics, the same on every rank.
+
+    Summed ones are loss terms (each micro-batch's share of the whole-batch value); token means travel as
+    sums over tokens and are divided by the batch's token count after the reduction.
+    """
+    sums = ["tokens", "actor/loss", "actor/pg_loss"] + (["actor/kl_loss"] if algo.kl_coef > 0 else [])
+    means = ["actor/entropy", *_POLICY_MEAN_KEYS, *(_IS_MEAN_KEYS if with_is else ())]
+    return sums, means, list(_MAX_KEYS if with_is else _MAX_KEYS[:1])
+
+
+class _MicroBatchLoss:
+    """The loss function the schedule calls on the last pipeline stage: (mb, logits) -> (scaled loss, stats)."""
+
+    def __init__(self, batch: TrainBatch, algo: AlgoConfig, vocab_size: int, denominator: torch.Tensor, scale: float):
+        self.batch, self.algo, self.vocab_size, self.den, self.scale = batch, algo, vocab_size, denominator, scale
+        self.with_is = algo.is_cap is not None and batch.rollout_logprobs is not None
+        self.keys = metric_keys(algo, self.with_is)
+
+    def __call__(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        stats = {k: 0.0 for keys in self.keys for k in keys}
+        if mb.num_rows == 0:  # keeps the schedules aligned; a zero loss that still reaches every parameter
+            return logits.sum() * 0.0, _as_tensors(stats, logits.device)
+        z = scaled_logits(mb.rows(logits), self.batch.temperature, self.vocab_size)  # [n, s, V/tp]
+        mask = mb.rows(mb.loss_mask)  # [n, s]
+        entropy = self._entropy(z, mask, stats)  # [n, s]; before token_logprobs consumes z
+        logp = token_logprobs(z, mb.rows(mb.labels))  # [n, s]
+        pg = self._policy_term(mb, logp, mask, stats)
+        loss = pg + self._regularizers(mb, logp, entropy, mask, stats)
+        n = mask.sum().float()
+        for key in self.keys[1]:
+            stats[key] = stats[key] * n  # token means -> sums, divided by all tokens after the reduction
+        stats.update({"tokens": n, "actor/loss": loss.detach(), "actor/pg_loss": pg.detach()})
+        # a fresh tensor: the schedule divides the returned loss in place
+        return loss * self.scale, _as_tensors(stats, logits.device)
+
+    def _aggregate(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return aggregate(tokens, mask, self.algo.loss_agg, self.algo.loss_max_len, denominator=self.den)
+
+    def _policy_term(self, mb: MicroBatch, logp: torch.Tensor, mask: torch.Tensor, stats: dict) -> torch.Tensor:
+        """Clipped surrogate over the global denominator, with truncated IS weights when configured."""
+        algo, b = self.algo, self.batch
+        old = to_token_layout(b.old_logprobs, mb) if b.old_logprobs is not None else logp.detach()  # [n, s]
+        is_weights = None
+        if self.with_is:
+            rollout = to_token_layout(b.rollout_logprobs, mb)  # [n, s]
+            is_weights, is_metrics = importance_correction(old, rollout, mask, algo.is_cap)
+            stats.update(is_metrics)
+        pg, metrics = policy_loss(
+            logp,
+            old,
+            to_token_layout(b.advantages, mb),
+            mask,
+            clip_low=algo.clip_low,
+            clip_high=algo.clip_high,
+            dual_clip=algo.dual_clip,
+            agg=algo.loss_agg,
+            max_len=algo.loss_max_len,
+            is_weights=is_weights,
+            denominator=self.den,
+        )
+        stats.update(metrics)
+        return pg
+
+    def _entropy(self, z: torch.Tensor, mask: torch.Tensor, stats: dict) -> torch.Tensor:
+        """Per-token entropy [n, s], in the graph only when it is in the loss; logged as a token mean."""
+        with torch.set_grad_enabled(self.algo.entropy_coef > 0 and torch.is_grad_enabled()):
+            entropy = vocab_parallel_entropy(z if self.algo.entropy_coef > 0 else z.detach())  # [n, s]
+        stats["actor/entropy"] = torch.where(mask, entropy.detach(), 0.0).sum() / mask.sum().clamp_min(1)
+        return entropy
+
+    def _regularizers(
+        self, mb: MicroBatch, logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, stats: dict
+    ) -> torch.Tensor | float:
+        """kl_coef * KL - entropy_coef * H, aggregated like the policy term."""
+        algo, out = self.algo, 0.0
+        if algo.kl_coef > 0:
+            ref = to_token_layout(self.batch.ref_logprobs, mb)  # [n, s]
+            kl = self._aggregate(kl_penalty(logp, ref, algo.kl_kind, mask), mask)
+            out = out + algo.kl_coef * kl
+            stats["actor/kl_loss"] = kl.detach()
+        if algo.entropy_coef > 0:
+            out = out - algo.entropy_coef * self._aggregate(entropy, mask)
+        return out
+
+
+def _as_tensors(stats: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, dtype=torch.float32).detach().to(device, copy=True) for k, v in stats.items()}
+
+
+def reduce_stats(
+    per_micro_batch: list[dict[str, torch.Tensor]], keys: tuple[list[str], list[str], list[str]]
+) -> dict[str, float]:
+    """Sum (or max) the statistics over micro-batches and data-parallel replicas; the same dict on every rank.
+
+    Only the reporting rank of each replica (last stage, TP rank 0) contributes; others add zeros.
+    """
+    sum_keys, max_keys = keys[0] + keys[1], keys[2]
+    device = ma.compute_device()
+    sums = torch.zeros(len(sum_keys), device=device)
+    maxes = torch.zeros(len(max_keys), device=device)
+    if is_reporting_rank():
+        for stats in per_micro_batch:
+            sums += torch.stack([stats[k] for k in sum_keys])
+            maxes = torch.maximum(maxes, torch.stack([stats[k] for k in max_keys]))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)  # every value is >= 0 (ratios, |gaps|)
+    out = dict(zip(sum_keys, sums.tolist(), strict=True)) | dict(zip(max_keys, maxes.tolist(), strict=True))
+    tokens = out.pop("tokens")
+    for key in keys[1]:
+        out[key] /= max(tokens, 1.0)
+    out["actor/response_tokens"] = tokens
+    return out
+
+
+def train_step(
+    chunks: list[torch.nn.Module],
+    optimizer,
+    scheduler,
+    batch: TrainBatch,
+    actor_cfg: ActorConfig,
+    algo: AlgoConfig,
+    vocab_size: int,
+) -> dict[str, float]:
+    """One optimizer step on `batch` (the whole batch, on every rank); returns the same metrics on every rank.
+
+    `chunks` are the DDP-wrapped model chunks, `optimizer`/`scheduler` megatron-core's (see
+    `megatron_adapter.build_optimizer`/`build_scheduler`). The loss scaling is derived in the body.
+    """
+    if algo.kl_coef > 0 and batch.ref_logprobs is None:
+        raise ValueError("algo.kl_coef > 0 needs TrainBatch.ref_logprobs (MegatronActor computes them)")
+    micro_batches = micro_batches_for_this_rank(batch.sequences, actor_cfg.micro_batch_tokens)
+    denominator = global_denominator(micro_batches, algo)
+    # Loss scaling. Micro-batch m of DP rank r has numerator N_rm (policy + KL - entropy terms summed over its
+    # tokens); the whole-batch loss is L = sum_{r,m} N_rm / D, D the global denominator. With M micro-batches
+    # per rank (the same on every rank) and R data-parallel ranks, megatron-core scales twice on its own:
+    #   1. the schedule divides the loss a micro-batch returns by M (forward_step_calc_loss, 2-tuple path);
+    #   2. DDP pre-scales every gradient by 1/R, then SUM-reduces over DP (the average of the replicas).
+    # So each micro-batch returns l_rm = M * R * N_rm / D. The schedule backpropagates l_rm / M = R N_rm / D,
+    # rank r accumulates g_r = R / D * sum_m grad N_rm, and DDP yields (1/R) sum_r g_r = sum_{r,m} grad N_rm / D
+    # = grad L. TP ranks all compute the same loss and keep the gradient of their own shard; pipeline stages
+    # get theirs through the schedule's backward; neither adds a factor.
+    scale = len(micro_batches) * ma.data_parallel_group().size()
+    loss_fn = _MicroBatchLoss(batch, algo, vocab_size, denominator, scale)
+
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    stats = run_schedule(chunks, micro_batches, loss_fn, forward_only=False)
+    scheduler.step(increment=1)  # before the update: the k-th update uses lr(k) (build_scheduler)
+    update_ok, grad_norm, _ = optimizer.step()
+
+    metrics = reduce_stats(stats, loss_fn.keys)
+    metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["actor/lr"] = float(optimizer.param_groups[0]["lr"])
+    metrics["actor/update_ok"] = float(bool(update_ok))
+    metrics["actor/micro_batches"] = float(len(micro_batches))
+    return metrics
