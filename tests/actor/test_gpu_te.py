@@ -1,0 +1,71 @@
+"""GPU tier: the Transformer Engine layer spec and FP8 path (skipped without CUDA + transformer_engine).
+
+Run on a GPU machine with `python -m pytest -m gpu tests/actor/test_gpu_te.py`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from distributed_harness import free_port
+from tiny_models import FAMILIES, VOCAB, make_tiny_hf
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None,
+        reason="needs CUDA and transformer_engine",
+    ),
+]
+
+INPUT_IDS = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0))
+
+
+def _te_logits(hf_dir: str, fp8: str | None) -> tuple[torch.Tensor, list[str]]:
+    import os
+
+    import torch.distributed as dist
+    from transformers import AutoConfig
+
+    from lcot_mega.actor import megatron_adapter as ma
+    from lcot_mega.bridge.arch import arch_from_hf_config
+    from lcot_mega.bridge.hf_load import load_hf_weights
+    from lcot_mega.config import ActorConfig
+
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    cfg = ActorConfig(precision="bf16", fp8=fp8)
+    layout = ma.init_parallel(cfg, seed=1)
+    arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
+    chunks = [c.cuda() for c in ma.build_model(arch, cfg)]
+    load_hf_weights(chunks, hf_dir, arch, layout.tp_rank, layout.tp_size)
+    names = [n for n, _ in chunks[0].named_parameters()]
+    ids = INPUT_IDS.cuda()
+    with torch.no_grad():
+        logits = chunks[0](ids, torch.arange(ids.shape[1], device="cuda").unsqueeze(0), None)
+    return logits.float().cpu()[..., :VOCAB], names
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_te_spec_loads_hf_weights_and_matches_transformers_in_bf16(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = make_tiny_hf(tmp_path / family, family, tie=family == "qwen3")
+    logits, names = _te_logits(str(hf_dir), fp8=None)
+    assert any(n.endswith("linear_qkv.layer_norm_weight") for n in names)  # the TE spec, not the local one
+    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).cuda()
+    with torch.no_grad():
+        expected = ref(INPUT_IDS.cuda()).logits.float().cpu()
+    assert (logits - expected).abs().max().item() < 0.1  # bf16 rounding of two different kernels
+
+
+def test_fp8_forward_stays_close_to_bf16(tmp_path):
+    hf_dir = make_tiny_hf(tmp_path / "llama", "llama", hidden_size=128, intermediate_size=256)
+    bf16, _ = _te_logits(str(hf_dir), fp8=None)
+    fp8, _ = _te_logits(str(hf_dir), fp8="e4m3")
+    rel = (fp8 - bf16).norm() / bf16.norm()
+    assert rel.item() < 0.1
