@@ -162,6 +162,17 @@ class EmbeddedEngine:
         """True while a `generate` call is running."""
         return self._in_flight
 
+    @torch.no_grad()
+    def score(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> torch.Tensor:
+        """Teacher-forced log-probs [R] of `response_ids` after `prompt_ids` (temperature 1, no truncation)."""
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty: the first response token would have no context")
+        self._check_ready()
+        ids = torch.tensor([list(prompt_ids) + list(response_ids)], dtype=torch.long, device=self.device)
+        logits = self._model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()  # [R, V]
+        targets = torch.tensor(list(response_ids), dtype=torch.long, device=logits.device)
+        return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0].cpu()
+
     def abort(self) -> None:
         with self._state_lock:
             if self._in_flight:

@@ -118,6 +118,12 @@ class RolloutEngine(Protocol):
         """Sample `params.n` responses per prompt; outer list in prompt order, inner the n samples."""
         ...
 
+    def score(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> torch.Tensor:
+        """Teacher-forced log-probs [len(response_ids)] of `response_ids` after `prompt_ids` (temperature 1, no
+        truncation), under the weights now loaded. SGLang: `/generate` with `max_new_tokens=0`,
+        `return_logprob=True`, `logprob_start_len` at the prompt's end, read `input_token_logprobs`."""
+        ...
+
     def abort(self) -> None:
         """Make in-flight generation return promptly; unfinished samples come back ABORTED with their tokens
         so far. A no-op when nothing is in flight."""

@@ -10,9 +10,6 @@ from collections.abc import Sequence
 
 import torch
 
-from lcot_mega.rollout.embedded import EmbeddedEngine
-from lcot_mega.rollout.protocol import RolloutEngine
-
 
 def logprob_gap(rollout_logprobs: Sequence[torch.Tensor], actor_logprobs: Sequence[torch.Tensor]) -> dict[str, float]:
     """Mean and max |rollout - actor| log-prob over all response tokens of a batch (0 when there are none).
@@ -31,22 +28,3 @@ def logprob_gap(rollout_logprobs: Sequence[torch.Tensor], actor_logprobs: Sequen
     if gap.numel() == 0:
         return {"rollout/logp_gap_mean": 0.0, "rollout/logp_gap_max": 0.0}
     return {"rollout/logp_gap_mean": float(gap.mean()), "rollout/logp_gap_max": float(gap.max())}
-
-
-@torch.inference_mode()
-def engine_logprobs(engine: RolloutEngine, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> torch.Tensor:
-    """Teacher-forced [response_len] log-probs (temperature 1, no truncation) of `response_ids` after `prompt_ids`.
-
-    The protocol has no scoring call: the embedded engine is scored through its transformers model. An SGLang
-    engine will score with `/generate` (`max_new_tokens=0`, `return_logprob=True`, `logprob_start_len` at the
-    prompt's end) and read `input_token_logprobs`.
-    """
-    if not isinstance(engine, EmbeddedEngine):
-        raise NotImplementedError(f"teacher-forced scoring is not implemented for {type(engine).__name__}")
-    if not prompt_ids:
-        raise ValueError("prompt_ids is empty: the first response token would have no context")
-    model = engine._model  # the engine's own forward: the weights it samples from
-    ids = torch.tensor([list(prompt_ids) + list(response_ids)], dtype=torch.long, device=engine.device)
-    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()  # [R, V]
-    targets = torch.tensor(list(response_ids), dtype=torch.long, device=logits.device)
-    return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0].cpu()

@@ -19,7 +19,6 @@ import torch.distributed as dist
 from lcot_mega.bridge.arch import ArchSpec
 from lcot_mega.bridge.hf_export import DEFAULT_BUCKET_BYTES, Bucket, gather_hf_state
 from lcot_mega.rollout.protocol import RolloutEngine
-from lcot_mega.sync.consistency import engine_logprobs
 
 
 class WeightSyncError(RuntimeError):
@@ -139,7 +138,7 @@ def verify_weights(
     diff = 0.0
     if dist.get_rank() == owner:
         for engine in engines:
-            diff = max(diff, float((engine_logprobs(engine, prompt, response) - actor).abs().max()))
+            diff = max(diff, float((engine.score(prompt, response) - actor).abs().max()))
     diff = float(_broadcast(diff, owner))
     if diff > check.tolerance:
         raise WeightSyncError(
