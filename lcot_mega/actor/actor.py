@@ -19,6 +19,8 @@ from lcot_mega.actor.logprobs import TokenLogProbs, compute_logprobs
 from lcot_mega.actor.train_step import TrainBatch, train_step
 from lcot_mega.bridge.arch import ArchSpec
 from lcot_mega.bridge.hf_load import load_hf_weights
+from lcot_mega.checkpoint import megatron_ckpt
+from lcot_mega.checkpoint.store import CheckpointStore
 from lcot_mega.config import ActorConfig, AlgoConfig
 
 
@@ -79,3 +81,38 @@ class MegatronActor:
         if self.algo.kl_coef > 0 and batch.ref_logprobs is None:
             batch = replace(batch, ref_logprobs=self.compute_ref_logprobs(batch.sequences, batch.temperature))
         return train_step(self.chunks, self.optimizer, self.scheduler, batch, self.cfg, self.algo, self.arch.vocab_size)
+
+    def save_checkpoint(
+        self,
+        target: CheckpointStore | str | Path,
+        step: int,
+        extra: dict | None = None,
+        *,
+        hf_dir: str | Path | None = None,
+    ) -> Path:
+        """Save the policy, its distributed Adam (fully reshardable), the LR schedule, RNG states and `step`.
+
+        Call on every rank. `target` is the run's `CheckpointStore` (`megatron_ckpt.dist_store`) or exactly the
+        directory to write; returns the committed directory. `extra` (JSON) comes back from `load_checkpoint`;
+        `hf_dir` copies the HF config and tokenizer files in, so the checkpoint exports on its own. The
+        reference model is not saved: it is the initial policy, which `__init__` re-creates from the HF weights.
+        """
+        return megatron_ckpt.save(
+            self.chunks,
+            target,
+            step,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra=extra,
+            hf_dir=hf_dir,
+        )
+
+    def load_checkpoint(self, path: str | Path) -> megatron_ckpt.LoadedCheckpoint:
+        """Restore what `save_checkpoint` saved from a checkpoint directory, or a store root's newest valid one.
+
+        Call on every rank of an actor built as usual (the HF weights it loaded are overwritten; its reference
+        model stays the HF one). Any TP/PP/DP layout loads a checkpoint saved with any other; RNG states are
+        restored only under the saved layout (`rng_restored`). A checkpoint of another model shape raises
+        `megatron_ckpt.CheckpointMismatchError` before anything is loaded.
+        """
+        return megatron_ckpt.load(self.chunks, path, optimizer=self.optimizer, scheduler=self.scheduler)
