@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from distributed_harness import run_gloo
+from tensor_helpers import one_thread
 from tiny_models import FAMILIES, make_tiny_hf
 
 from lcot_mega.actor.batching import plan_micro_batches
 from lcot_mega.bridge.arch import ArchSpec, arch_from_hf_config
 
 pytest.importorskip("megatron.core")
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """The transformers reference on tiny models: one intra-op thread (spinning threads cost 10x on a busy box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 TEMPERATURE = 0.7
@@ -114,7 +102,7 @@ def _actor_logprobs(rank: int, world: int, models: dict, layouts: list, sequence
 
 
 def _check(per_rank: list[dict], models: dict, sequences) -> None:
-    with _one_thread():
+    with one_thread():
         expected = {f: _transformers_logprobs(d, sequences, TEMPERATURE) for f, (d, _) in models.items()}
     for rank, results in enumerate(per_rank):
         for (layout, family), (logprobs, entropy) in results.items():

@@ -5,12 +5,12 @@ exactly as torch.optim.Adam moves the transformers weights.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 from distributed_harness import run_gloo
+from tensor_helpers import one_thread
 from tiny_models import FAMILIES, make_tiny_hf
 
 from lcot_mega.actor.batching import plan_micro_batches
@@ -20,17 +20,6 @@ from lcot_mega.bridge.arch import arch_from_hf_config
 from lcot_mega.config import ActorConfig, AlgoConfig
 
 pytest.importorskip("megatron.core")
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """The transformers reference on tiny models: one intra-op thread (spinning threads cost 10x on a busy box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 TEMPERATURE = 0.7
@@ -254,7 +243,7 @@ def _jobs_and_reference(tmp_path, models: dict, case_names: list[str]) -> tuple[
     lengths = [len(p) + len(r) for p, r in sequences]
     assert [] in plan_micro_batches(lengths, 2, CASES["ppo"].budget)[1]  # DP=2 pads with an empty micro-batch
     jobs, expected = [], {}
-    with _one_thread():
+    with one_thread():
         for family, (hf_dir, _) in models.items():
             model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
             for case_name in case_names:

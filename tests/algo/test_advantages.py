@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tensor_helpers import ids, t
 
 from lcot_mega.algo import advantages as adv_mod
 from lcot_mega.algo.advantages import (
@@ -20,14 +21,6 @@ from lcot_mega.algo.advantages import (
 from lcot_mega.algo.groups import group_stats
 
 ESTIMATORS = ["grpo", "drgrpo", "rloo", "reinforce_pp"]
-
-
-def t(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.float32)
-
-
-def ids(*xs: int) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.long)
 
 
 def close(actual: torch.Tensor, expected: list[float], tol: float = 1e-5) -> None:

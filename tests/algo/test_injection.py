@@ -4,28 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tensor_helpers import b, bits, ids, t
 
 from lcot_mega.algo.advantages import group_advantages
 from lcot_mega.algo.groups import group_rank
 from lcot_mega.algo.injection import injected_rewards, offline_injection_mask
-
-
-def t(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.float32)
-
-
-def ids(*xs: int) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.long)
-
-
-def b(*xs: int) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.bool)
-
-
-def bits(mask: torch.Tensor) -> list[int]:
-    assert mask.dtype == torch.bool
-    return [int(x) for x in mask.tolist()]
-
 
 # interleaved groups: group 5 = even positions, correct [0,1,0,0] (accuracy .25);
 # group 2 = odd positions, correct [0,1,1,0] (accuracy .5)

@@ -3,22 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from tensor_helpers import b, ids, t
 
 from lcot_mega.algo.metrics import KEEP_METRIC_KEYS, METRIC_KEYS, batch_metrics
-
-
-def t(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.float32)
-
-
-def ids(*xs: int) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.long)
-
-
-def b(*xs: int) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.bool)
-
 
 # group 0 = [.5, -.5], group 1 = [0, 0] (no signal), group 2 = [1, -.25]
 ADV = t(0.5, -0.5, 0, 0, 1.0, -0.25)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tensor_helpers import b, bits, ids, t
 
 from lcot_mega.algo.selection import (
     POLARITY_MODES,
@@ -16,23 +17,6 @@ from lcot_mega.algo.selection import (
     trim_to_multiple,
     zero_advantage_groups,
 )
-
-
-def t(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.float32)
-
-
-def ids(*xs: int) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.long)
-
-
-def b(*xs: int) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.bool)
-
-
-def bits(mask: torch.Tensor) -> list[int]:
-    assert mask.dtype == torch.bool
-    return [int(x) for x in mask.tolist()]
 
 
 def gen(seed: int) -> torch.Generator:

@@ -8,24 +8,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tensor_helpers import b, ids, t
 
 from lcot_mega.algo.shaping import overlong_penalty, relative_length_reward
 
 
-def t(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.float32)
-
-
-def ids(*xs: int) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.long)
-
-
 def lens(*xs: int) -> torch.Tensor:
     return torch.tensor(xs, dtype=torch.long)
-
-
-def b(*xs: int) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.bool)
 
 
 def close(actual: torch.Tensor, expected: list[float], tol: float = 1e-6) -> None:
