@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lcot_mega.checkpoint.store import CheckpointStoreError, verify_checkpoint_dir
+from lcot_mega.distributed import free_port, init_process_group
 
 if TYPE_CHECKING:
     from lcot_mega.bridge.arch import ArchSpec
@@ -36,27 +37,9 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ConversionError(f"output directory {out_dir} exists and is not empty; remove it or pass --overwrite")
-
-
-def _init_process_group(rank: int, world: int, port: int) -> None:
-    import torch
-    import torch.distributed as dist
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
 
 # --- HF -> Megatron ----------------------------------------------------------------------------------------
@@ -91,7 +74,7 @@ def _hf_to_mcore_worker(rank: int, world: int, port: int, hf_dir: str, out_dir: 
     from lcot_mega.checkpoint import megatron_ckpt
     from lcot_mega.config import ActorConfig
 
-    _init_process_group(rank, world, port)
+    init_process_group(rank, world, port)
     say = _say if rank == 0 else (lambda msg: None)
     try:
         cfg = ActorConfig(tensor_parallel=tp, pipeline_parallel=pp)
@@ -132,7 +115,7 @@ def hf_to_mcore(
     if torch.cuda.is_available() and world > torch.cuda.device_count():
         raise ConversionError(f"tp * pp = {world} processes need as many GPUs; {torch.cuda.device_count()} found")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    args = (world, _free_port(), str(hf_dir), str(out_dir), tp, pp)
+    args = (world, free_port(), str(hf_dir), str(out_dir), tp, pp)
     try:
         mp.start_processes(_hf_to_mcore_worker, args=args, nprocs=world, join=True, start_method="spawn")
     except ProcessException as e:
@@ -153,7 +136,7 @@ def _single_process_group() -> Iterator[None]:
             raise ConversionError("mcore_to_hf runs in one process; call it outside a multi-rank job")
         yield
         return
-    _init_process_group(0, 1, _free_port())
+    init_process_group(0, 1, free_port())
     try:
         yield
     finally:
