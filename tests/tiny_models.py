@@ -8,6 +8,17 @@ import torch
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 VOCAB = 96
+TINY_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
+"""4 layers, GQA (4 query heads over 2 key/value groups), head_dim 16: TP=2 and PP=2 both split it."""
 
 
 def make_tiny_hf(out_dir: str | Path, model_type: str, *, tie: bool = False, seed: int = 0, **overrides) -> Path:
@@ -17,18 +28,7 @@ def make_tiny_hf(out_dir: str | Path, model_type: str, *, tie: bool = False, see
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-        rms_norm_eps=1e-6,
-    )
+    kwargs = dict(TINY_SHAPE, tie_word_embeddings=tie, rms_norm_eps=1e-6)
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs)).float()

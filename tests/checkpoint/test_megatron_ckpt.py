@@ -12,21 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_harness import run_gloo
+from tiny_models import TINY_SHAPE, VOCAB
 
 pytest.importorskip("megatron.core")
 
-VOCAB = 96
-ARCH = dict(
-    model_type="llama",
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=128,
-)
+ARCH = dict(TINY_SHAPE, model_type="llama")
 INPUT_IDS = torch.tensor([[5, 17, 3, 88, 42, 7, 61, 0, 95, 23, 11, 70], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
 LR = 1e-3
 
