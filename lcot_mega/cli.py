@@ -1,4 +1,4 @@
-"""`lcot-mega` command line: `config`, `check`, `grade` and `convert` (train, eval, serve land with their issues)."""
+"""`lcot-mega` command line: `config`, `check`, `grade`, `convert` and `serve` (train, eval land with their issues)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,30 @@ def _cmd_grade(args: argparse.Namespace) -> int:
     return 0 if result.correct else 1
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from lcot_mega.rollout.server import RolloutServer, ServeConfig, check_bind
+
+    try:
+        check_bind(args.host, args.api_key)
+    except ValueError as e:
+        print(f"lcot-mega serve: {e}", file=sys.stderr)
+        return 2
+    from lcot_mega.rollout.embedded import EmbeddedEngine
+
+    cfg = ServeConfig(
+        host=args.host, port=args.port, api_key=args.api_key, allow_weight_updates=not args.disable_weight_updates
+    )
+    server = RolloutServer(EmbeddedEngine(args.model_dir), cfg, model_path=str(args.model_dir))
+    print(f"lcot-mega serve: {args.model_dir} on {server.url}", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcot-mega", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--fallback", action="append", choices=("answer_is", "last_number"))
     p.set_defaults(func=_cmd_grade)
+
+    p = sub.add_parser("serve", help="serve an HF model with the embedded engine over SGLang's HTTP API")
+    p.add_argument("model_dir", help="Hugging Face model directory")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; non-loopback needs --api-key")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request")
+    p.add_argument(
+        "--disable-weight-updates", action="store_true", help="answer 403 on weight-update and memory endpoints"
+    )
+    p.set_defaults(func=_cmd_serve)
 
     _add_convert(sub)
     return parser

@@ -1,10 +1,12 @@
 """Rollout engines: the protocol every backend implements, token sampling, and the embedded transformers engine.
 
-Backends: `embedded.EmbeddedEngine` (in-process, CPU-capable); SGLang and vLLM servers speak the same protocol
-from their own modules. transformers is imported only when an engine is built.
+Backends: `embedded.EmbeddedEngine` (in-process, CPU-capable) and `http_client.SGLangHTTPEngine` (any server
+speaking SGLang's HTTP API: real SGLang, or `server.RolloutServer` serving an embedded engine).
+transformers is imported only when an engine is built.
 """
 
 from lcot_mega.rollout.embedded import EmbeddedEngine
+from lcot_mega.rollout.http_client import SGLangHTTPEngine
 from lcot_mega.rollout.protocol import (
     MEMORY_TAGS,
     Completion,
@@ -14,13 +16,17 @@ from lcot_mega.rollout.protocol import (
     to_samples,
 )
 from lcot_mega.rollout.sampling import check_sampling_args, process_logits, sample
+from lcot_mega.rollout.server import RolloutServer, ServeConfig
 
 __all__ = [
     "MEMORY_TAGS",
     "Completion",
     "EmbeddedEngine",
     "RolloutEngine",
+    "RolloutServer",
+    "SGLangHTTPEngine",
     "SamplingParams",
+    "ServeConfig",
     "check_memory_tags",
     "check_sampling_args",
     "process_logits",

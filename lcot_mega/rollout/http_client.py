@@ -1,0 +1,188 @@
+"""A `RolloutEngine` that talks to an SGLang server (or our `rollout.server`) over its HTTP API.
+
+Connection failures (refused, reset before an answer) are retried with exponential backoff, a bounded number of
+times; a timeout is not retried (the server may still be working on the request). A 400 raises ValueError with
+the server's message, other error statuses raise `EngineHTTPError`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from lcot_mega.rollout.protocol import Completion, SamplingParams
+from lcot_mega.types import SampleStatus
+
+_FINISH = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED, "abort": SampleStatus.ABORTED}
+_CONNECTION_ERRORS = (ConnectionError, http.client.RemoteDisconnected)
+
+
+class EngineHTTPError(RuntimeError):
+    """The server answered with an error status other than 400."""
+
+    def __init__(self, status: int, path: str, message: str) -> None:
+        super().__init__(f"{path}: HTTP {status}: {message}")
+        self.status = status
+
+
+def parse_weight_version(raw: Any) -> int:
+    """SGLang reports weight_version as a string ("default" before any update); ours are ints."""
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return 0
+
+
+def completion_from_sglang(result: dict[str, Any]) -> Completion:
+    """A Completion from one SGLang `/generate` result (with `return_logprob=true`)."""
+    meta = result["meta_info"]
+    reason = meta.get("finish_reason") or {"type": "abort"}
+    entries = meta.get("output_token_logprobs") or []
+    ids = list(result.get("output_ids") or [t for _, t, _ in entries])
+    return Completion(
+        token_ids=ids,
+        logprobs=[float(lp) for lp, _, _ in entries],
+        finish=_FINISH[reason["type"]],
+        matched_stop=reason.get("matched"),
+        text=result.get("text") or "",
+        weight_version=parse_weight_version(meta.get("weight_version")),
+        prompt_tokens=int(meta.get("prompt_tokens", 0)),
+        completion_tokens=int(meta.get("completion_tokens", len(ids))),
+    )
+
+
+class SGLangHTTPEngine:
+    """`RolloutEngine` over HTTP (SGLang `/generate` and friends)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = 600.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key, self.timeout_s, self.retries, self.backoff_s = api_key, timeout_s, retries, backoff_s
+
+    # ------------------------------------------------------------------------------------------ transport
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+        wait = timeout_s or self.timeout_s
+        where = f"{method} {self.base_url}{path}"
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(req, timeout=wait) as resp:
+                    raw = resp.read()
+                return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw.decode()
+            except urllib.error.HTTPError as e:
+                raise _status_error(e, path) from None
+            except (TimeoutError, urllib.error.URLError, *_CONNECTION_ERRORS) as e:
+                reason = getattr(e, "reason", e)
+                if isinstance(reason, TimeoutError):  # the server may still be working on it: never resend
+                    raise TimeoutError(f"{where}: no answer in {wait}s") from None
+                if attempt == self.retries:
+                    raise ConnectionError(f"{where}: {reason} (after {self.retries + 1} attempts)") from e
+                time.sleep(self.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    # ----------------------------------------------------------------------------------------- protocol
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        prompts = [list(map(int, p)) for p in prompt_ids]
+        if not prompts:
+            return []
+        body = {
+            "input_ids": prompts,
+            "sampling_params": params.to_sglang(),
+            "return_logprob": True,
+            "logprob_start_len": -1,
+        }
+        results = self._request("POST", "/generate", body)
+        if isinstance(results, dict):
+            results = [results]
+        if len(results) != len(prompts) * params.n:
+            raise RuntimeError(f"/generate returned {len(results)} results for {len(prompts)} x {params.n}")
+        flat = [completion_from_sglang(r) for r in results]
+        return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    def score(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> torch.Tensor:
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty: the first response token would have no context")
+        response = list(map(int, response_ids))
+        if not response:
+            return torch.zeros(0)
+        body = {
+            "input_ids": list(map(int, prompt_ids)) + response,
+            "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
+            "return_logprob": True,
+            "logprob_start_len": len(prompt_ids),
+        }
+        result = self._request("POST", "/generate", body)
+        entries = result["meta_info"]["input_token_logprobs"][-len(response) :]
+        if [t for _, t, _ in entries] != response:
+            raise RuntimeError("/generate input_token_logprobs do not line up with the response tokens")
+        return torch.tensor([float(lp) for lp, _, _ in entries])
+
+    def abort(self) -> None:
+        self._request("POST", "/abort_request", {"rid": "", "abort_all": True})
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        raise NotImplementedError(
+            "SGLangHTTPEngine.update_weights: tensor/distributed weight updates (/update_weights_from_tensor, "
+            "/update_weights_from_distributed) are the next slice; use load_from_disk(path, version) for now"
+        )
+
+    def load_from_disk(self, path: str, version: int) -> None:
+        """Load an HF checkpoint directory on the server (`/update_weights_from_disk`) as `version`."""
+        body = {"model_path": str(path), "weight_version": str(version)}
+        result = self._request("POST", "/update_weights_from_disk", body)
+        if isinstance(result, dict) and not result.get("success", False):
+            raise RuntimeError(f"/update_weights_from_disk failed: {result.get('message')}")
+
+    @property
+    def weight_version(self) -> int:
+        return parse_weight_version(self._request("GET", "/get_model_info").get("weight_version"))
+
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        self._request("POST", "/release_memory_occupation", {"tags": None if tags is None else list(tags)})
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        self._request("POST", "/resume_memory_occupation", {"tags": None if tags is None else list(tags)})
+
+    def flush_cache(self) -> None:
+        self._request("POST", "/flush_cache", {})
+
+    def health(self) -> bool:
+        try:
+            self._request("GET", "/health", timeout_s=min(self.timeout_s, 10.0))
+        except (ConnectionError, TimeoutError, EngineHTTPError):
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        """The server outlives its clients: nothing to close."""
+
+
+def _status_error(e: urllib.error.HTTPError, path: str) -> Exception:
+    raw = e.read()
+    try:
+        message = json.loads(raw).get("error", raw.decode(errors="replace"))
+    except (ValueError, AttributeError):
+        message = raw.decode(errors="replace")
+    if e.code == 400:
+        return ValueError(f"{path}: {message}")
+    return EngineHTTPError(e.code, path, message)
