@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import torch
@@ -19,6 +20,9 @@ TINY_SHAPE = dict(
     max_position_embeddings=128,
 )
 """4 layers, GQA (4 query heads over 2 key/value groups), head_dim 16: TP=2 and PP=2 both split it."""
+SHARP_LONG = {"initializer_range": 0.2, "max_position_embeddings": 4096}
+"""Sharp random weights (log-probs from -10 to -0.1 instead of a near-uniform log(1/96), so a wrong token or a
+shifted position cannot hide) and long positions, for the rollout tests."""
 
 
 def make_tiny_hf(out_dir: str | Path, model_type: str, *, tie: bool = False, seed: int = 0, **overrides) -> Path:
@@ -46,3 +50,18 @@ def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     with torch.no_grad():
         return model(input_ids).logits
+
+
+def save_char_tokenizer(out_dir: str | Path) -> None:
+    """A tokenizer of one character per token over the tiny models' 96 ids: <pad>, <s>, </s>, then letters,
+    digits, punctuation (so engines with text, stop strings and chat-free prompts can be tested offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = (string.ascii_letters + string.digits + string.punctuation.replace("\\", ""))[: VOCAB - 3]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", *chars])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(out_dir)

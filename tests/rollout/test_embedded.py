@@ -2,56 +2,21 @@
 
 from __future__ import annotations
 
-import string
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import FAMILIES, VOCAB, make_tiny_hf
+from tiny_models import SHARP_LONG as MODEL
 
 from lcot_mega.rollout.embedded import EmbeddedEngine
 from lcot_mega.rollout.protocol import Completion, RolloutEngine, SamplingParams, to_samples
 from lcot_mega.rollout.sampling import process_logits
 from lcot_mega.types import Group, Prompt, SampleStatus
 
-# Sharp random weights (initializer_range 0.2): log-probs from -10 to -0.1 instead of a near-uniform ~log(1/96),
-# so a wrong token or a shifted position cannot hide; long positions for the abort test.
-MODEL = {"initializer_range": 0.2, "max_position_embeddings": 4096}
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [20], [30, 31, 32, 33, 34]]  # lengths 3, 9, 1, 5
 EOS = 2  # LlamaConfig's default eos_token_id; the tokenizer below agrees
-
-
-def save_char_tokenizer(out_dir: Path) -> None:
-    """One character per token over the model's 96 ids: <pad>, <s>, </s>, then letters, digits, punctuation."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = (string.ascii_letters + string.digits + string.punctuation.replace("\\", ""))[: VOCAB - 3]
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", *chars])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(out_dir)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    d = make_tiny_hf(tmp_path_factory.mktemp("tiny"), "llama", **MODEL)
-    save_char_tokenizer(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def other_dir(tmp_path_factory) -> Path:
-    return make_tiny_hf(tmp_path_factory.mktemp("other"), "llama", seed=1, **MODEL)
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir) -> EmbeddedEngine:
-    return EmbeddedEngine(model_dir)
 
 
 @pytest.fixture(scope="module")

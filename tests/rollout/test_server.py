@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import string
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import VOCAB, make_tiny_hf
+from tiny_models import VOCAB
 
 from lcot_mega.cli import main as cli_main
 from lcot_mega.rollout.embedded import EmbeddedEngine
@@ -20,40 +18,8 @@ from lcot_mega.rollout.protocol import RolloutEngine, SamplingParams
 from lcot_mega.rollout.server import RolloutServer, ServeConfig
 from lcot_mega.types import SampleStatus
 
-MODEL = {"initializer_range": 0.2, "max_position_embeddings": 4096}
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [20]]
 KEY = "test-key"
-
-
-def save_char_tokenizer(out_dir: Path) -> None:
-    """One character per token: <pad>, <s>, </s>, then letters, digits, punctuation."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = (string.ascii_letters + string.digits + string.punctuation.replace("\\", ""))[: VOCAB - 3]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["<pad>", "<s>", "</s>", *chars])}, "<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(
-        out_dir
-    )
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    d = make_tiny_hf(tmp_path_factory.mktemp("tiny"), "llama", **MODEL)
-    save_char_tokenizer(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def other_dir(tmp_path_factory) -> Path:
-    return make_tiny_hf(tmp_path_factory.mktemp("other"), "llama", seed=1, **MODEL)
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir) -> EmbeddedEngine:
-    return EmbeddedEngine(model_dir)
 
 
 def _serve(engine, model_dir, **cfg) -> RolloutServer:
