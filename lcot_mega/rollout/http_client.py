@@ -153,6 +153,57 @@ class SGLangHTTPEngine:
         if isinstance(result, dict) and not result.get("success", False):
             raise RuntimeError(f"/update_weights_from_disk failed: {result.get('message')}")
 
+    def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str = "weight_update_group",
+        backend: str = "nccl",
+    ) -> None:
+        """Ask the server to join a weight-update process group at rank `rank_offset` (`/init_weights_update_group`).
+
+        Blocks until every rank has joined: the trainer (rank 0) must create its side concurrently (a thread)."""
+        body = {
+            "master_address": master_address,
+            "master_port": int(master_port),
+            "rank_offset": int(rank_offset),
+            "world_size": int(world_size),
+            "group_name": group_name,
+            "backend": backend,
+        }
+        _check_success(self._request("POST", "/init_weights_update_group", body), "/init_weights_update_group")
+
+    def update_weights_from_distributed(
+        self,
+        names: Sequence[str],
+        dtypes: Sequence[str],
+        shapes: Sequence[Sequence[int]],
+        group_name: str = "weight_update_group",
+        weight_version: int | None = None,
+        *,
+        flush_cache: bool = True,
+    ) -> None:
+        """Announce tensors the trainer is about to broadcast from rank 0 (`/update_weights_from_distributed`);
+        `weight_version` None keeps the server's version. Returns only once the server has received and loaded
+        them, so call it from a thread and broadcast meanwhile (`lcot_mega.sync.broadcast.BroadcastSync`)."""
+        body = {
+            "names": list(names),
+            "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+            "shapes": [list(map(int, s)) for s in shapes],
+            "group_name": group_name,
+            "flush_cache": flush_cache,
+            "weight_version": None if weight_version is None else str(weight_version),
+            "load_format": None,
+        }
+        path = "/update_weights_from_distributed"
+        _check_success(self._request("POST", path, body), path)
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
+        body = {"group_name": group_name}
+        _check_success(self._request("POST", "/destroy_weights_update_group", body), "/destroy_weights_update_group")
+
     @property
     def weight_version(self) -> int:
         return parse_weight_version(self._request("GET", "/get_model_info").get("weight_version"))
@@ -175,6 +226,11 @@ class SGLangHTTPEngine:
 
     def shutdown(self) -> None:
         """The server outlives its clients: nothing to close."""
+
+
+def _check_success(result: Any, path: str) -> None:
+    if isinstance(result, dict) and not result.get("success", False):
+        raise RuntimeError(f"{path} failed: {result.get('message')}")
 
 
 def _status_error(e: urllib.error.HTTPError, path: str) -> Exception:

@@ -2,9 +2,11 @@
 
 Endpoints: `POST /generate` (sampling, and teacher-forced scoring with `max_new_tokens: 0`), `GET /health`,
 `GET /get_model_info`, `POST /flush_cache`, `POST /abort_request`, `POST /release_memory_occupation`,
-`POST /resume_memory_occupation`, `POST /update_weights_from_disk`. Contract violations answer 400
-`{"error": ...}`; engine state conflicts (released weights, busy engine) 409; a bug in the engine 500. The server
-keeps running after any of them.
+`POST /resume_memory_occupation`, `POST /update_weights_from_disk`, and the distributed update
+(`POST /init_weights_update_group`, `/update_weights_from_distributed`, `/destroy_weights_update_group`: the
+trainer broadcasts the tensors from rank 0 of a process group, see `lcot_mega.sync.broadcast`). Contract
+violations answer 400 `{"error": ...}`; engine state conflicts (released weights, busy engine) 409; a bug in
+the engine 500. The server keeps running after any of them.
 
 Security: binding a non-loopback address requires an API key; with a key every endpoint needs
 `Authorization: Bearer KEY` (401 otherwise). Weight and memory endpoints can be switched off (403).
@@ -198,6 +200,8 @@ class RolloutServer:
         self.engine, self.config, self.model_path = engine, config or ServeConfig(), model_path
         check_bind(self.config.host, self.config.api_key)
         self._weights_lock = threading.Lock()
+        self._groups: dict[str, Any] = {}  # group_name -> sync.broadcast.WeightGroup
+        self._groups_lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((self.config.host, self.config.port), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -210,8 +214,18 @@ class RolloutServer:
             ("POST", "/release_memory_occupation"): self._release,
             ("POST", "/resume_memory_occupation"): self._resume,
             ("POST", "/update_weights_from_disk"): self._update_from_disk,
+            ("POST", "/init_weights_update_group"): self._init_group,
+            ("POST", "/update_weights_from_distributed"): self._update_from_distributed,
+            ("POST", "/destroy_weights_update_group"): self._destroy_group,
         }
-        self.protected = {"/release_memory_occupation", "/resume_memory_occupation", "/update_weights_from_disk"}
+        self.protected = {
+            "/release_memory_occupation",
+            "/resume_memory_occupation",
+            "/update_weights_from_disk",
+            "/init_weights_update_group",
+            "/update_weights_from_distributed",
+            "/destroy_weights_update_group",
+        }
 
     @property
     def port(self) -> int:
@@ -232,6 +246,10 @@ class RolloutServer:
 
     def shutdown(self) -> None:
         self.engine.abort()
+        with self._groups_lock:
+            groups, self._groups = list(self._groups.values()), {}
+        for group in groups:
+            group.close()
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
@@ -332,6 +350,78 @@ class RolloutServer:
             self.engine.update_weights(_read_safetensors(files), version)
             self.model_path = path
         return {"success": True, "message": f"loaded {path} as weight version {version}", "num_paused_requests": 0}
+
+    def _init_group(self, body: dict[str, Any]) -> Any:
+        from lcot_mega.sync.broadcast import WeightGroup
+
+        addr, port, offset, world = (
+            body.get(k) for k in ("master_address", "master_port", "rank_offset", "world_size")
+        )
+        name, backend = body.get("group_name", "weight_update_group"), body.get("backend", "nccl")
+        if not isinstance(addr, str) or not addr:
+            raise HTTPError(400, "master_address must be a non-empty string")
+        for key, value in (("master_port", port), ("rank_offset", offset), ("world_size", world)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise HTTPError(400, f"{key} must be a non-negative int, got {value!r}")
+        if not isinstance(name, str) or not name:
+            raise HTTPError(400, "group_name must be a non-empty string")
+        if backend not in ("gloo", "nccl"):
+            raise HTTPError(400, f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        if not 1 <= offset < world:  # rank 0 is the trainer (this server has one tensor-parallel rank)
+            raise HTTPError(400, f"rank_offset must be in [1, world_size={world}), got {offset}")
+        with self._groups_lock:
+            if name in self._groups:
+                raise HTTPError(409, f"weight update group {name!r} already exists; destroy it first")
+            self._groups[name] = None  # reserved while joining (the constructor waits for every rank)
+        try:
+            group = WeightGroup(addr, port, offset, world, name, backend)
+        except Exception as e:
+            with self._groups_lock:
+                self._groups.pop(name, None)
+            raise HTTPError(500, f"could not join weight update group {name!r}: {type(e).__name__}: {e}") from e
+        with self._groups_lock:
+            self._groups[name] = group
+        return {"success": True, "message": f"joined {name!r} as rank {offset} of {world}"}
+
+    def _group(self, body: dict[str, Any]) -> Any:
+        name = body.get("group_name", "weight_update_group")
+        with self._groups_lock:
+            group = self._groups.get(name) if isinstance(name, str) else None
+        if group is None:
+            raise HTTPError(400, f"no weight update group {name!r}; call /init_weights_update_group first")
+        return group
+
+    def _update_from_distributed(self, body: dict[str, Any]) -> Any:
+        from lcot_mega.sync.broadcast import parse_dtype
+
+        group = self._group(body)
+        names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
+        if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)):
+            raise HTTPError(400, "names, dtypes and shapes must be lists")
+        if not len(names) == len(dtypes) == len(shapes):
+            raise HTTPError(400, f"names, dtypes, shapes differ in length: {len(names)}, {len(dtypes)}, {len(shapes)}")
+        if not all(isinstance(n, str) for n in names):
+            raise HTTPError(400, "names must be strings")
+        if not all(_is_id_list(s) and min(s, default=0) >= 0 for s in shapes):
+            raise HTTPError(400, "shapes must be lists of non-negative ints")
+        if body.get("load_format") not in (None, "direct"):
+            raise HTTPError(400, f"load_format {body.get('load_format')!r} is not supported (only null)")
+        torch_dtypes = [parse_dtype(d) for d in dtypes]
+        version = _weight_version(body.get("weight_version"), self.engine.weight_version)
+        with self._weights_lock:
+            tensors = group.receive(torch_dtypes, shapes)  # the trainer is broadcasting now: receive first
+            self.engine.update_weights(list(zip(names, tensors, strict=True)), version)
+        if body.get("flush_cache", True):
+            self.engine.flush_cache()
+        return {"success": True, "message": f"received {len(names)} tensors; weight version {version}"}
+
+    def _destroy_group(self, body: dict[str, Any]) -> Any:
+        name = body.get("group_name", "weight_update_group")
+        self._group(body)
+        with self._groups_lock:
+            group = self._groups.pop(name)
+        group.close()
+        return {"success": True, "message": f"left {name!r}"}
 
 
 def _weight_version(raw: Any, default: int) -> int:
