@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -81,6 +82,14 @@ def _push(stream: Iterable[Bucket], engines: Sequence[RolloutEngine], version: i
     return nbytes, buckets
 
 
+class WeightTransport(Protocol):
+    """How buckets reach engines that do not live in the owner's process (e.g. `broadcast.BroadcastSync`)."""
+
+    def push(self, named_tensor_buckets: Iterable[Bucket], version: int) -> tuple[int, int]:
+        """Every bucket to every engine, then the version bump; returns (bytes, buckets)."""
+        ...
+
+
 def _broadcast(obj: object, src: int) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -96,11 +105,14 @@ def sync_weights(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     owner: int = 0,
     verify: ProbeCheck | None = None,
+    transport: WeightTransport | None = None,
 ) -> SyncReport:
     """Load the actor's current weights into `engines` as `version`, then flush their caches.
 
     Collective: every rank calls it with the same arguments; only global rank `owner` touches `engines` (other
-    ranks may pass an empty list). If pushing fails on the owner, every rank raises WeightSyncError; so does a
+    ranks may pass an empty list). Without `transport` the owner loads the buckets into `engines` in process
+    (`update_weights`); with one (servers in other processes: `BroadcastSync`) the transport moves them and
+    `engines` are only used by `verify`. If pushing fails on the owner, every rank raises WeightSyncError; so does a
     `verify` probe that disagrees by more than its tolerance.
     """
     start = time.perf_counter()
@@ -108,7 +120,7 @@ def sync_weights(
     outcome: tuple[int, int] | str = (0, 0)
     if dist.get_rank() == owner:
         try:
-            outcome = _push(stream, engines, version)
+            outcome = transport.push(stream, version) if transport else _push(stream, engines, version)
         except Exception as e:
             outcome = f"{type(e).__name__}: {e}"
     for _ in stream:  # the rest of the collectives (all of them on ranks other than the owner)
