@@ -37,8 +37,11 @@ _POLICY_MEAN_KEYS = (
     "actor/approx_kl_k3",
     "actor/ratio_mean",
 )
-_IS_MEAN_KEYS = ("rollout/is_weight_mean", "rollout/is_capped_frac", "rollout/logp_gap_mean")
+_GAP_MEAN_KEYS = ("rollout/logp_gap_mean",)
+_IS_MEAN_KEYS = ("rollout/is_weight_mean", "rollout/is_capped_frac")
 _MAX_KEYS = ("actor/ratio_max", "rollout/logp_gap_max")
+_NO_CAP = 1e30
+"""Importance cap that never binds: the train/rollout gap is measured without reweighting anything."""
 
 
 @dataclass
@@ -86,15 +89,24 @@ def global_denominator(micro_batches: list[MicroBatch], algo: AlgoConfig) -> tor
     return local
 
 
-def metric_keys(algo: AlgoConfig, with_is: bool) -> tuple[list[str], list[str], list[str]]:
+def metric_keys(
+    algo: AlgoConfig, with_is: bool, with_gap: bool | None = None
+) -> tuple[list[str], list[str], list[str]]:
     """(summed, token-mean, max) keys of the per-micro-batch statistics, the same on every rank.
 
     Summed ones are loss terms (each micro-batch's share of the whole-batch value); token means travel as
-    sums over tokens and are divided by the batch's token count after the reduction.
+    sums over tokens and are divided by the batch's token count after the reduction. `with_gap` (the batch
+    has rollout log-probs; default: `with_is`) adds the train-vs-rollout log-prob gap.
     """
+    with_gap = with_is if with_gap is None else with_gap or with_is
     sums = ["tokens", "actor/loss", "actor/pg_loss"] + (["actor/kl_loss"] if algo.kl_coef > 0 else [])
-    means = ["actor/entropy", *_POLICY_MEAN_KEYS, *(_IS_MEAN_KEYS if with_is else ())]
-    return sums, means, list(_MAX_KEYS if with_is else _MAX_KEYS[:1])
+    means = [
+        "actor/entropy",
+        *_POLICY_MEAN_KEYS,
+        *(_GAP_MEAN_KEYS if with_gap else ()),
+        *(_IS_MEAN_KEYS if with_is else ()),
+    ]
+    return sums, means, list(_MAX_KEYS if with_gap else _MAX_KEYS[:1])
 
 
 class _MicroBatchLoss:
@@ -102,8 +114,9 @@ class _MicroBatchLoss:
 
     def __init__(self, batch: TrainBatch, algo: AlgoConfig, vocab_size: int, denominator: torch.Tensor, scale: float):
         self.batch, self.algo, self.vocab_size, self.den, self.scale = batch, algo, vocab_size, denominator, scale
-        self.with_is = algo.is_cap is not None and batch.rollout_logprobs is not None
-        self.keys = metric_keys(algo, self.with_is)
+        self.with_gap = batch.rollout_logprobs is not None
+        self.with_is = algo.is_cap is not None and self.with_gap
+        self.keys = metric_keys(algo, self.with_is, self.with_gap)
 
     def __call__(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         stats = {k: 0.0 for keys in self.keys for k in keys}
@@ -130,10 +143,11 @@ class _MicroBatchLoss:
         algo, b = self.algo, self.batch
         old = to_token_layout(b.old_logprobs, mb) if b.old_logprobs is not None else logp.detach()  # [n, s]
         is_weights = None
-        if self.with_is:
+        if self.with_gap:
             rollout = to_token_layout(b.rollout_logprobs, mb)  # [n, s]
-            is_weights, is_metrics = importance_correction(old, rollout, mask, algo.is_cap)
-            stats.update(is_metrics)
+            weights, is_metrics = importance_correction(old, rollout, mask, algo.is_cap or _NO_CAP)
+            is_weights = weights if self.with_is else None
+            stats.update({k: v for k, v in is_metrics.items() if self.with_is or "logp_gap" in k})
         pg, metrics = policy_loss(
             logp,
             old,

@@ -233,6 +233,44 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during training (data.eval); the full evaluation suite is `lcot-mega eval`."""
+
+    n_samples: int = opt(1, ge=1)
+    """Responses per problem; accuracy is their mean (avg@k). Small benchmarks need many (Mu et al. 2025)."""
+    temperature: float = opt(0.0, ge=0.0)
+    """0 is greedy decoding (then n_samples = 1 is enough)."""
+    max_new_tokens: int | None = opt(None, gt=0)
+    """Response length limit; None uses rollout.max_new_tokens."""
+    at_start: bool = True
+    """Evaluate before the first step, so every run reports its starting accuracy."""
+
+
+@dataclass
+class ClusterConfig:
+    """Where the actor ranks and rollout engines run (see DESIGN.md, Ray)."""
+
+    mode: str = opt("local", choices=("local", "colocated", "disaggregated"))
+    """local: one process, actor and embedded engine in it (no Ray). colocated: Ray actors; the engines share
+    devices with the actor ranks and release memory while it trains. disaggregated: Ray actors; engines are
+    separate servers that receive weights by distributed broadcast."""
+    ray_address: str | None = None
+    """None starts a local Ray instance; an address (`ray://host:10001`, `auto`) joins a running cluster."""
+    actor_ranks: int = opt(1, ge=1)
+    """Actor processes (tensor x pipeline x data parallel sizes); data parallel = ranks / (TP x PP)."""
+    num_engines: int = opt(1, ge=1)
+    """Rollout engines (servers); requests are spread over them, least loaded first."""
+    gpus_per_rank: float = opt(0.0, ge=0.0)
+    """GPUs per actor rank (0 on CPU)."""
+    gpus_per_engine: float = opt(0.0, ge=0.0)
+    """GPUs per rollout engine (0 on CPU; an SGLang server with TP=k needs k)."""
+    cpus_per_rank: float = opt(1.0, gt=0.0)
+    """CPUs reserved per actor rank in the placement group."""
+    cpus_per_engine: float = opt(1.0, gt=0.0)
+    """CPUs reserved per rollout engine in the placement group."""
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = False
     """Write TensorBoard events into the run directory (metrics.jsonl is always written)."""
@@ -251,6 +289,8 @@ class Config:
     actor: ActorConfig = opt(ActorConfig)
     trainer: TrainerConfig = opt(TrainerConfig)
     logging: LoggingConfig = opt(LoggingConfig)
+    eval: EvalConfig = opt(EvalConfig)
+    cluster: ClusterConfig = opt(ClusterConfig)
 
 
 def cross_field_errors(cfg: Config) -> list[str]:
