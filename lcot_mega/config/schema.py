@@ -24,9 +24,15 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: list[str] = opt([])
-    """Training prompt sources: JSONL/parquet files with `prompt`/`answer` fields, or `reasoning_gym:TASK`."""
+    """Training prompt sources: .jsonl/.json/.parquet files with `prompt`/`answer` fields, or
+    `reasoning_gym:TASK?arg=value&...` (docs/DATA.md)."""
     eval: list[str] = opt([])
-    """Held-out sources evaluated during training (same formats as `train`)."""
+    """Held-out sources evaluated during training (same formats as `train`); their questions are removed
+    from the training prompts."""
+    gym_train_size: int = opt(10000, gt=0)
+    """Training problems generated per reasoning-gym source (one epoch)."""
+    gym_eval_size: int = opt(200, gt=0)
+    """Distinct problems generated per reasoning-gym eval source (eval files are used whole)."""
     prompt_template: str = "{problem}"
     """User-turn text; `{problem}` is replaced by the problem. The study: "{problem} Let's think step by step
     and output the final answer within \\boxed{}."."""

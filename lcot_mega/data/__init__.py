@@ -1,0 +1,29 @@
+"""Prompt sources (JSONL/parquet files, reasoning-gym generators), prompt rendering, and the training stream.
+
+`build_data(cfg.data, tokenizer, cfg.trainer.seed)` is what the driver calls; docs/DATA.md describes the
+file schema and the `reasoning_gym:TASK?args` sources.
+"""
+
+from lcot_mega.data.build import build_data
+from lcot_mega.data.files import load_problem_file, read_rows, write_jsonl
+from lcot_mega.data.gym import GymSpec, generate_problems, generator_seed, parse_gym_spec
+from lcot_mega.data.problems import Problem, SourceReport, normalize_problem
+from lcot_mega.data.stream import PromptStream
+from lcot_mega.data.templates import render_prompts, render_texts
+
+__all__ = [
+    "GymSpec",
+    "Problem",
+    "PromptStream",
+    "SourceReport",
+    "build_data",
+    "generate_problems",
+    "generator_seed",
+    "load_problem_file",
+    "normalize_problem",
+    "parse_gym_spec",
+    "read_rows",
+    "render_prompts",
+    "render_texts",
+    "write_jsonl",
+]

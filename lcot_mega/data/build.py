@@ -1,0 +1,122 @@
+"""data.* -> the training PromptStream and the eval sets, with every eval question held out of training."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+from lcot_mega.config.schema import DataConfig
+from lcot_mega.data.files import FILE_SUFFIXES, is_file_source, load_problem_file
+from lcot_mega.data.gym import generate_problems, generator_seed, is_gym_source, parse_gym_spec
+from lcot_mega.data.problems import Problem, SourceReport, normalize_problem
+from lcot_mega.data.stream import PromptStream
+from lcot_mega.data.templates import check_template, render_prompts
+from lcot_mega.types import Prompt
+
+log = logging.getLogger(__name__)
+
+
+def build_data(cfg: DataConfig, tokenizer: Any, seed: int) -> tuple[PromptStream, dict[str, list[Prompt]]]:
+    """The training stream (shuffled by `seed`, i.e. trainer.seed) and the eval sets by source name.
+
+    Eval sets are built first; any training problem whose whitespace-normalized text is an eval question is
+    dropped (reasoning-gym training generators skip it and draw another). Per-source counts are logged and kept
+    in `stream.report`. Errors name the config entry, e.g. `data.train[1]: file.jsonl:7: missing field 'answer'`.
+    """
+    check_template(cfg.prompt_template)
+    reports: list[SourceReport] = []
+    eval_sets: dict[str, list[Prompt]] = {}
+    held_out: set[str] = set()
+    for key, spec, name in _named(cfg.eval, "data.eval"):
+        problems, _ = _load(spec, key, name, cfg, split="eval", seed=seed, exclude=())
+        held_out.update(normalize_problem(p.problem) for p in problems)
+        eval_sets[name], report = _render(problems, tokenizer, cfg, key, "eval", name, spec, held_out=0)
+        reports.append(report)
+    train: list[Prompt] = []
+    solutions: dict[str, str] = {}
+    for key, spec, name in _named(cfg.train, "data.train"):
+        problems, dropped = _load(spec, key, name, cfg, split="train", seed=seed, exclude=held_out)
+        prompts, report = _render(problems, tokenizer, cfg, key, "train", name, spec, held_out=dropped)
+        train.extend(prompts)
+        solutions.update((p.uid, p.solution) for p in problems if p.solution)
+        reports.append(report)
+    for report in reports:
+        log.info(report.summary())
+    return PromptStream(train, seed=seed, shuffle=cfg.shuffle, solutions=solutions, report=reports), eval_sets
+
+
+def _named(specs: Sequence[str], field: str) -> list[tuple[str, str, str]]:
+    """(config key, spec, source name); the name is the file stem or gym task, or the whole spec when two collide."""
+    names = [_short_name(s) for s in specs]
+    return [
+        (f"{field}[{i}]", spec, name if names.count(name) == 1 else spec)
+        for i, (spec, name) in enumerate(zip(specs, names, strict=True))
+    ]
+
+
+def _short_name(spec: str) -> str:
+    if is_gym_source(spec):
+        return spec.split(":", 1)[1].split("?", 1)[0]
+    return Path(spec).stem
+
+
+def _load(
+    spec: str, key: str, name: str, cfg: DataConfig, *, split: str, seed: int, exclude: Collection[str]
+) -> tuple[list[Problem], int]:
+    """The source's problems, less those in `exclude`, and how many were excluded."""
+    try:
+        if is_gym_source(spec):
+            gym = parse_gym_spec(spec)
+            if split == "eval":
+                problems, stats = generate_problems(
+                    gym,
+                    name=name,
+                    seed=generator_seed(gym.task, "eval"),
+                    size=cfg.gym_eval_size,
+                    uid_tag="eval",
+                    distinct=True,
+                )
+                if len(problems) < cfg.gym_eval_size:
+                    log.warning(
+                        f"{key}: only {len(problems)} distinct questions in {stats.drawn} draws of {spec}"
+                        f" (data.gym_eval_size = {cfg.gym_eval_size}); the task has few distinct questions"
+                    )
+                return problems, 0
+            problems, stats = generate_problems(
+                gym,
+                name=name,
+                seed=generator_seed(gym.task, "train", seed),
+                size=cfg.gym_train_size,
+                uid_tag=f"seed{seed}",
+                exclude=exclude,
+            )
+            return problems, stats.held_out
+        if is_file_source(spec):
+            loaded = load_problem_file(spec, name)
+            problems = [p for p in loaded if normalize_problem(p.problem) not in exclude]
+            return problems, len(loaded) - len(problems)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+    raise ValueError(f"{key} = {spec!r}: not a prompt file ({', '.join(FILE_SUFFIXES)}) nor reasoning_gym:TASK")
+
+
+def _render(
+    problems: list[Problem], tokenizer: Any, cfg: DataConfig, key: str, split: str, name: str, spec: str, held_out: int
+) -> tuple[list[Prompt], SourceReport]:
+    prompts, too_long = render_prompts(
+        problems,
+        tokenizer,
+        template=cfg.prompt_template,
+        apply_chat_template=cfg.apply_chat_template,
+        max_prompt_len=cfg.max_prompt_len,
+    )
+    report = SourceReport(split, name, spec, len(problems) + held_out, held_out, too_long, len(prompts))
+    if not prompts:
+        if too_long:
+            why = f"all {too_long} prompts are longer than data.max_prompt_len = {cfg.max_prompt_len} tokens"
+        else:
+            why = "every question is also in an eval set (data.eval); widen the task or lower data.gym_eval_size"
+        raise ValueError(f"{key} = {spec!r}: no prompts left: {why}")
+    return prompts, report
