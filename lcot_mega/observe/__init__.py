@@ -1,0 +1,29 @@
+"""Observing a run: metric sinks (JSONL always; TensorBoard and wandb optional), the progress line, and
+reading metrics back. Knows nothing else of the package; the stable metric names are in docs/METRICS.md.
+"""
+
+from lcot_mega.observe.keys import DOCUMENTED_KEYS, KEY_PATTERN, check_key, is_documented, key_segment
+from lcot_mega.observe.logger import LoggingSettings, MetricsLogger
+from lcot_mega.observe.progress import DEFAULT_PROGRESS_KEYS, Progress
+from lcot_mega.observe.records import metric_series, read_metrics
+from lcot_mega.observe.sinks import METRICS_FILE, WANDB_ID_FILE, JsonlSink, MetricSink, TensorBoardSink, WandbSink
+
+__all__ = [
+    "DEFAULT_PROGRESS_KEYS",
+    "DOCUMENTED_KEYS",
+    "KEY_PATTERN",
+    "METRICS_FILE",
+    "WANDB_ID_FILE",
+    "JsonlSink",
+    "LoggingSettings",
+    "MetricSink",
+    "MetricsLogger",
+    "Progress",
+    "TensorBoardSink",
+    "WandbSink",
+    "check_key",
+    "is_documented",
+    "key_segment",
+    "metric_series",
+    "read_metrics",
+]
