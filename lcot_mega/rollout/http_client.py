@@ -59,7 +59,11 @@ def completion_from_sglang(result: dict[str, Any]) -> Completion:
 
 
 class SGLangHTTPEngine:
-    """`RolloutEngine` over HTTP (SGLang `/generate` and friends)."""
+    """`RolloutEngine` over HTTP (SGLang `/generate` and friends).
+
+    `tp_size` is the server's tensor-parallel size: `update_weights` sends one payload per rank. `flattened_bucket`
+    sends a bucket whose tensors share one dtype as SGLang's "flattened_bucket" (one flat tensor), else as the plain
+    list of (name, tensor) pairs."""
 
     def __init__(
         self,
@@ -69,9 +73,14 @@ class SGLangHTTPEngine:
         timeout_s: float = 600.0,
         retries: int = 3,
         backoff_s: float = 0.5,
+        tp_size: int = 1,
+        flattened_bucket: bool = True,
     ) -> None:
+        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+            raise ValueError(f"tp_size must be an int >= 1, got {tp_size!r}")
         self.base_url = base_url.rstrip("/")
         self.api_key, self.timeout_s, self.retries, self.backoff_s = api_key, timeout_s, retries, backoff_s
+        self.tp_size, self.flattened_bucket = tp_size, flattened_bucket
 
     # ------------------------------------------------------------------------------------------ transport
 
@@ -141,10 +150,25 @@ class SGLangHTTPEngine:
         self._request("POST", "/abort_request", {"rid": "", "abort_all": True})
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        raise NotImplementedError(
-            "SGLangHTTPEngine.update_weights: tensor/distributed weight updates (/update_weights_from_tensor, "
-            "/update_weights_from_distributed) are the next slice; use load_from_disk(path, version) for now"
-        )
+        """Load full HF-named tensors as `version` through `/update_weights_from_tensor` (colocated: the server must
+        run on this host, since the tensors travel through shared memory and only their handles through HTTP).
+        An empty update only moves the version. A refused update raises ValueError (400) or EngineHTTPError."""
+        from lcot_mega.rollout.tensor_ipc import dumps_named_tensors
+
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"version must be an int, got {version!r}")
+        payload = dumps_named_tensors(named_tensors, ranks=self.tp_size, flatten=self.flattened_bucket)
+        body = {
+            "serialized_named_tensors": payload.entries,
+            "load_format": payload.load_format,
+            "flush_cache": True,
+            "abort_all_requests": False,
+            "weight_version": str(version),
+        }
+        path = "/update_weights_from_tensor"
+        result = self._request("POST", path, body)
+        del payload  # the server has answered (and copied the tensors): the shared buffer may go now
+        _check_success(result, path)
 
     def load_from_disk(self, path: str, version: int) -> None:
         """Load an HF checkpoint directory on the server (`/update_weights_from_disk`) as `version`."""

@@ -2,9 +2,11 @@
 
 Endpoints: `POST /generate` (sampling, and teacher-forced scoring with `max_new_tokens: 0`), `GET /health`,
 `GET /get_model_info`, `POST /flush_cache`, `POST /abort_request`, `POST /release_memory_occupation`,
-`POST /resume_memory_occupation`, `POST /update_weights_from_disk`, and the distributed update
-(`POST /init_weights_update_group`, `/update_weights_from_distributed`, `/destroy_weights_update_group`: the
-trainer broadcasts the tensors from rank 0 of a process group, see `lcot_mega.sync.broadcast`). Contract
+`POST /resume_memory_occupation`, `POST /update_weights_from_disk`, the colocated update
+(`POST /update_weights_from_tensor`: tensors in the sender's shared memory, handles in the body, see
+`lcot_mega.rollout.tensor_ipc`; same host only) and the distributed update (`POST /init_weights_update_group`,
+`/update_weights_from_distributed`, `/destroy_weights_update_group`: the trainer broadcasts the tensors from rank 0
+of a process group, see `lcot_mega.sync.broadcast`). Contract
 violations answer 400 `{"error": ...}`; engine state conflicts (released weights, busy engine) 409; a bug in
 the engine 500. The server keeps running after any of them.
 
@@ -70,7 +72,7 @@ class ServeConfig:
     api_key: str | None = None
     """When set, every request needs `Authorization: Bearer <api_key>`."""
     allow_weight_updates: bool = True
-    """False answers 403 on /update_weights_from_disk and the memory endpoints."""
+    """False answers 403 on every weight-update and memory endpoint (a tensor payload is then never opened)."""
     max_body_bytes: int = 64 << 20
     """Request bodies above this answer 400."""
     max_new_tokens_limit: int = 32768
@@ -214,6 +216,7 @@ class RolloutServer:
             ("POST", "/release_memory_occupation"): self._release,
             ("POST", "/resume_memory_occupation"): self._resume,
             ("POST", "/update_weights_from_disk"): self._update_from_disk,
+            ("POST", "/update_weights_from_tensor"): self._update_from_tensor,
             ("POST", "/init_weights_update_group"): self._init_group,
             ("POST", "/update_weights_from_distributed"): self._update_from_distributed,
             ("POST", "/destroy_weights_update_group"): self._destroy_group,
@@ -222,6 +225,7 @@ class RolloutServer:
             "/release_memory_occupation",
             "/resume_memory_occupation",
             "/update_weights_from_disk",
+            "/update_weights_from_tensor",
             "/init_weights_update_group",
             "/update_weights_from_distributed",
             "/destroy_weights_update_group",
@@ -350,6 +354,32 @@ class RolloutServer:
             self.engine.update_weights(_read_safetensors(files), version)
             self.model_path = path
         return {"success": True, "message": f"loaded {path} as weight version {version}", "num_paused_requests": 0}
+
+    def _update_from_tensor(self, body: dict[str, Any]) -> Any:
+        """SGLang's colocated update: entry r of `serialized_named_tensors` is tensor-parallel rank r's payload (this
+        server is one rank); the tensors are mapped from the sender's shared memory and copied into the engine."""
+        from lcot_mega.rollout.tensor_ipc import LOAD_FORMATS, loads_named_tensors
+
+        entries = body.get("serialized_named_tensors")
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            raise HTTPError(400, "serialized_named_tensors must be a list of base64 strings (one per TP rank)")
+        if len(entries) != 1:
+            raise HTTPError(400, f"serialized_named_tensors has {len(entries)} entries; this server has 1 TP rank")
+        load_format = body.get("load_format")
+        if load_format not in LOAD_FORMATS:
+            raise HTTPError(400, f"load_format must be one of {list(LOAD_FORMATS)}, got {load_format!r}")
+        flush, abort_all = body.get("flush_cache", True), body.get("abort_all_requests", False)
+        if not isinstance(flush, bool) or not isinstance(abort_all, bool):
+            raise HTTPError(400, "flush_cache and abort_all_requests must be booleans")
+        version = _weight_version(body.get("weight_version"), self.engine.weight_version)
+        if abort_all:
+            self.engine.abort()
+        with self._weights_lock:
+            named = loads_named_tensors(entries[0], load_format)  # PayloadError (a ValueError): 400
+            self.engine.update_weights(named, version)  # copies: the sender may free its buffer once we answer
+        if flush:
+            self.engine.flush_cache()
+        return {"success": True, "message": f"loaded {len(named)} tensors; weight version {version}"}
 
     def _init_group(self, body: dict[str, Any]) -> Any:
         from lcot_mega.sync.broadcast import WeightGroup
