@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -57,15 +54,11 @@ def test_more_prompts_than_an_epoch_and_zero():
     assert stream.next_prompts(0) == []
 
 
-def test_order_is_the_same_in_another_process():
-    code = (
-        "from lcot_mega.data import PromptStream; from lcot_mega.types import Prompt;"
-        "s = PromptStream([Prompt(uid=f's/{i}', text=f'q{i}', answer=str(i)) for i in range(13)], seed=3);"
-        "print(' '.join(p.uid for p in s.next_prompts(20)))"
-    )
-    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=os.getcwd())
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == _uids(PromptStream(PROMPTS, seed=3).next_prompts(20))
+def test_order_is_pinned_so_every_process_and_version_agrees():
+    # Computed once (PYTHONHASHSEED 1 and 2 agree): the order depends on (seed, epoch) alone. A change here
+    # breaks resuming checkpoints written by an earlier version.
+    got = [int(p.uid[2:]) for p in PromptStream(PROMPTS, seed=3).next_prompts(20)]
+    assert got == [0, 6, 10, 4, 8, 1, 3, 9, 5, 11, 7, 12, 2, 10, 5, 8, 0, 9, 12, 4]
 
 
 def test_state_of_other_prompts_is_refused():
