@@ -1,4 +1,4 @@
-"""`lcot-mega` command line: `config`, `check`, `grade`, `convert` and `serve` (train, eval land with their issues)."""
+"""`lcot-mega` command line: `config`, `check`, `train`, `grade`, `convert` and `serve` (eval lands with its issue)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     return 0 if run_checks(cfg, run_dir=args.run_dir) else 1
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lcot_mega.doctor import check_trainable
+    from lcot_mega.run_dir import RunDirError
+    from lcot_mega.train import train
+
+    overrides = list(args.overrides) + ([f"trainer.run_dir={args.run_dir}"] if args.run_dir else [])
+    cfg = load_config(args.config, overrides)
+    check_trainable(cfg)
+    try:
+        result = train(cfg, resume=args.resume)
+    except RunDirError as e:
+        print(f"lcot-mega train: {e}", file=sys.stderr)
+        return 2
+    print(f"lcot-mega train: {result.run_dir} at step {result.last_step}")
+    return 0
 
 
 def _cmd_grade(args: argparse.Namespace) -> int:
@@ -74,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run-dir", default=None, help="also write the resolved config here (default: trainer.run_dir)")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("train", help="train: rollout -> reward -> advantages -> update -> weight sync, logged")
+    _add_config_args(p)
+    p.add_argument("--run-dir", default=None, help="run directory (default: trainer.run_dir)")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_true", default=None, help="continue from the run directory's newest checkpoint"
+    )
+    resume.add_argument(
+        "--no-resume", dest="resume", action="store_false", help="refuse a run directory that has checkpoints"
+    )
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("grade", help="grade one response against a gold answer (math-verify, isolated)")
     p.add_argument("response")

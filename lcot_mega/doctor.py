@@ -55,6 +55,41 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(errors)
 
 
+def training_errors(cfg: Config) -> list[str]:
+    """What would make `lcot-mega train` fail after start-up, found before any work."""
+    errors = registry_errors(cfg)
+    model = Path(cfg.model.path) if cfg.model.path else None
+    if model is None:
+        errors.append("model.path is empty: name a Hugging Face model directory")
+    elif not (model / "config.json").is_file():
+        errors.append(f"model.path = {str(model)!r} is not a Hugging Face model directory (no config.json)")
+    if not cfg.data.train:
+        errors.append("data.train is empty: name a prompt source (a .jsonl/.parquet file or reasoning_gym:TASK)")
+    if cfg.rollout.temperature <= 0:
+        errors.append(f"rollout.temperature = {cfg.rollout.temperature} must be > 0 for training (0 is greedy)")
+    model_parallel = cfg.actor.tensor_parallel * cfg.actor.pipeline_parallel
+    if cfg.cluster.actor_ranks % model_parallel:
+        errors.append(
+            f"cluster.actor_ranks = {cfg.cluster.actor_ranks} must be a multiple of actor.tensor_parallel x"
+            f" actor.pipeline_parallel = {model_parallel}"
+        )
+    if cfg.cluster.mode == "local" and cfg.cluster.actor_ranks != 1:
+        errors.append("cluster.mode = 'local' runs one actor rank; use colocated or disaggregated for more")
+    if cfg.rollout.engine != "embedded":
+        errors.append(
+            f"rollout.engine = {cfg.rollout.engine!r}: the driver runs the embedded engine so far; SGLang servers"
+            " are launched by lcot_mega.rollout.launcher but not yet wired into `train`"
+        )
+    return errors
+
+
+def check_trainable(cfg: Config) -> None:
+    """Raise ConfigError listing every problem `training_errors` finds."""
+    errors = training_errors(cfg)
+    if errors:
+        raise ConfigError(errors)
+
+
 def _grader_self_test(cfg: Config) -> bool:
     t0 = time.perf_counter()
     with Grader(cfg.reward.fn, num_workers=cfg.reward.num_workers, timeout_s=min(cfg.reward.timeout_s, 2.0)) as g:

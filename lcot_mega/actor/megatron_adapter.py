@@ -64,8 +64,6 @@ def setup_errors(cfg: ActorConfig, world_size: int) -> list[str]:
         errors.append("actor.sequence_parallel needs Transformer Engine (or apex) on a GPU; set it to false here")
     if cfg.sequence_parallel and cfg.tensor_parallel == 1:
         errors.append("actor.sequence_parallel needs actor.tensor_parallel > 1")
-    if cfg.precision == "bf16" and not torch.cuda.is_available():
-        errors.append("actor.precision = 'bf16' is GPU only here; use 'auto' or 'fp32' on CPU")
     return errors
 
 

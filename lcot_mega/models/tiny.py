@@ -1,4 +1,8 @@
-"""Tiny random Hugging Face models of each supported family, made on the fly (no hub access)."""
+"""Tiny random Hugging Face models of each supported family and a character tokenizer, made on the fly.
+
+No hub access: the smoke config (configs/tiny_cpu.yaml, via tools/make_tiny_model.py) and the tests build
+their models here in a second.
+"""
 
 from __future__ import annotations
 
@@ -44,6 +48,13 @@ def make_tiny_hf(out_dir: str | Path, model_type: str, *, tie: bool = False, see
     return Path(out_dir)
 
 
+def make_tiny_model_dir(out_dir: str | Path, model_type: str = "llama", seed: int = 0) -> Path:
+    """A tiny random model with the character tokenizer: a complete model directory for smoke runs."""
+    out = make_tiny_hf(out_dir, model_type, seed=seed, **SHARP_LONG)
+    save_char_tokenizer(out)
+    return out
+
+
 def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
@@ -54,7 +65,7 @@ def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor) -> torch.Tensor:
 
 def save_char_tokenizer(out_dir: str | Path) -> None:
     """A tokenizer of one character per token over the tiny models' 96 ids: <pad>, <s>, </s>, then letters,
-    digits, punctuation (so engines with text, stop strings and chat-free prompts can be tested offline)."""
+    digits, punctuation; a space reads as <pad> (so engines with text and stop strings work offline)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

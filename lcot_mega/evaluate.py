@@ -1,0 +1,95 @@
+"""Held-out evaluation: sample k responses per problem, grade them, report avg@k and keep per-problem counts.
+
+The study warns that small benchmarks are noisy (Mu et al. 2025): accuracy is the mean over all k samples
+of all problems (avg@k), and each problem's correct count is kept so later analysis (pass@k, uncertain
+problems) needs no re-generation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lcot_mega.checkpoint.store import atomic_write_text
+from lcot_mega.config import Config
+from lcot_mega.reward.grader import Grader
+from lcot_mega.rollout.protocol import RolloutEngine, SamplingParams
+from lcot_mega.types import Prompt, SampleStatus
+
+
+@dataclass
+class EvalResult:
+    """One source's evaluation: per-problem correct counts out of `k` samples."""
+
+    source: str
+    k: int
+    uids: list[str]
+    correct: list[int]
+    response_len_mean: float
+    truncated_frac: float
+
+    @property
+    def accuracy(self) -> float:
+        """avg@k: the mean correctness over every sample of every problem."""
+        return sum(self.correct) / (self.k * len(self.correct)) if self.correct else 0.0
+
+    @property
+    def stderr(self) -> float:
+        """Standard error of `accuracy` over problems (the noise the study warns about)."""
+        n = len(self.correct)
+        if n < 2:
+            return 0.0
+        per = [c / self.k for c in self.correct]
+        mean = sum(per) / n
+        return math.sqrt(sum((p - mean) ** 2 for p in per) / (n - 1) / n)
+
+    def metrics(self) -> dict[str, float]:
+        prefix = f"eval/{self.source}"
+        return {
+            f"{prefix}/accuracy": self.accuracy,
+            f"{prefix}/accuracy_stderr": self.stderr,
+            f"{prefix}/response_len_mean": self.response_len_mean,
+            f"{prefix}/truncated_frac": self.truncated_frac,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Per-problem results as JSON (atomically: a crash leaves the previous file or none)."""
+        body = {"source": self.source, "k": self.k, "accuracy": self.accuracy, "stderr": self.stderr}
+        body["problems"] = [{"uid": u, "correct": c} for u, c in zip(self.uids, self.correct, strict=True)]
+        atomic_write_text(Path(path), json.dumps(body, indent=1))
+
+
+def eval_params(cfg: Config, seed: int) -> SamplingParams:
+    e = cfg.eval
+    return SamplingParams(
+        max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
+        temperature=e.temperature,
+        n=e.n_samples,
+        stop=tuple(cfg.rollout.stop),
+        seed=seed,
+    )
+
+
+def evaluate(
+    engine: RolloutEngine, grader: Grader, source: str, prompts: Sequence[Prompt], params: SamplingParams
+) -> EvalResult:
+    """Sample `params.n` responses per prompt on `engine`, grade them against the prompts' answers."""
+    completions = engine.generate([p.token_ids for p in prompts], params)
+    flat = [(p, c) for p, cs in zip(prompts, completions, strict=True) for c in cs]
+    if any(c.finish is SampleStatus.ABORTED for _, c in flat):
+        raise RuntimeError(f"evaluation of {source!r} was aborted; its accuracy would be wrong")
+    grades = grader.grade_batch([c.text for _, c in flat], [p.answer for p, _ in flat])
+    k = params.n
+    correct = [sum(g.correct for g in grades[i * k : (i + 1) * k]) for i in range(len(prompts))]
+    n = max(len(flat), 1)
+    return EvalResult(
+        source=source,
+        k=k,
+        uids=[p.uid for p in prompts],
+        correct=correct,
+        response_len_mean=sum(len(c.token_ids) for _, c in flat) / n,
+        truncated_frac=sum(c.finish is SampleStatus.TRUNCATED for _, c in flat) / n,
+    )
