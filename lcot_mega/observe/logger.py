@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import numbers
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lcot_mega.observe.keys import check_key
 from lcot_mega.observe.sinks import METRICS_FILE, JsonlSink, MetricSink, TensorBoardSink, WandbSink
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["LoggingSettings", "MetricsLogger", "to_float"]
 
@@ -30,7 +32,8 @@ class LoggingSettings(Protocol):
 
 def to_float(key: str, value: object) -> float:
     """`value` as a python float: numbers and 0-dim tensors; anything else is a bug in the caller."""
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported; reading metrics back needs none
+    if torch is not None and isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise ValueError(f"metric {key!r}: a tensor must be 0-dim, got shape {tuple(value.shape)}")
         return float(value.item())

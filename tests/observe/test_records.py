@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -39,3 +41,10 @@ def test_damaged_line_before_the_last_raises(tmp_path):
 def test_empty_file_has_no_records(tmp_path):
     (tmp_path / METRICS_FILE).write_text("")
     assert read_metrics(tmp_path / METRICS_FILE) == []
+
+
+def test_reading_metrics_needs_neither_torch_nor_the_optional_sinks():
+    heavy = ("torch", "tensorboard", "wandb")
+    code = f"import sys, lcot_mega.observe; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
