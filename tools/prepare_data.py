@@ -73,6 +73,8 @@ class Counts:
     uids_dropped: int = 0
     """Records whose uid repeats even with the file name prefixed (row positions become their uids)."""
     examples: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)
+    """The format each input was read as."""
 
 
 def detect_format(row: dict[str, Any]) -> str:
@@ -158,27 +160,37 @@ def prepare(paths: Sequence[str], fmt: str = "auto", source: str | None = None) 
         file_fmt = None if fmt == "auto" else fmt
         for where, row in read_rows(path):
             counts.read += 1
-            if file_fmt is None:
-                try:
-                    file_fmt = detect_format(row)
-                except ValueError as e:
-                    raise ValueError(f"{where}: {e}") from None
-            try:
-                record = convert_row(file_fmt, row, where, counts)
-            except ValueError as e:
-                counts.invalid += 1
-                if len(counts.examples) < 3:
-                    counts.examples.append(str(e))
+            file_fmt = file_fmt or _detect(row, where)
+            counts.formats[str(path)] = file_fmt
+            record = _convert_or_count(file_fmt, row, where, counts)
+            if record is None:
                 continue
-            if source:
-                record["source"] = source
+            record["source"] = source or record["source"]
             key = normalize_problem(record["prompt"])
             if key in kept:
                 counts.duplicates += 1
                 counts.conflicting += kept[key][1]["answer"] != record["answer"]
-                continue
-            kept[key] = (Path(path).stem, record)
+            else:
+                kept[key] = (Path(path).stem, record)
     return _unique_uids(list(kept.values()), counts), counts
+
+
+def _detect(row: dict[str, Any], where: str) -> str:
+    try:
+        return detect_format(row)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _convert_or_count(fmt: str, row: dict[str, Any], where: str, counts: Counts) -> dict[str, Any] | None:
+    """The converted record, or None after counting it as unusable (the first few reasons are kept)."""
+    try:
+        return convert_row(fmt, row, where, counts)
+    except ValueError as e:
+        counts.invalid += 1
+        if len(counts.examples) < 3:
+            counts.examples.append(str(e))
+        return None
 
 
 def _unique_uids(kept: list[tuple[str, dict[str, Any]]], counts: Counts) -> list[dict[str, Any]]:
@@ -217,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for path, fmt in counts.formats.items():
+        print(f"{path}: read as {fmt}")
     for example in counts.examples:
         print(f"skipped: {example}", file=sys.stderr)
     written = write_jsonl(args.out, records)
