@@ -9,7 +9,7 @@ from typing import Any
 
 from lcot_mega.config.schema import DataConfig
 from lcot_mega.data.files import FILE_SUFFIXES, is_file_source, load_problem_file
-from lcot_mega.data.gym import generate_problems, generator_seed, is_gym_source, parse_gym_spec
+from lcot_mega.data.gym import GymSpec, generate_problems, generator_seed, is_gym_source, parse_gym_spec
 from lcot_mega.data.problems import Problem, SourceReport, normalize_problem
 from lcot_mega.data.stream import PromptStream
 from lcot_mega.data.templates import check_template, render_prompts
@@ -68,31 +68,7 @@ def _load(
     """The source's problems, less those in `exclude`, and how many were excluded."""
     try:
         if is_gym_source(spec):
-            gym = parse_gym_spec(spec)
-            if split == "eval":
-                problems, stats = generate_problems(
-                    gym,
-                    name=name,
-                    seed=generator_seed(gym.task, "eval"),
-                    size=cfg.gym_eval_size,
-                    uid_tag="eval",
-                    distinct=True,
-                )
-                if len(problems) < cfg.gym_eval_size:
-                    log.warning(
-                        f"{key}: only {len(problems)} distinct questions in {stats.drawn} draws of {spec}"
-                        f" (data.gym_eval_size = {cfg.gym_eval_size}); the task has few distinct questions"
-                    )
-                return problems, 0
-            problems, stats = generate_problems(
-                gym,
-                name=name,
-                seed=generator_seed(gym.task, "train", seed),
-                size=cfg.gym_train_size,
-                uid_tag=f"seed{seed}",
-                exclude=exclude,
-            )
-            return problems, stats.held_out
+            return _load_gym(parse_gym_spec(spec), key, name, cfg, split=split, seed=seed, exclude=exclude)
         if is_file_source(spec):
             loaded = load_problem_file(spec, name)
             problems = [p for p in loaded if normalize_problem(p.problem) not in exclude]
@@ -100,6 +76,37 @@ def _load(
     except ValueError as e:
         raise ValueError(f"{key}: {e}") from None
     raise ValueError(f"{key} = {spec!r}: not a prompt file ({', '.join(FILE_SUFFIXES)}) nor reasoning_gym:TASK")
+
+
+def _load_gym(
+    gym: GymSpec, key: str, name: str, cfg: DataConfig, *, split: str, seed: int, exclude: Collection[str]
+) -> tuple[list[Problem], int]:
+    """Training: gym_train_size problems from a trainer.seed-derived seed, eval questions skipped. Eval:
+    gym_eval_size distinct problems from a fixed seed, the same in every run."""
+    if split == "train":
+        problems, stats = generate_problems(
+            gym,
+            name=name,
+            seed=generator_seed(gym.task, "train", seed),
+            size=cfg.gym_train_size,
+            uid_tag=f"seed{seed}",
+            exclude=exclude,
+        )
+        if len(problems) < cfg.gym_train_size:
+            log.warning(
+                f"{key}: only {len(problems)} training problems (data.gym_train_size = {cfg.gym_train_size}) in"
+                f" {stats.drawn} draws of {gym.spec}: {stats.held_out} were eval questions; widen the task's arguments"
+            )
+        return problems, stats.held_out
+    problems, stats = generate_problems(
+        gym, name=name, seed=generator_seed(gym.task, "eval"), size=cfg.gym_eval_size, uid_tag="eval", distinct=True
+    )
+    if len(problems) < cfg.gym_eval_size:
+        log.warning(
+            f"{key}: only {len(problems)} distinct questions in {stats.drawn} draws of {gym.spec}"
+            f" (data.gym_eval_size = {cfg.gym_eval_size}); the task has few distinct questions"
+        )
+    return problems, 0
 
 
 def _render(

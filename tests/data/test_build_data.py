@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -37,6 +38,15 @@ def test_eval_questions_never_appear_in_training_even_when_the_task_repeats_itse
         "chain_sum", seed=generator_seed("chain_sum", "train", 1), size=500, min_terms=2, max_terms=2, max_digits=1
     )
     assert len({normalize_problem(x["question"]) for x in raw} & eval_questions) > 30
+
+
+def test_a_task_too_small_for_the_sizes_asked_is_warned_about(char_tok, caplog):
+    cfg = DataConfig(train=[TINY_SUMS], eval=[TINY_SUMS], gym_train_size=100, gym_eval_size=250)
+    with caplog.at_level(logging.WARNING, logger="lcot_mega.data.build"):
+        stream, evals = build_data(cfg, char_tok, seed=1)
+    assert len(evals["chain_sum"]) < 200 and 0 < len(stream) < 100
+    assert "data.eval[0]: only" in caplog.text and "distinct questions in 1000 draws" in caplog.text
+    assert "data.train[0]: only" in caplog.text and "were eval questions" in caplog.text
 
 
 def test_eval_set_is_the_same_for_every_training_seed(char_tok):
