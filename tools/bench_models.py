@@ -27,6 +27,19 @@ RANDOM_MODELS = {
     "random135m": dict(_SMOLLM2_BODY, hidden_size=576, num_attention_heads=9, num_key_value_heads=3),
     # its depth, FFN and vocabulary with 8 query heads over 4 KV heads (head_dim 64): TP=2 splits it (~120M)
     "random120m-kv4": dict(_SMOLLM2_BODY, hidden_size=512, num_attention_heads=8, num_key_value_heads=4),
+    # a 1B-class Llama (0.87B: hidden 2048, 16 layers, FFN 5504, 16 heads over 8 KV heads, untied 32000 vocab)
+    "random1b": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5504,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    ),
     "tiny": dict(
         vocab_size=96,
         hidden_size=64,

@@ -1,27 +1,38 @@
-"""Weight-sync throughput: a TP=2 MegatronActor into a rollout engine, in-process and by broadcast, vs. memcpy.
+"""Weight-sync throughput: a TP=2 Megatron actor into one rollout engine, per transport, vs. a memory copy.
 
-One run, two gloo processes (the actor at TP=2, the cores split between them). Rank 0 also holds the engines:
-(1) in-process: an `EmbeddedEngine` loaded bucket by bucket by `sync_weights` (no transport); (2) broadcast: a
-`RolloutServer` (an `EmbeddedEngine` served on loopback from a thread of rank 0), reached through an
-`SGLangHTTPEngine` client, with `BroadcastSync` broadcasting each bucket over its own gloo group. Each side syncs
-`--repeats + 1` times; the first is a warm-up and is excluded, the table shows the median seconds and GB/s
-(bytes = tensor bytes pushed into the engine, as `SyncReport` counts them). (3) memcpy: `copy_` of a tensor of
-the same number of bytes into another, on rank 0 with the same thread count, median of as many repeats (one
-warm-up), as the ceiling a local copy of those bytes reaches on this machine.
+One run, two gloo processes (the actor at TP=2, the cores split between them). The actor holds weights only (the
+megatron-core `GPTModel` chunks loaded from the HF checkpoint, no DDP buffers and no Adam states: the sync reads
+parameters only, and a 1B actor with Adam would not fit next to two engines on a 24 GiB box). Rank 0 also drives
+the engines:
+(1) in-process: an `EmbeddedEngine` on rank 0 loaded bucket by bucket by `sync_weights` (`update_weights`);
+(2) broadcast: a `lcot-mega serve` process (an `EmbeddedEngine` behind our SGLang-compatible HTTP server) reached
+through an `SGLangHTTPEngine`, with `BroadcastSync` broadcasting each bucket over its own gloo group
+(`/init_weights_update_group` + `/update_weights_from_distributed`);
+(3) tensor: the same server through `/update_weights_from_tensor` (SGLang's colocated path): each bucket is copied
+into a shared-memory segment, its handles go over HTTP, and the server copies from the mapped segment (flattened
+bucket, one dtype).
+Each transport syncs `--repeats + 1` times; the first is a warm-up and is excluded; the table shows the median
+seconds and GB/s (bytes = tensor bytes pushed into the engine, as `SyncReport` counts them). (4) memcpy: `copy_` of
+a buffer of the same number of bytes into another, on rank 0 with the same thread count, before any model is built
+(so its 2x bytes do not add to the peak), median of as many repeats after one warm-up: the ceiling a local copy of
+those bytes reaches on this machine.
 
-Models: `random120m-kv4` (default): a random Llama of SmolLM2-135M's depth and vocabulary but with 4 KV heads so
-that it splits at TP=2 (hidden 512, 8 heads of 64, 4 KV heads, FFN 1536, 30 layers, tied 49152-token
-embedding, ~120M parameters, fp32), made from a config and saved once under runs/models/; `tiny` (hidden 64,
-4 layers). No download.
+Models (bench_models.py): `random120m-kv4` (default, ~120M parameters, SmolLM2's depth and vocabulary with 4 KV
+heads so that TP=2 splits it), `random1b` (a 0.87B Llama: hidden 2048, 16 layers, FFN 5504, 16/8 heads, untied
+32000 vocabulary), `tiny`; all fp32, made from a config and saved once under runs/models/. No download.
 
-    python tools/bench_sync.py [--model random120m-kv4|tiny] [--bucket-mb 64] [--repeats 3] [--threads 0]
+    python tools/bench_sync.py [--model random120m-kv4|random1b|tiny] [--bucket-mb 64] [--repeats 3] [--threads 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +41,12 @@ import torch
 from bench_models import prepare_model, progress
 
 from lcot_mega.distributed import free_port, run_local
+
+TRANSPORTS = (
+    ("in_process", "in-process (EmbeddedEngine on rank 0, `update_weights`)"),
+    ("broadcast", "broadcast (`lcot-mega serve` process, BroadcastSync over gloo)"),
+    ("tensor", "update_weights_from_tensor (`lcot-mega serve` process, shared memory)"),
+)
 
 
 def memcpy_times(nbytes: int, repeats: int) -> list[float]:
@@ -45,67 +62,109 @@ def memcpy_times(nbytes: int, repeats: int) -> list[float]:
     return times
 
 
-def sync_worker(rank: int, world: int, hf_dir: str, bucket_bytes: int, repeats: int, port: int) -> dict[str, Any]:
-    """Both transports on the same TP=2 actor, then memcpy of the synced byte count; rank 0's reports."""
+def weights_only_actor(hf_dir: str, world: int) -> tuple[list[torch.nn.Module], Any]:
+    """This rank's TP=world `GPTModel` chunks with the checkpoint's weights (no DDP, no optimizer)."""
     from transformers import AutoConfig
 
     from lcot_mega.actor import megatron_adapter as ma
-    from lcot_mega.actor.actor import MegatronActor
     from lcot_mega.bridge.arch import arch_from_hf_config
-    from lcot_mega.config import ActorConfig, AlgoConfig
-    from lcot_mega.rollout import EmbeddedEngine, RolloutServer, ServeConfig, SGLangHTTPEngine
-    from lcot_mega.sync import BroadcastSync, sync_weights
+    from lcot_mega.bridge.hf_load import load_hf_weights
+    from lcot_mega.config import ActorConfig
 
     arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
-    actor = MegatronActor(arch, ActorConfig(tensor_parallel=world), AlgoConfig(), hf_dir)
+    cfg = ActorConfig(tensor_parallel=world)
+    layout = ma.init_parallel(cfg, seed=1)
+    chunks = ma.build_model(arch, cfg)
+    load_hf_weights(chunks, hf_dir, arch, layout.tp_rank, layout.tp_size)
+    return chunks, arch
+
+
+def start_server(hf_dir: str, threads: int) -> tuple[subprocess.Popen, Any]:
+    """`lcot-mega serve` on a free loopback port, and a client once it answers /health."""
+    from lcot_mega.rollout import SGLangHTTPEngine
+
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "lcot_mega.cli", "serve", hf_dir, "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    client = SGLangHTTPEngine(f"http://127.0.0.1:{port}", timeout_s=600)
+    deadline = time.monotonic() + 600
+    while not client.health():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"lcot-mega serve did not come up: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.5)
+    return proc, client
+
+
+def peak_rss_gb(pid: int | None = None) -> float:
+    """Peak resident memory (VmHWM) of a process, GB; this process by default."""
+    if pid is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    with open(f"/proc/{pid}/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kb * 1024 / 1e9
+
+
+def sync_worker(
+    rank: int, world: int, hf_dir: str, nbytes: int, bucket_bytes: int, repeats: int, port: int, threads: int
+) -> dict[str, Any]:
+    """memcpy, then the three transports on the same TP=2 actor; rank 0's reports and peak memory."""
+    import torch.distributed as dist
+
+    from lcot_mega.actor import megatron_adapter as ma
+    from lcot_mega.rollout import EmbeddedEngine
+    from lcot_mega.sync import BroadcastSync, sync_weights
+
     out: dict[str, Any] = dict(threads=torch.get_num_threads())
+    if rank == 0:  # before any model exists, so that its two buffers do not add to the peak
+        out["memcpy"] = memcpy_times(nbytes, repeats)
+        progress(f"memcpy: {[round(t, 4) for t in out['memcpy']]} s")
+        gc.collect()
+    dist.barrier()
+    chunks, arch = weights_only_actor(hf_dir, world)
     version = 0
 
-    # (1) in-process: EmbeddedEngine on rank 0, loaded by update_weights
+    def run(key: str, engines: list, transport: Any = None) -> None:
+        nonlocal version
+        reports = []
+        for _ in range(repeats + 1):
+            version += 1
+            reports.append(sync_weights(chunks, arch, engines, version, bucket_bytes=bucket_bytes, transport=transport))
+        out[key] = reports[1:]
+        if rank == 0:
+            progress(f"{key}: {[round(r.seconds, 3) for r in reports]} s (first is warm-up)")
+
     engines = [EmbeddedEngine(hf_dir)] if rank == 0 else []
-    reports = []
-    for _ in range(repeats + 1):
-        version += 1
-        reports.append(sync_weights(actor.chunks, arch, engines, version, bucket_bytes=bucket_bytes))
-    out["in_process"] = reports[1:]
+    run("in_process", engines)
     for e in engines:
         e.shutdown()
     del engines
-    if rank == 0:
-        progress(f"in-process: {[round(r.seconds, 3) for r in reports]} s (first is warm-up)")
+    gc.collect()
 
-    # (2) broadcast: RolloutServer in a thread on rank 0, SGLangHTTPEngine client, BroadcastSync over gloo
-    server = clients = transport = None
+    proc = client = transport = None
     if rank == 0:
-        server = RolloutServer(EmbeddedEngine(hf_dir), ServeConfig(port=0)).start()
-        clients = [SGLangHTTPEngine(server.url)]
-        transport = BroadcastSync(clients, "127.0.0.1", port, group_name="bench_sync")
-    reports = []
-    for _ in range(repeats + 1):
-        version += 1
-        reports.append(
-            sync_weights(actor.chunks, arch, clients or [], version, transport=transport, bucket_bytes=bucket_bytes)
-        )
-    out["broadcast"] = reports[1:]
+        proc, client = start_server(hf_dir, threads)
+        transport = BroadcastSync([client], "127.0.0.1", port, group_name="bench_sync")
+    run("broadcast", [client] if client else [], transport)
     if rank == 0:
-        served_version = clients[0].weight_version
         transport.close()
-        server.shutdown()
+    run("tensor", [client] if client else [])
+    if rank == 0:
+        served_version = client.weight_version
+        out["server_peak_rss_gb"] = peak_rss_gb(proc.pid)
+        proc.terminate()
+        proc.wait(timeout=60)
         if served_version != version:
             raise RuntimeError(f"server at weight version {served_version}, expected {version}")
-        progress(f"broadcast: {[round(r.seconds, 3) for r in reports]} s (first is warm-up)")
-
-    # (3) memcpy of the same byte count, same process and threads
-    if rank == 0:
-        out["memcpy"] = memcpy_times(out["in_process"][0].bytes, repeats)
-        progress(f"memcpy: {[round(t, 4) for t in out['memcpy']]} s")
+    out["peak_rss_gb"] = peak_rss_gb()
     ma.destroy_parallel()
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("random120m-kv4", "tiny"), default="random120m-kv4")
+    ap.add_argument("--model", choices=("random120m-kv4", "random1b", "tiny"), default="random120m-kv4")
     ap.add_argument("--bucket-mb", type=float, default=64.0, help="sync bucket size in MiB")
     ap.add_argument("--repeats", type=int, default=3, help="timed syncs per transport (median), after 1 warm-up")
     ap.add_argument("--threads", type=int, default=0, help="cores to use in all (0: this process's affinity)")
@@ -119,49 +178,79 @@ def main() -> None:
 
     t0 = time.perf_counter()
     hf_dir = prepare_model(args.model)
-    n_params = sum(p.numel() for p in _param_shapes(hf_dir))
-    progress(f"model {hf_dir}: {n_params / 1e6:.1f}M parameters")
+    n_params, nbytes = _param_counts(hf_dir)
+    progress(f"model {hf_dir}: {n_params / 1e6:.1f}M parameters, {nbytes / 1e9:.3f} GB")
     res = run_local(
-        sync_worker, world, str(hf_dir), bucket_bytes, args.repeats, free_port(), threads=threads, timeout_s=1200.0
-    )[0]
+        sync_worker,
+        world,
+        str(hf_dir),
+        nbytes,
+        bucket_bytes,
+        args.repeats,
+        free_port(),
+        threads,
+        threads=threads,
+        timeout_s=3600.0,
+    )
     elapsed = time.perf_counter() - t0
+    synced = res[0]["in_process"][0].bytes
+    if synced != nbytes:  # memcpy copied the checkpoint's byte count: say so if the sync moved another
+        progress(f"note: a sync moves {synced} bytes, the checkpoint holds {nbytes} (memcpy used the latter)")
+    print(format_table(args, hf_dir, n_params, nbytes, res, world, cores, elapsed))
 
-    nbytes = res["in_process"][0].bytes
-    mem_s = statistics.median(res["memcpy"])
+
+def format_table(
+    args: argparse.Namespace,
+    hf_dir: Path,
+    n_params: int,
+    nbytes: int,
+    res: list[dict],
+    world: int,
+    cores: int,
+    elapsed: float,
+) -> str:
+    rank0 = res[0]
+    mem_s = statistics.median(rank0["memcpy"])
     mem_gbs = nbytes / mem_s / 1e9
-    rows = []
-    for name, key in (
-        ("in-process (EmbeddedEngine on rank 0)", "in_process"),
-        ("broadcast (RolloutServer thread + SGLangHTTPEngine + BroadcastSync, gloo)", "broadcast"),
-    ):
-        reps = res[key]
+    lines = [
+        f"\nmodel {args.model} ({hf_dir}, {n_params / 1e6:.1f}M params), synced {nbytes / 1e9:.3f} GB per sync (fp32),"
+        f" bucket {args.bucket_mb:g} MiB, actor TP=2 (weights only) on {world} gloo procs x {rank0['threads']} threads"
+        f" ({cores} cores in all); median of {args.repeats} syncs after 1 warm-up; torch {torch.__version__}\n",
+        "| transport | seconds (median) | GB/s (median) | buckets | time vs memcpy | GB/s vs memcpy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, name in TRANSPORTS:
+        reps = rank0[key]
         secs = statistics.median(r.seconds for r in reps)
         gbs = statistics.median(r.gb_per_s for r in reps)
-        rows.append(
+        lines.append(
             f"| {name} | {secs:.3f} | {gbs:.3f} | {reps[0].buckets} | {secs / mem_s:.1f}x | {gbs / mem_gbs:.3f} |"
         )
-    rows.append(f"| memcpy (torch `copy_`, same bytes, rank 0) | {mem_s:.5f} | {mem_gbs:.3f} | - | 1.0x | 1.000 |")
-
-    print(
-        f"\nmodel {args.model} ({hf_dir}, {n_params / 1e6:.1f}M params), synced {nbytes / 1e9:.3f} GB per sync"
-        f" (fp32), bucket {args.bucket_mb:g} MiB, actor TP=2 on {world} gloo procs x {res['threads']} threads"
-        f" ({cores} cores in all); median of {args.repeats} syncs after 1 warm-up; torch {torch.__version__}\n"
+    lines.append(f"| memcpy (torch `copy_`, same bytes, rank 0) | {mem_s:.5f} | {mem_gbs:.3f} | - | 1.0x | 1.000 |")
+    rss = " + ".join(f"{r['peak_rss_gb']:.2f}" for r in res)
+    lines.append(
+        f"\npeak RSS GB: actor ranks {rss} (rank 0 includes the in-process engine), server"
+        f" {rank0['server_peak_rss_gb']:.2f}; total wall time {elapsed:.0f} s"
     )
-    print("| transport | seconds (median) | GB/s (median) | buckets | time vs memcpy | GB/s vs memcpy |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    print(f"\ntotal wall time {elapsed:.0f} s")
+    return "\n".join(lines)
 
 
-def _param_shapes(hf_dir: Path) -> list[torch.Size]:
-    """Parameter shapes of the saved model (read from the safetensors header, nothing loaded)."""
+def _param_counts(hf_dir: Path) -> tuple[int, int]:
+    """Parameters and tensor bytes of the saved model (read from the safetensors headers, nothing loaded)."""
     from safetensors import safe_open
 
-    shapes = []
+    n = nbytes = 0
     for f in sorted(hf_dir.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
-            shapes += [torch.Size(st.get_slice(k).get_shape()) for k in st.keys()]  # noqa: SIM118 (safe_open is not iterable)
-    return shapes
+            for k in st.keys():  # noqa: SIM118 (safe_open is not iterable)
+                sl = st.get_slice(k)
+                numel = torch.Size(sl.get_shape()).numel()
+                n += numel
+                nbytes += numel * torch.empty(0, dtype=_DTYPES[sl.get_dtype()]).element_size()
+    return n, nbytes
+
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 if __name__ == "__main__":
