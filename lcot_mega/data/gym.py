@@ -16,6 +16,7 @@ import typing
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 from lcot_mega.data.files import answer_text
 from lcot_mega.data.problems import Problem, normalize_problem
@@ -53,8 +54,8 @@ def is_gym_source(spec: str) -> bool:
 def parse_gym_spec(spec: str) -> GymSpec:
     """Parse and check `reasoning_gym:TASK?a=1&b=x` against the task's config class (ValueError names the problem).
 
-    Values are read as the config field's type (int, float, bool: true/false, str); unknown names get the
-    closest matches.
+    Values are read as the config field's type (int, float, bool: true/false, str), after %-decoding (`%20` is
+    a space, `%26` an ampersand); unknown names get the closest matches.
     """
     datasets = _registry()
     body = spec[len(GYM_PREFIX) :]
@@ -81,9 +82,11 @@ def parse_gym_spec(spec: str) -> GymSpec:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"{spec}: {task} has no argument {key!r}; {hint}its arguments: {', '.join(allowed)}")
-        args[key] = _parse_value(raw, hints[key], f"{spec}: argument {key}")
+        args[key] = _parse_value(unquote(raw), hints[key], f"{spec}: argument {key}")
     try:
-        config_cls(**args, seed=0, size=1).validate()
+        config = config_cls(**args, seed=0, size=1)
+        if hasattr(config, "validate"):
+            config.validate()
     except (AssertionError, ValueError, TypeError) as e:
         raise ValueError(f"{spec}: invalid generator arguments: {e}") from None
     return GymSpec(spec=spec, task=task, args=args)

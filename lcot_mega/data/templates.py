@@ -63,7 +63,7 @@ def render_prompts(
     if not texts:
         return [], 0
     chat = uses_chat_template(tokenizer, apply_chat_template)
-    ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=not chat, return_attention_mask=False)["input_ids"]
     prompts = [
         Prompt(uid=p.uid, text=t, answer=p.answer, token_ids=tuple(i), source=p.source)
         for p, t, i in zip(problems, texts, ids, strict=True)

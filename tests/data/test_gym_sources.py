@@ -20,6 +20,7 @@ def test_args_are_read_as_the_config_field_types():
         "max_value": 5.0,
     }
     assert parse_gym_spec("reasoning_gym:caesar_cipher?delimiter=123").args == {"delimiter": "123"}
+    assert parse_gym_spec("reasoning_gym:caesar_cipher?delimiter=%20%26").args == {"delimiter": " &"}
     assert parse_gym_spec("reasoning_gym:chain_sum").args == {}
 
 
