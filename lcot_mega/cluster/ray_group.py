@@ -1,0 +1,289 @@
+"""The actor's ranks as Ray actors: one placement-group bundle and one process per rank.
+
+`RayActorGroup` implements `ActorGroup`: every call goes to all ranks at once (Megatron's collectives need every
+rank in them) and returns rank 0's answer. Each `ActorWorker` joins the default torch.distributed group itself
+(gloo on CPU, NCCL on GPUs) at rank 0's node address, then builds its `ActorRank`. `attach` then gives rank 0
+what the weights sync into (`RankTargets`): in colocated mode the rollout engine itself, built in rank 0's
+process; in disaggregated mode HTTP clients of the served engines and a `BroadcastSync` towards them. Ray is
+imported only when a group is built.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lcot_mega.actor.batching import TokenSequence
+from lcot_mega.actor.train_step import TrainBatch
+from lcot_mega.config import Config
+
+SETUP_TIMEOUT_S = 600.0
+"""Model build, weight load and (disaggregated) the servers joining the weight group, per rank."""
+CALL_TIMEOUT_S: float | None = None
+"""Protocol calls wait as long as the step takes (a long train step is not a failure)."""
+ENGINE_METHODS = frozenset(
+    {"generate", "score", "abort", "update_weights", "release_memory", "resume_memory", "flush_cache", "health"}
+)
+"""Rollout-engine calls the colocated proxy may forward to the engine inside rank 0 (see `ray_engines`)."""
+
+
+def node_ip() -> str:
+    """This process's node address as Ray sees it (what other nodes reach it by)."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def free_port_on(host: str) -> int:
+    """A TCP port free on `host` (the master port of a group whose rank 0 lives here)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def init_process_group_at(master_addr: str, port: int, rank: int, world_size: int, timeout_s: float) -> str:
+    """Join the default group with rank 0 at `master_addr:port` (any node, unlike the loopback-only
+    `lcot_mega.distributed.init_process_group`); NCCL when this process sees a GPU, else gloo. Its backend."""
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPUs
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{master_addr}:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return backend
+
+
+@dataclass(frozen=True)
+class ColocatedEngine:
+    """Rank 0 builds an `EmbeddedEngine` in its own process and loads every sync into it in place."""
+
+    model_dir: str
+    dtype: str
+    """A key of `runtime.ROLLOUT_DTYPES`."""
+    seed: int
+
+
+@dataclass(frozen=True)
+class ServedEngines:
+    """Rank 0 reaches served engines over HTTP and broadcasts each sync to them (`BroadcastSync`)."""
+
+    urls: tuple[str, ...]
+    api_key: str | None
+    backend: str
+    """Of the weight-update group: gloo (CPU) or nccl (GPU servers)."""
+
+
+RankTargets = ColocatedEngine | ServedEngines
+
+
+class ActorWorker:
+    """One actor rank in its own process (wrapped by `ray.remote` in `RayActorGroup`).
+
+    Threaded (max_concurrency > 1) so that a colocated engine's `abort` reaches it while `generate` runs (the
+    engine has its own locks). The rank's own calls all run on one dedicated thread, one at a time: they are
+    collectives, and megatron's CPU shim (a `TorchFunctionMode`) and the current CUDA device are per thread."""
+
+    def __init__(self, threads: int) -> None:
+        threads = max(1, threads)
+        torch.set_num_threads(threads)
+        self.rank_state: Any = None  # ActorRank, built in setup()
+        self.engine: Any = None  # colocated: the rollout engine living here (rank 0 only)
+        self._actor_thread = ThreadPoolExecutor(
+            1, thread_name_prefix="actor-rank", initializer=torch.set_num_threads, initargs=(threads,)
+        )
+
+    def _on_actor_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._actor_thread.submit(fn, *args).result()
+
+    def master_address(self) -> tuple[str, int]:
+        host = node_ip()
+        return host, free_port_on(host)
+
+    def setup(self, cfg: Config, master: tuple[str, int], rank: int, world_size: int) -> str:
+        """Join the default group at rank 0's `master` address, then build the `ActorRank`; the backend."""
+        from lcot_mega.cluster.actor_group import ActorRank
+
+        def build() -> str:
+            backend = init_process_group_at(master[0], master[1], rank, world_size, SETUP_TIMEOUT_S)
+            self.rank_state = ActorRank(cfg)
+            return backend
+
+        return self._on_actor_thread(build)
+
+    def attach(self, targets: RankTargets) -> None:
+        """Give this rank (global rank 0) what its weight syncs go to (set apart from `setup`, so served engines
+        can start while the ranks build their models)."""
+
+        def build() -> None:
+            engines, transport = self._build_targets(targets, node_ip())
+            self.rank_state.engines, self.rank_state.transport = engines, transport
+
+        self._on_actor_thread(build)
+
+    def _build_targets(self, targets: RankTargets, host: str) -> tuple[list[Any], Any]:
+        """(engines loaded in place or probed, transport) for `ActorRank`."""
+        if isinstance(targets, ColocatedEngine):
+            from lcot_mega.cluster.runtime import ROLLOUT_DTYPES
+            from lcot_mega.rollout.embedded import EmbeddedEngine
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            dtype = ROLLOUT_DTYPES[targets.dtype]
+            self.engine = EmbeddedEngine(targets.model_dir, dtype=dtype, device=device, seed=targets.seed)
+            return [self.engine], None
+        from lcot_mega.rollout.http_client import SGLangHTTPEngine
+        from lcot_mega.sync.broadcast import BroadcastSync
+
+        clients = [SGLangHTTPEngine(url, targets.api_key) for url in targets.urls]
+        port = free_port_on(host)
+        transport = BroadcastSync(clients, host, port, group_name="lcot_actor_weights", backend=targets.backend)
+        return clients, transport  # the clients serve the probe check; tensors travel by broadcast
+
+    # --------------------------------------------------------------------------------- ActorGroup calls
+
+    def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float) -> list[torch.Tensor]:
+        return self._on_actor_thread(self.rank_state.compute_logprobs, sequences, temperature)
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        return self._on_actor_thread(self.rank_state.train_step, batch)
+
+    def sync_weights(self, version: int) -> dict[str, float]:
+        return self._on_actor_thread(self.rank_state.sync_weights, version)
+
+    def save_checkpoint(self, step: int, extra: dict) -> str:
+        return self._on_actor_thread(self.rank_state.save_checkpoint, step, extra)
+
+    def load_checkpoint(self, path: str | None = None) -> tuple[int, dict]:
+        return self._on_actor_thread(self.rank_state.load_checkpoint, path)
+
+    def latest_checkpoint(self) -> str | None:
+        return self._on_actor_thread(self.rank_state.latest_checkpoint)
+
+    def shutdown(self) -> None:
+        """Leave the weight group and the default group (the process itself is killed by the driver)."""
+        import torch.distributed as dist
+
+        from lcot_mega.actor import megatron_adapter as ma
+
+        def leave() -> None:
+            if self.rank_state is not None:
+                self.rank_state.shutdown()
+                self.rank_state = None
+            if dist.is_initialized():
+                ma.destroy_parallel()
+                dist.destroy_process_group()
+
+        if self.engine is not None:
+            self.engine.shutdown()
+        self._on_actor_thread(leave)
+        self._actor_thread.shutdown()
+
+    # ------------------------------------------------------------------------------- colocated engine
+
+    def engine_call(self, method: str, *args: Any) -> Any:
+        """`self.engine.<method>(*args)` for the driver's proxy; the engine's own locks make this thread-safe."""
+        if method not in ENGINE_METHODS:
+            raise ValueError(f"not a rollout-engine call: {method!r}")
+        return getattr(self.engine, method)(*args)
+
+    def engine_weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def engine_shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def ping(self) -> bool:
+        return True
+
+
+class RayActorGroup:
+    """`ActorGroup` over `cluster.actor_ranks` Ray actors in one PACK placement group (see the module docstring)."""
+
+    def __init__(self, cfg: Config, *, max_concurrency: int = 4) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from lcot_mega.cluster.ray_runtime import placement_group
+
+        c = cfg.cluster
+        world = c.actor_ranks
+        self._closed = False
+        self.pg = placement_group([{"CPU": c.cpus_per_rank, "GPU": c.gpus_per_rank}] * world, "actor ranks")
+        remote = ray.remote(ActorWorker)
+        self.workers = [
+            remote.options(
+                num_cpus=c.cpus_per_rank,
+                num_gpus=c.gpus_per_rank,
+                max_concurrency=max_concurrency,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(max(1, int(c.cpus_per_rank)))
+            for i in range(world)
+        ]
+        try:
+            master = ray.get(self.workers[0].master_address.remote(), timeout=SETUP_TIMEOUT_S)
+            setups = [w.setup.remote(cfg, master, rank, world) for rank, w in enumerate(self.workers)]
+            self.backend = ray.get(setups, timeout=SETUP_TIMEOUT_S)[0]
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def attach(self, targets: RankTargets) -> None:
+        """Rank 0 builds the engine (colocated) or joins the served engines' weight group (disaggregated)."""
+        import ray
+
+        ray.get(self.workers[0].attach.remote(targets), timeout=SETUP_TIMEOUT_S)
+
+    def _all(self, method: str, *args: Any) -> Any:
+        """`method(*args)` on every rank at once; rank 0's result (every rank computes the same)."""
+        import ray
+
+        refs = [getattr(w, method).remote(*args) for w in self.workers]
+        return ray.get(refs, timeout=CALL_TIMEOUT_S)[0]
+
+    def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float) -> list[torch.Tensor]:
+        return self._all("compute_logprobs", [(list(p), list(r)) for p, r in sequences], temperature)
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        return self._all("train_step", batch)
+
+    def sync_weights(self, version: int) -> dict[str, float]:
+        return self._all("sync_weights", version)
+
+    def save_checkpoint(self, step: int, extra: dict) -> str:
+        return self._all("save_checkpoint", step, extra)
+
+    def load_checkpoint(self, path: str | None = None) -> tuple[int, dict]:
+        return self._all("load_checkpoint", path)
+
+    def latest_checkpoint(self) -> str | None:
+        return self._all("latest_checkpoint")
+
+    def shutdown(self) -> None:
+        """Ranks leave their groups (best effort, bounded), then their processes and the placement group go."""
+        import ray
+
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
+        except Exception as e:  # a dead or stuck rank must not keep the others alive
+            print(f"lcot-mega: actor ranks did not shut down cleanly: {type(e).__name__}: {e}")
+        finally:
+            for w in self.workers:
+                ray.kill(w, no_restart=True)
+            ray.util.remove_placement_group(self.pg)
