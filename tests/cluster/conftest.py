@@ -1,0 +1,34 @@
+"""Shared fixtures of the Ray runtime tests: a sharp tiny Llama with a character tokenizer, and its configs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tiny_models import SHARP_LONG, make_tiny_hf, save_char_tokenizer
+
+from lcot_mega.config import ActorConfig, ClusterConfig, Config, ModelConfig, TrainerConfig
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    d = make_tiny_hf(tmp_path_factory.mktemp("tiny"), "llama", **SHARP_LONG)
+    save_char_tokenizer(d)
+    return d
+
+
+@pytest.fixture
+def ray_config(model_dir, tmp_path) -> Callable[..., Config]:
+    """`ray_config(tensor_parallel=1, **cluster)`: the tiny model with fp32 engines (log-probs agree with the
+    actor to ~1e-5), a large learning rate (one step visibly moves the weights) and this test's run dir."""
+
+    def make(tensor_parallel: int = 1, **cluster) -> Config:
+        return Config(
+            model=ModelConfig(path=str(model_dir), dtype="float32"),
+            actor=ActorConfig(tensor_parallel=tensor_parallel, lr=1e-3, micro_batch_tokens=1024),
+            trainer=TrainerConfig(run_dir=str(tmp_path / "run"), seed=3),
+            cluster=ClusterConfig(**cluster),
+        )
+
+    return make
