@@ -59,6 +59,7 @@ class EvalResult:
         """Per-problem results as JSON (atomically: a crash leaves the previous file or none)."""
         body = {"source": self.source, "k": self.k, "accuracy": self.accuracy, "stderr": self.stderr}
         body["problems"] = [{"uid": u, "correct": c} for u, c in zip(self.uids, self.correct, strict=True)]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(path), json.dumps(body, indent=1))
 
 

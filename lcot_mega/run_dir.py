@@ -79,8 +79,8 @@ class RunDir:
 
 def has_checkpoint(run_dir: str | Path) -> bool:
     """True when the run directory holds a committed checkpoint."""
-    store = CheckpointStore(Path(run_dir) / CHECKPOINTS, clean_stale=False)
-    return store.head() is not None
+    root = Path(run_dir) / CHECKPOINTS
+    return root.is_dir() and CheckpointStore(root, clean_stale=False).head() is not None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:

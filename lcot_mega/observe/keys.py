@@ -41,6 +41,9 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "rollout/truncated_frac",
     "rollout/groups_per_kept_group",
     "rollout/rounds",
+    "rollout/groups_generated",
+    "rollout/shortfall",
+    "rollout/aborted_groups",
     "rollout/is_weight_mean",
     "rollout/is_capped_frac",
     "rollout/logp_gap_mean",
@@ -63,6 +66,9 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "actor/lr",
     "actor/update_ok",
     "actor/micro_batches",
+    "actor/skipped",
+    # data
+    "data/epoch",
     # weight sync (lcot_mega/sync/weight_sync.py)
     "sync/seconds",
     "sync/gb",
@@ -77,6 +83,9 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     # evaluation
     "eval/<source>/accuracy",
     "eval/<source>/pass@<k>",
+    "eval/<source>/accuracy_stderr",
+    "eval/<source>/response_len_mean",
+    "eval/<source>/truncated_frac",
 )
 """Every key of docs/METRICS.md, in its order; `<source>` / `<k>` stand for one key segment
 (a test checks that the document and this tuple agree)."""

@@ -98,14 +98,12 @@ class _Tally:
     def metrics(self, kept: Batch, target: int, seconds: float) -> dict[str, float]:
         n = max(self.samples, 1)
         kept_groups = len(kept.groups)
-        kept_zero = sum(not informative(g) for g in kept.groups)
         return {
             "reward/mean": self.reward_sum / n,
             "reward/accuracy": self.correct / n,
             "rollout/groups_generated": float(self.groups),
             "rollout/groups_per_kept_group": self.groups / kept_groups if kept_groups else math.inf,
             "rollout/zero_adv_frac": self.zero_groups / max(self.groups, 1),
-            "rollout/zero_adv_frac_kept": kept_zero / max(kept_groups, 1),
             "rollout/rounds": float(self.rounds),
             "rollout/shortfall": float(max(target - kept_groups, 0)),
             "rollout/aborted_groups": float(self.aborted),
@@ -169,11 +167,12 @@ def _round(
     size = max(1, math.ceil(len(prompts) / parallelism))
     chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     salt0 = tally.rounds * 1000
-    pending: set[Future] = {
+    futures = [
         pool.submit(_generate_groups, engine, chunk, sampling_params(cfg, step_seed(cfg, step, salt0 + i)))
         for i, chunk in enumerate(chunks)
-    }
-    order = {f: i for i, f in enumerate(pending)}
+    ]
+    order = {f: i for i, f in enumerate(futures)}
+    pending: set[Future] = set(futures)
     ready: dict[int, list[Group]] = {}
     next_index = 0  # chunks are scored in order, so the kept set does not depend on which engine was faster
     while pending:
