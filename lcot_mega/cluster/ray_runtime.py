@@ -12,6 +12,9 @@ initialized Ray (a caller's, or a test's) is reused and left running. Token auth
 Ray 2.60) is left as the user set it: a local instance binds the node's address, not loopback, so turning it off
 would let anyone who reaches this machine run code in our processes; `RAY_AUTH_MODE=disabled` in the environment
 turns it off for those who want that.
+
+Code: a local instance's workers import `lcot_mega` from the driver's working directory and sys.path; on a
+running cluster every node needs the package installed (same version), as `ray job submit` images provide.
 """
 
 from __future__ import annotations
@@ -116,6 +119,11 @@ def build_ray_runtime(cfg: Config) -> Runtime:
     mode = cfg.cluster.mode
     if mode not in ("colocated", "disaggregated"):
         raise ValueError(f"build_ray_runtime: cluster.mode must be 'colocated' or 'disaggregated', got {mode!r}")
+    if mode == "colocated" and cfg.cluster.num_engines != 1:
+        raise ValueError(
+            f"cluster.num_engines = {cfg.cluster.num_engines}: colocated mode runs one engine, inside actor rank 0;"
+            " set cluster.num_engines=1, or cluster.mode=disaggregated for several engines"
+        )
     runtime = Runtime(actor=None, engine=None, tokenizer=load_tokenizer(cfg))  # type: ignore[arg-type]
     stop_ray = start_ray(cfg.cluster)
     if stop_ray is not None:

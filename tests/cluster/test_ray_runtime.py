@@ -117,7 +117,7 @@ def shared_ray():
     from lcot_mega.cluster.ray_runtime import start_ray
     from lcot_mega.config import ClusterConfig
 
-    stop = start_ray(ClusterConfig(mode="disaggregated", actor_ranks=1, num_engines=2))
+    stop = start_ray(ClusterConfig(mode="disaggregated", actor_ranks=2, num_engines=2))
     yield
     if stop is not None:
         stop()
@@ -134,8 +134,8 @@ def test_colocated_tensor_parallel_2_round_trip(ray_config, shared_ray):
     assert _alive_actors() == [] and _placement_groups_left() == []
 
 
-def test_disaggregated_two_served_engines_round_trip(ray_config, shared_ray):
-    rt = build_runtime(ray_config(mode="disaggregated", actor_ranks=1, num_engines=2))
+def test_disaggregated_data_parallel_2_into_two_served_engines_round_trip(ray_config, shared_ray):
+    rt = build_runtime(ray_config(mode="disaggregated", actor_ranks=2, num_engines=2))  # DP=2
     try:
         urls = [e.base_url for e in rt.engine.engines]
         assert len(set(urls)) == 2
