@@ -43,6 +43,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"lcot-mega train: {e}", file=sys.stderr)
         return 2
     print(f"lcot-mega train: {result.run_dir} at step {result.last_step}")
+    for line in result.eval_summary():
+        print(f"lcot-mega train: {line}")
     return 0
 
 

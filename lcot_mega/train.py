@@ -28,6 +28,19 @@ class TrainResult:
     evals: dict[int, dict[str, EvalResult]]
     """Evaluations done in this invocation, by step."""
 
+    def eval_summary(self) -> list[str]:
+        """One line per eval set: held-out accuracy at the first and last evaluation, with standard errors."""
+        if not self.evals:
+            return []
+        first, last = min(self.evals), max(self.evals)
+        lines = []
+        for name, a in self.evals[first].items():
+            b = self.evals[last][name]
+            change = f" -> step {last} {b.accuracy:.1%} +- {b.stderr:.1%}" if last != first else ""
+            size = f"{len(a.correct)} problems x {a.k}"
+            lines.append(f"held-out {name} ({size}): step {first} {a.accuracy:.1%} +- {a.stderr:.1%}{change}")
+        return lines
+
 
 def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
     """Train `cfg.trainer.steps` steps; `resume` None continues a run directory that has a checkpoint."""

@@ -38,6 +38,8 @@ class MegatronActor:
         self.layout = ma.init_parallel(cfg, seed)
         chunks = ma.build_model(arch, cfg)
         load_hf_weights(chunks, hf_dir, arch, self.layout.tp_rank, self.layout.tp_size)
+        if cfg.freeze_embeddings:
+            ma.freeze_embeddings(chunks)
         self.chunks = ma.wrap_ddp(chunks)
         self.optimizer = ma.build_optimizer(self.chunks, cfg)
         self.scheduler = ma.build_scheduler(self.optimizer, cfg)

@@ -210,6 +210,18 @@ def build_model(arch: ArchSpec, cfg: ActorConfig) -> list[torch.nn.Module]:
 # --------------------------------------------------------------------------------------------- training
 
 
+def freeze_embeddings(chunks: list[torch.nn.Module]) -> int:
+    """Turn off gradients of the word embeddings and the output layer (before `wrap_ddp`: DDP and the optimizer
+    then hold no buffers or state for them); returns how many parameter tensors were frozen."""
+    frozen = 0
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if "word_embeddings" in name or "output_layer" in name:
+                param.requires_grad_(False)
+                frozen += 1
+    return frozen
+
+
 def wrap_ddp(chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
     """Wrap `chunks` in megatron-core DDP for the distributed optimizer, and hook them into the schedule.
 

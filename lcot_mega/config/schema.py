@@ -215,6 +215,10 @@ class ActorConfig:
     """Added to the square root of Adam's second moment."""
     grad_clip: float = opt(1.0, ge=0.0)
     """Global gradient-norm clip; 0 disables it."""
+    freeze_embeddings: bool = False
+    """Keep the input embedding and output layer fixed (tied or not). On a small model with tied embeddings, Adam
+    moves every vocabulary row by about lr each step on the softmax's tiny, noisy gradients; freezing them
+    keeps rare-token logits where pretraining left them (the CPU quick start does)."""
     micro_batch_tokens: int = opt(8192, gt=0)
     """Token budget of one micro-batch (dynamic batch size)."""
     updates_per_batch: int = opt(1, ge=1)

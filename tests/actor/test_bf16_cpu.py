@@ -47,3 +47,30 @@ def test_bf16_actor_matches_fp32_transformers_and_learns_on_cpu(tmp_path):
     # gains log-probability and the negative one loses it
     assert out["after"][0].sum() > out["before"][0].sum() + 0.5
     assert out["after"][1].sum() < out["before"][1].sum() - 0.5
+
+
+def _frozen_embeddings_run(rank: int, world_size: int, hf_dir: str) -> dict:
+    from transformers import AutoConfig
+
+    from lcot_mega.actor.actor import MegatronActor
+    from lcot_mega.actor.train_step import TrainBatch
+    from lcot_mega.bridge.arch import arch_from_hf_config
+    from lcot_mega.config import ActorConfig, AlgoConfig
+
+    torch.set_num_threads(1)
+    arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
+    actor = MegatronActor(arch, ActorConfig(freeze_embeddings=True, lr=1e-2), AlgoConfig(), hf_dir)
+    before = {n: p.detach().clone() for n, p in actor.chunks[0].module.named_parameters()}
+    batch = TrainBatch([[1, 5, 9]], [[20, 30, 40]], advantages=[1.0])
+    for _ in range(3):
+        actor.train_step(batch)
+    return {n: bool(torch.equal(p, before[n])) for n, p in actor.chunks[0].module.named_parameters()}
+
+
+def test_frozen_embeddings_stay_put_while_the_rest_trains(tmp_path):
+    hf_dir = str(make_tiny_hf(tmp_path, "llama", tie=True, **SHARP_LONG))
+    (unchanged,) = run_gloo(_frozen_embeddings_run, 1, hf_dir)
+    assert unchanged["embedding.word_embeddings.weight"]
+    trained = [n for n, same in unchanged.items() if not same]
+    assert trained and all("word_embeddings" not in n for n in trained)
+    assert any("linear_qkv" in n for n in trained)
