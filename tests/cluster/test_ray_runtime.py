@@ -53,13 +53,18 @@ def _engine_versions(rt: Runtime) -> list[int]:
     return [e.weight_version for e in engines]
 
 
-def _round_trip(rt: Runtime) -> None:
+def _round_trip(rt: Runtime, *, release: bool = False) -> None:
+    """The driver's sequence; `release`: free the engine's weights while the actor trains (colocated)."""
     assert _engine_versions(rt) and set(_engine_versions(rt)) == {0}
     batch = _sample_and_compare(rt, version=0)
     probe_before = _probe(rt)
     assert float((rt.engine.score(*PROBE) - probe_before).abs().max()) < TOL  # in sync at version 0
 
+    if release:
+        rt.engine.release_memory()
     metrics = rt.actor.train_step(batch)
+    if release:
+        rt.engine.resume_memory()  # uninitialized until the sync loads every tensor
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     probe_trained = _probe(rt)
     assert float((probe_trained - probe_before).abs().max()) > 1e-3  # the step moved the weights
@@ -93,7 +98,7 @@ def test_colocated_one_rank_round_trip_abort_and_its_own_ray_stops_on_close(ray_
     rt = build_runtime(ray_config(mode="colocated", actor_ranks=1))
     try:
         assert ray.cluster_resources()["CPU"] == 1  # a local instance sized to what the placement groups reserve
-        _round_trip(rt)
+        _round_trip(rt, release=True)
         out: list = []
         worker = threading.Thread(target=lambda: out.append(rt.engine.generate([[5, 6]], _long_generation())))
         worker.start()
@@ -127,7 +132,7 @@ def test_colocated_tensor_parallel_2_round_trip(ray_config, shared_ray):
     rt = build_runtime(ray_config(tensor_parallel=2, mode="colocated", actor_ranks=2))
     try:
         assert rt.actor.backend == "gloo" and len(rt.actor.workers) == 2
-        _round_trip(rt)
+        _round_trip(rt, release=True)
     finally:
         rt.close()
     assert ray.is_initialized()  # not ours to stop
