@@ -246,9 +246,9 @@ class EnginePool:
     def _check_version(self, i: int, engine: RolloutEngine) -> None:
         """A replacement must hold the version the live engines hold (else `resync` did not do its job)."""
         others = {}
-        for j in self.live():
+        for j, live_engine, _ in self._live_slots():
             try:
-                others[j] = self._engines[j].weight_version
+                others[j] = live_engine.weight_version
             except Exception as e:
                 if not is_engine_failure(e):
                     raise
