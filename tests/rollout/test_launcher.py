@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -150,3 +151,17 @@ def test_shutdown_leaves_no_server_process_nor_its_children(tmp_path):
     sup.shutdown()  # idempotent
     with pytest.raises(RuntimeError, match="shut down"):
         sup.restart(0)
+
+
+def test_servers_do_not_outlive_a_parent_that_exits_without_shutdown(tmp_path):
+    parent = f"""
+import sys
+from lcot_mega.rollout.launcher import ServerSupervisor
+sup = ServerSupervisor(lambda i, port: [sys.executable, "-c", {FAKE_SERVER!r}, str(port)], 2, {str(tmp_path)!r}, 30)
+print(*[p.pid for p in sup.processes], flush=True)
+raise SystemExit(3)  # no shutdown(): atexit must stop the servers
+"""
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2 and all(group_gone(pid) for pid in pids)
