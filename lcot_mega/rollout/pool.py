@@ -262,6 +262,7 @@ class EnginePool:
     # ------------------------------------------------------------------------------------------ protocol
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        """All chunks at once, each to the least-loaded live engine; each chunk samples with `chunk_seed`."""
         prompts = [list(map(int, p)) for p in prompt_ids]
         if not prompts:
             return []
