@@ -48,22 +48,31 @@ def free_port_on(host: str) -> int:
         return s.getsockname()[1]
 
 
-def init_process_group_at(master_addr: str, port: int, rank: int, world_size: int, timeout_s: float) -> str:
+def master_store(host: str, timeout_s: float) -> Any:
+    """Rank 0's rendezvous store, listening on a port the OS picks: bound at once, so no other process can take
+    the port between choosing it and listening on it (a real race on a busy machine)."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    return dist.TCPStore(host, 0, is_master=True, timeout=timeout, wait_for_workers=False)
+
+
+def init_process_group_at(
+    master_addr: str, port: int, rank: int, world_size: int, timeout_s: float, store: Any = None
+) -> str:
     """Join the default group with rank 0 at `master_addr:port` (any node, unlike the loopback-only
-    `lcot_mega.distributed.init_process_group`); NCCL when this process sees a GPU, else gloo. Its backend."""
+    `lcot_mega.distributed.init_process_group`); rank 0 passes its `master_store`. NCCL when this process sees
+    a GPU, else gloo; returns the backend."""
     import torch.distributed as dist
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPUs
         torch.cuda.set_device(rank % torch.cuda.device_count())
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{master_addr}:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(master_addr, port, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return backend
 
 
@@ -102,6 +111,7 @@ class ActorWorker:
         torch.set_num_threads(threads)
         self.rank_state: Any = None  # ActorRank, built in setup()
         self.engine: Any = None  # colocated: the rollout engine living here (rank 0 only)
+        self._store: Any = None  # rank 0: the default group's rendezvous store
         self._actor_thread = ThreadPoolExecutor(
             1, thread_name_prefix="actor-rank", initializer=torch.set_num_threads, initargs=(threads,)
         )
@@ -110,15 +120,18 @@ class ActorWorker:
         return self._actor_thread.submit(fn, *args).result()
 
     def master_address(self) -> tuple[str, int]:
+        """(node address, port) of the default group's store, which this worker (rank 0) now hosts."""
         host = node_ip()
-        return host, free_port_on(host)
+        self._store = master_store(host, SETUP_TIMEOUT_S)
+        return host, self._store.port
 
     def setup(self, cfg: Config, master: tuple[str, int], rank: int, world_size: int) -> str:
         """Join the default group at rank 0's `master` address, then build the `ActorRank`; the backend."""
         from lcot_mega.cluster.actor_group import ActorRank
 
         def build() -> str:
-            backend = init_process_group_at(master[0], master[1], rank, world_size, SETUP_TIMEOUT_S)
+            store = self._store if rank == 0 else None
+            backend = init_process_group_at(master[0], master[1], rank, world_size, SETUP_TIMEOUT_S, store)
             self.rank_state = ActorRank(cfg)
             return backend
 
