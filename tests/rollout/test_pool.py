@@ -151,6 +151,8 @@ def test_a_chunk_whose_engine_fails_is_resent_to_another_engine(error):
 def test_a_4xx_error_is_raised_and_never_resent(error):
     bad, good = FakeEngine(0, error=error), FakeEngine(1)
     pool = EnginePool([bad, good], backoff_s=0.01)
+    bad.generate_gate.clear()  # fail only after both chunks are assigned
+    threading.Timer(0.2, bad.generate_gate.set).start()
     with pytest.raises(type(error)) as info:
         pool.generate(PROMPTS[:4], SamplingParams())
     assert info.value is error
