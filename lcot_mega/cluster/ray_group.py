@@ -198,6 +198,7 @@ class ActorWorker:
             if dist.is_initialized():
                 ma.destroy_parallel()
                 dist.destroy_process_group()
+            self._store = None
 
         if self.engine is not None:
             self.engine.shutdown()
@@ -264,6 +265,8 @@ class RayActorGroup:
         """`method(*args)` on every rank at once; rank 0's result (every rank computes the same)."""
         import ray
 
+        if len(self.workers) > 1:  # serialize a batch once, not once per rank (Ray resolves top-level refs)
+            args = tuple(ray.put(a) for a in args)
         refs = [getattr(w, method).remote(*args) for w in self.workers]
         return ray.get(refs, timeout=CALL_TIMEOUT_S)[0]
 
