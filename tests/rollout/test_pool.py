@@ -278,13 +278,13 @@ def test_a_server_killed_mid_generation_loses_no_prompt_and_rejoins_resynced(mod
         def on_dead(i: int):
             sup.restart(i)
             restarted.append(i)
-            return sup.client(i, retries=0, timeout_s=60)
+            return sup.client(i, retries=0, timeout_s=120)
 
         def resync(i: int, engine) -> None:
             resynced.append((i, engine.weight_version, engine.score(PROBE[:1], PROBE[1:])))
             engine.load_from_disk(str(other_dir), 1)
 
-        pool = EnginePool(sup.clients(retries=0, timeout_s=60), chunk_size=4, backoff_s=0.1, on_dead=on_dead,
+        pool = EnginePool(sup.clients(retries=0, timeout_s=120), chunk_size=4, backoff_s=0.1, on_dead=on_dead,
                           resync=resync)  # fmt: skip
         pool.for_each_live(lambda e: e.load_from_disk(str(other_dir), 1))  # the pool's weights
         report: dict[str, bool] = {}
