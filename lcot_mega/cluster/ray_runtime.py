@@ -163,5 +163,7 @@ def _disaggregated(cfg: Config, runtime: Runtime) -> None:
     runtime.closers.append(group.shutdown)  # runs before the servers go: rank 0 asks them to leave its group
     backend = "nccl" if c.gpus_per_rank > 0 and c.gpus_per_engine > 0 else "gloo"
     group.attach(ServedEngines(tuple(servers.wait_ready()), servers.api_key, backend))
+    # TODO(recovery): EnginePool(on_dead=..., resync=...) to restart a dead EngineServer in its bundle; its resync
+    # needs a new weight group with rank 0 (a collective sync on every actor rank), so a dead server stays out.
     runtime.engine = EnginePool(servers.clients())
     runtime.closers.append(runtime.engine.shutdown)

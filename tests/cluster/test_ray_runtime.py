@@ -102,9 +102,11 @@ def test_colocated_one_rank_round_trip_abort_and_its_own_ray_stops_on_close(ray_
         out: list = []
         worker = threading.Thread(target=lambda: out.append(rt.engine.generate([[5, 6]], _long_generation())))
         worker.start()
-        time.sleep(1.0)
-        rt.engine.abort()  # reaches the engine while generate runs in the same (threaded) Ray actor
-        worker.join(timeout=30)
+        deadline = time.monotonic() + 60
+        while worker.is_alive() and time.monotonic() < deadline:  # abort is a no-op until generate has begun
+            time.sleep(0.5)
+            rt.engine.abort()  # reaches the engine while generate runs in the same (threaded) Ray actor
+        worker.join(timeout=10)
         assert not worker.is_alive() and out
         assert {c.finish for c in out[0][0]} == {SampleStatus.ABORTED}
     finally:
