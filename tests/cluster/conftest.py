@@ -6,16 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tiny_models import SHARP_LONG, make_tiny_hf, save_char_tokenizer
+from tiny_models import make_tiny_model_dir
 
 from lcot_mega.config import ActorConfig, ClusterConfig, Config, ModelConfig, TrainerConfig
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    d = make_tiny_hf(tmp_path_factory.mktemp("tiny"), "llama", **SHARP_LONG)
-    save_char_tokenizer(d)
-    return d
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture

@@ -151,3 +151,11 @@ def test_disaggregated_data_parallel_2_into_two_served_engines_round_trip(ray_co
         rt.close()
     assert _alive_actors() == [] and _placement_groups_left() == []
     assert not any(SGLangHTTPEngine(u, retries=0).health() for u in urls)  # the servers are gone
+
+
+def test_a_rank_that_cannot_build_fails_the_build_and_leaves_nothing(ray_config, shared_ray):
+    from lcot_mega.actor.megatron_adapter import ActorSetupError
+
+    with pytest.raises(ActorSetupError, match=r"not divisible by actor\.tensor_parallel"):
+        build_runtime(ray_config(tensor_parallel=2, mode="colocated", actor_ranks=3))
+    assert _alive_actors() == [] and _placement_groups_left() == []
