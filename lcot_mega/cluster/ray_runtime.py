@@ -78,7 +78,6 @@ def start_ray(cluster: ClusterConfig) -> Callable[[], None] | None:
     ray = import_ray()
     if ray.is_initialized():
         return None
-    quiet = dict(logging_level=logging.WARNING, include_dashboard=False)
     if cluster.ray_address:
         check_reachable(cluster.ray_address)
         try:
@@ -89,7 +88,7 @@ def start_ray(cluster: ClusterConfig) -> Callable[[], None] | None:
                 f"{type(e).__name__}: {e}"
             ) from e
     else:
-        ray.init(num_cpus=reserved_cpus(cluster), **quiet)
+        ray.init(num_cpus=reserved_cpus(cluster), include_dashboard=False, logging_level=logging.WARNING)
     return ray.shutdown
 
 
