@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -81,6 +82,8 @@ class SGLangHTTPEngine:
         self.base_url = base_url.rstrip("/")
         self.api_key, self.timeout_s, self.retries, self.backoff_s = api_key, timeout_s, retries, backoff_s
         self.tp_size, self.flattened_bucket = tp_size, flattened_bucket
+        self._update_lock = threading.Lock()
+        self._spare_shm: torch.UntypedStorage | None = None  # buffer of the last answered tensor update
 
     # ------------------------------------------------------------------------------------------ transport
 
@@ -157,18 +160,20 @@ class SGLangHTTPEngine:
 
         if isinstance(version, bool) or not isinstance(version, int):
             raise ValueError(f"version must be an int, got {version!r}")
-        payload = dumps_named_tensors(named_tensors, ranks=self.tp_size, flatten=self.flattened_bucket)
-        body = {
-            "serialized_named_tensors": payload.entries,
-            "load_format": payload.load_format,
-            "flush_cache": True,
-            "abort_all_requests": False,
-            "weight_version": str(version),
-        }
         path = "/update_weights_from_tensor"
-        result = self._request("POST", path, body)
-        del payload  # the server has answered (and copied the tensors): the shared buffer may go now
-        _check_success(result, path)
+        with self._update_lock:  # one update at a time: they share the spare buffer
+            spare, self._spare_shm = self._spare_shm, None  # never reused after a failed or unanswered update
+            payload = dumps_named_tensors(named_tensors, ranks=self.tp_size, flatten=self.flattened_bucket, reuse=spare)
+            body = {
+                "serialized_named_tensors": payload.entries,
+                "load_format": payload.load_format,
+                "flush_cache": True,
+                "abort_all_requests": False,
+                "weight_version": str(version),
+            }
+            _check_success(self._request("POST", path, body), path)
+            # answered: the server has copied the tensors, so the buffer may be written again
+            self._spare_shm = payload.buffer if payload.buffer is not None else spare
 
     def load_from_disk(self, path: str, version: int) -> None:
         """Load an HF checkpoint directory on the server (`/update_weights_from_disk`) as `version`."""

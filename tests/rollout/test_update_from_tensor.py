@@ -5,6 +5,7 @@ payload is refused without running anything."""
 from __future__ import annotations
 
 import base64
+import gc
 import http.client
 import json
 import os
@@ -208,12 +209,15 @@ def test_a_real_serve_process_maps_the_senders_shared_memory(model_dir, other_st
             time.sleep(0.2)
         assert client.health(), proc.stderr.read().decode() if proc.poll() is not None else "no health in 60 s"
         segments = _shm_segments()
-        for flatten, version in ((True, 4), (False, 5)):
+        for flatten, version in ((True, 4), (False, 5), (False, 6)):
             client.flattened_bucket = flatten
             client.update_weights(other_state, version)
             assert client.weight_version == version
             assert float((client.score(PROMPT, RESPONSE) - other_scores).abs().max()) < 1e-6
-        assert _shm_segments() <= segments  # each update's segment is gone once both sides dropped it
+        assert len(_shm_segments() - segments) == 1  # the client keeps one buffer to write the next update into
+        del client
+        gc.collect()
+        assert _shm_segments() <= segments  # a segment is gone once both sides dropped it
     finally:
         proc.terminate()
         proc.wait(timeout=10)
