@@ -193,8 +193,6 @@ def test_body_over_the_size_limit_answers_400(server, client):
 def test_client_raises_value_error_on_400(client):
     with pytest.raises(ValueError, match=r"max_new_tokens must be an int in \[0, 32768\]"):
         client.generate([[5], [6]], SamplingParams(max_new_tokens=40000))
-    with pytest.raises(NotImplementedError, match="next slice"):
-        client.update_weights([], 1)
 
 
 def test_unknown_route_answers_404(server):
