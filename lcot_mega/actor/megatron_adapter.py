@@ -203,8 +203,23 @@ def build_model(arch: ArchSpec, cfg: ActorConfig) -> list[torch.nn.Module]:
             rope_scaling_factor=arch.rope_scaling_factor or 8.0,
             vp_stage=vp,
         )
+        if model.post_process:
+            model.output_layer.register_forward_hook(_contiguous_output_grad)
         chunks.append(model)
     return chunks
+
+
+def _contiguous_output_grad(module: torch.nn.Module, inputs: tuple, outputs: tuple) -> None:
+    """Make the logits' gradient contiguous before the output layer's backward sees it.
+
+    GPTModel returns the [s, b, V] logits transposed to [b, s, V], so their gradient arrives as a strided view.
+    The output layer's backward (`grad_output.matmul(weight)`) cannot fold a strided 3-D operand into one
+    matrix product, and torch then expands the [V, h] weight to [s, V, h] and runs a batched product: on CPU
+    that copy was 4-8 s of a 7 s SmolLM2 train step (docs/LOG.md). One copy of the gradient avoids it.
+    """
+    logits = outputs[0] if isinstance(outputs, tuple) else outputs
+    if isinstance(logits, torch.Tensor) and logits.requires_grad:
+        logits.register_hook(lambda grad: grad.contiguous())
 
 
 # --------------------------------------------------------------------------------------------- training
