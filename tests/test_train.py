@@ -76,3 +76,19 @@ def test_bad_config_stops_before_any_work(tmp_path, model):
     fresh = _train(run, model, resume="--resume")
     assert fresh.returncode == 2 and "no checkpoint to resume" in fresh.stderr
     assert not run.exists() or not any(run.iterdir())
+
+
+@pytest.mark.parametrize(
+    "mode", [["cluster.mode=colocated"], ["cluster.mode=disaggregated", "cluster.num_engines=2"]], ids=lambda m: m[0]
+)
+def test_one_step_through_ray(tmp_path, model, mode):
+    pytest.importorskip("ray")
+    run = tmp_path / "run"
+    common = ("trainer.steps=1", "trainer.eval_every=0", "eval.at_start=false", "trainer.save_every=0")
+    _ok(_train(run, model, *common, *mode))
+    (record,) = read_metrics(run / "metrics.jsonl")
+    assert record["step"] == 1 and record["rollout/groups_generated"] == 4
+    assert record["actor/response_tokens"] > 0 and record["sync/gb"] > 0
+    # fp32 on both sides and the engine freshly synced from the same weights: train and rollout agree
+    assert record["rollout/logp_gap_max"] < 1e-4
+    assert (run / "checkpoints" / "step_000000001").is_dir()
