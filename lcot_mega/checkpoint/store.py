@@ -38,6 +38,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from lcot_mega.atomic_file import atomic_write
+
 MANIFEST = "COMPLETE"
 GOOD_MARK = "GOOD"
 LATEST = "latest"
@@ -111,18 +113,7 @@ def fsync_tree(path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` so that a reader sees the old or the new content, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent)
+    atomic_write(path, text, tmp_prefix=TMP_PREFIX)
 
 
 def _remove_tree(path: Path) -> None:

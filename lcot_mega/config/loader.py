@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lcot_mega.atomic_file import atomic_write
 from lcot_mega.config.fields import constraint_errors
 from lcot_mega.config.schema import Config, cross_field_errors
 
@@ -78,17 +78,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically (a crash never leaves half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
 
 

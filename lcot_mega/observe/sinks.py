@@ -12,12 +12,13 @@ import math
 import os
 import secrets
 import string
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from lcot_mega.atomic_file import atomic_write
 
 __all__ = ["METRICS_FILE", "WANDB_ID_FILE", "JsonlSink", "MetricSink", "TensorBoardSink", "WandbSink"]
 
@@ -71,20 +72,6 @@ def _kept_lines(path: Path, resume_step: int) -> tuple[list[bytes], int | None]:
     return kept, last
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` by `data` so a crash leaves either the old file or the new one, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class JsonlSink:
     """`<run_dir>/metrics.jsonl`: one `{"step": k, "time": unix_s, ...metrics}` object per line.
 
@@ -105,7 +92,7 @@ class JsonlSink:
             kept, self.last_step = _kept_lines(self.path, resume_step)
         elif self.path.exists() and self.path.stat().st_size:
             warnings.warn(f"{self.path} exists and this is not a resume: starting it anew", stacklevel=2)
-        _atomic_write(self.path, b"".join(kept))
+        atomic_write(self.path, b"".join(kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open for the run)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -160,7 +147,7 @@ def _wandb_run_id(run_dir: Path, resume: bool) -> str:
         if run_id:
             return run_id
     run_id = _new_run_id()
-    _atomic_write(id_file, run_id.encode() + b"\n")
+    atomic_write(id_file, run_id.encode() + b"\n")
     return run_id
 
 
