@@ -43,8 +43,8 @@ def test_polarity_keeps_exactly_its_samples(mode, expected):
     assert metrics["select/kept_frac"] == pytest.approx(len(expected) / 8)
     train = to_train_batch(selected, temperature=1.0)
     assert [r[0] for r in train.response_ids] == expected
-    assert all(a > 0 for a in train.advantages) if mode == "positive" else True
-    assert all(a < 0 for a in train.advantages) if mode == "negative" else True
+    signs = {"both": {-1, 1}, "positive": {1}, "negative": {-1}}[mode]
+    assert {1 if a > 0 else -1 for a in train.advantages} == signs
     assert metrics["polarity/kept_pos_count"] == sum(i in (0, 1, 10) for i in expected)
 
 
