@@ -147,16 +147,9 @@ class ServedEngineGroup:
         return [SGLangHTTPEngine(url, self.api_key, retries=0) for url in self.wait_ready()]
 
     def shutdown(self) -> None:
-        import ray
+        from lcot_mega.cluster.ray_group import stop_actors
 
         if self._closed:
             return
         self._closed = True
-        try:
-            ray.get([s.shutdown.remote() for s in self.servers], timeout=60)
-        except Exception as e:
-            print(f"lcot-mega: rollout servers did not shut down cleanly: {type(e).__name__}: {e}")
-        finally:
-            for s in self.servers:
-                ray.kill(s, no_restart=True)
-            ray.util.remove_placement_group(self.pg)
+        stop_actors(self.servers, self.pg, "rollout servers")

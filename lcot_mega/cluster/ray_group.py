@@ -34,6 +34,21 @@ ENGINE_METHODS = frozenset(
 """Rollout-engine calls the colocated proxy may forward to the engine inside rank 0 (see `ray_engines`)."""
 
 
+def stop_actors(actors: list[Any], pg: Any, what: str, timeout_s: float = 60.0) -> None:
+    """Ask `actors` to shut down (bounded wait), then kill them and free their placement group, whatever happened:
+    a dead or stuck actor must not keep the others alive."""
+    import ray
+
+    try:
+        ray.get([a.shutdown.remote() for a in actors], timeout=timeout_s)
+    except Exception as e:
+        print(f"lcot-mega: {what} did not shut down cleanly: {type(e).__name__}: {e}")
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        ray.util.remove_placement_group(pg)
+
+
 def node_ip() -> str:
     """This process's node address as Ray sees it (what other nodes reach it by)."""
     import ray
@@ -290,16 +305,7 @@ class RayActorGroup:
 
     def shutdown(self) -> None:
         """Ranks leave their groups (best effort, bounded), then their processes and the placement group go."""
-        import ray
-
         if self._closed:
             return
         self._closed = True
-        try:
-            ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
-        except Exception as e:  # a dead or stuck rank must not keep the others alive
-            print(f"lcot-mega: actor ranks did not shut down cleanly: {type(e).__name__}: {e}")
-        finally:
-            for w in self.workers:
-                ray.kill(w, no_restart=True)
-            ray.util.remove_placement_group(self.pg)
+        stop_actors(self.workers, self.pg, "actor ranks")
