@@ -82,14 +82,17 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     return path
 
 
-def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    """Instantiate dataclass `cls` from `data`, appending a message per bad key to `problems`."""
+def _build(cls: type, data: Any, prefix: str, problems: list[str], base: Any = None) -> Any:
+    """Instantiate dataclass `cls` from `data`, appending a message per bad key to `problems`.
+
+    Keys missing from `data` keep `base`'s values (the parent field's own default, which may differ from the
+    class defaults: each guards monitor has its own), else the class defaults."""
     where = prefix.rstrip(".") or "the top level"
     if data is None:
         data = {}
     if not isinstance(data, dict):
         problems.append(f"{where} must be a mapping of keys, got {data!r} ({type(data).__name__})")
-        return cls()
+        return base if base is not None else cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in data:
@@ -100,12 +103,21 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         if name not in data:
             continue
         key = prefix + name
-        value = _convert(hints[name], data[name], key, problems)
+        if dataclasses.is_dataclass(hints[name]):
+            value = _build(hints[name], data[name], key + ".", problems, _field_default(f))
+        else:
+            value = _convert(hints[name], data[name], key, problems)
         if value is _INVALID:
             continue
         problems.extend(constraint_errors(key, value, dict(f.metadata)))
         kwargs[name] = value
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 _INVALID = object()

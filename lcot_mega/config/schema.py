@@ -6,7 +6,7 @@ docstring says what it does; `opt(...)` states what values are allowed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lcot_mega.config.fields import opt
 
@@ -62,6 +62,12 @@ class RolloutConfig:
     """Extra stop strings besides the tokenizer's EOS."""
     seed: int | None = None
     """Sampling seed; None derives it from trainer.seed and the step."""
+    served: bool = False
+    """Run the embedded engine as `cluster.num_engines` `lcot-mega serve` server processes (SGLang's HTTP
+    protocol) instead of inside the driver; `engine: sglang` is always served. Local mode only."""
+    request_timeout_s: float = opt(600.0, gt=0.0)
+    """A served engine that does not answer a request within this time is treated as hung: its requests go to
+    another engine and it is restarted and re-synced."""
 
 
 @dataclass
@@ -281,6 +287,89 @@ class ClusterConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """One stability monitor (docs/STABILITY.md): bounds on one metric and the action when it leaves them.
+
+    `min`/`max` are absolute bounds; `min_ratio`/`max_ratio` compare the value with the median of its last
+    `window` accepted values (a relative drop, or a spike), checked once `window` values are known."""
+
+    action: str = opt("warn", choices=("off", "log", "warn", "skip_step", "rollback", "halt"))
+    min: float | None = None
+    max: float | None = None
+    min_ratio: float | None = opt(None, gt=0.0)
+    max_ratio: float | None = opt(None, gt=0.0)
+    window: int = opt(10, ge=1)
+
+
+def _monitor(action: str, **bounds: float | int | None) -> MonitorConfig:
+    """A monitor field's default (a fresh MonitorConfig per Config)."""
+    return field(default_factory=lambda: MonitorConfig(action=action, **bounds))
+
+
+@dataclass
+class GuardsConfig:
+    """Stability guards: watch every step, then go on, skip the update, roll back or halt (docs/STABILITY.md)."""
+
+    enabled: bool = True
+    nonfinite: MonitorConfig = _monitor("skip_step")
+    """NaN/Inf in the loss, gradient norm, log-probs or any other metric of the step (bounds unused)."""
+    entropy: MonitorConfig = _monitor("rollback", min_ratio=0.25, max_ratio=4.0, window=10)
+    """actor/entropy: collapse (falls to a quarter of its recent median) or blow-up (four times it)."""
+    kl_ref: MonitorConfig = _monitor("warn")
+    """actor/kl_loss: KL to the reference policy (only with algo.kl_coef > 0)."""
+    kl_old: MonitorConfig = _monitor("warn", max=0.1)
+    """actor/ppo_kl: KL to the policy that sampled the batch (grows with actor.updates_per_batch)."""
+    clipfrac: MonitorConfig = _monitor("warn", max=0.5)
+    """actor/clipfrac: share of tokens whose ratio was clipped."""
+    grad_norm: MonitorConfig = _monitor("skip_step", max_ratio=10.0, window=20)
+    """actor/grad_norm (before clipping): a spike against the running median skips the update."""
+    response_len: MonitorConfig = _monitor("warn", max_ratio=3.0, window=10)
+    """rollout/response_len_mean: runaway growth."""
+    truncation: MonitorConfig = _monitor("warn", max=0.5)
+    """rollout/truncated_frac: share of responses cut at rollout.max_new_tokens."""
+    repetition: MonitorConfig = _monitor("warn", max=0.3)
+    """rollout/repetition_frac: share of responses that end in a repeated loop (degenerate output)."""
+    logp_gap: MonitorConfig = _monitor("warn", max=1.0)
+    """rollout/logp_gap_mean: train-vs-rollout log-prob mismatch (a broken weight sync or kernel drift)."""
+    reward: MonitorConfig = _monitor("warn", min_ratio=0.3, window=10)
+    """reward/mean: collapse against its recent median."""
+    max_rollbacks: int = opt(3, ge=0)
+    """Rollbacks allowed in one run; the next one halts instead."""
+    rollback_lr_factor: float = opt(0.5, gt=0.0, le=1.0)
+    """The learning rate is multiplied by this at each rollback (1.0 keeps it)."""
+    rollback_reseed: bool = True
+    """After a rollback, sample with new seeds (else the same rollouts may lead to the same failure)."""
+    good_after: int = opt(1, ge=0)
+    """A checkpoint is marked good once this many following steps pass every guard (0: when saved)."""
+
+
+@dataclass
+class InjectConfig:
+    """Faults injected on purpose (tests, drills); every list names trainer steps (docs/STABILITY.md)."""
+
+    nan_grad_at_step: list[int] = opt([])
+    """Make the loss NaN in the update of these steps."""
+    entropy_collapse_at_step: list[int] = opt([])
+    """After these steps' updates, multiply the final norm's weight by `collapse_scale` (a real, sharp policy)."""
+    collapse_scale: float = opt(30.0, gt=1.0)
+    kill_engine_at_step: list[int] = opt([])
+    """SIGKILL served engine 0 while these steps' rollouts run (needs rollout.served or sglang)."""
+    hang_engine_at_step: list[int] = opt([])
+    """SIGSTOP served engine 0 while these steps' rollouts run (a hung server)."""
+    sigterm_at_step: list[int] = opt([])
+    """Send SIGTERM to the driver during these steps."""
+    crash_in_save_at_step: list[int] = opt([])
+    """Kill the driver (os._exit) in the middle of writing these steps' checkpoints."""
+    disk_full_at_step: list[int] = opt([])
+    """Fail these steps' checkpoint writes with ENOSPC."""
+
+
+@dataclass
+class DebugConfig:
+    inject: InjectConfig = opt(InjectConfig)
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = False
     """Write TensorBoard events into the run directory (metrics.jsonl is always written)."""
@@ -301,6 +390,8 @@ class Config:
     logging: LoggingConfig = opt(LoggingConfig)
     eval: EvalConfig = opt(EvalConfig)
     cluster: ClusterConfig = opt(ClusterConfig)
+    guards: GuardsConfig = opt(GuardsConfig)
+    debug: DebugConfig = opt(DebugConfig)
 
 
 def cross_field_errors(cfg: Config) -> list[str]:

@@ -104,3 +104,15 @@ def test_saved_config_reloads_to_an_equal_config(tmp_path):
 def test_every_default_satisfies_its_own_constraints():
     # A default outside its declared range would make the default config unloadable.
     assert config_from_dict(dataclasses.asdict(Config())) == Config()
+
+
+def test_overriding_one_key_of_a_monitor_keeps_that_monitors_own_defaults():
+    """Each guards monitor has its own defaults (not MonitorConfig's); setting one key must not reset the rest."""
+    cfg = load_config(None, ["guards.entropy.min=0.1", "guards.grad_norm.window=5"])
+    assert (cfg.guards.entropy.action, cfg.guards.entropy.min, cfg.guards.entropy.min_ratio) == ("rollback", 0.1, 0.25)
+    assert (cfg.guards.grad_norm.action, cfg.guards.grad_norm.max_ratio, cfg.guards.grad_norm.window) == (
+        "skip_step",
+        10.0,
+        5,
+    )
+    assert cfg.guards.clipfrac.max == 0.5  # untouched monitors keep theirs too
