@@ -355,6 +355,12 @@ class CheckpointStore:
             on_commit=self._after_commit,
         ) as tmp:
             yield tmp
+            hook, self.before_commit = self.before_commit, None
+            if hook is not None:
+                hook(tmp)
+
+    before_commit: Callable[[Path], None] | None = None
+    """One-shot fault injection (debug.inject): runs once the payload is written, before the commit."""
 
     def _after_commit(self, final: Path) -> None:
         atomic_write_text(self.root / LATEST, final.name + "\n")
@@ -417,6 +423,14 @@ class CheckpointStore:
             atomic_write_text(self.root / LATEST, path.name + "\n")
         return Checkpoint(step, path, (path / GOOD_MARK).is_file())
 
+    def drop_newer_than(self, step: int) -> list[int]:
+        """Delete every checkpoint after `step` (writer only): after a rollback to `step` they hold a timeline the
+        run abandoned, and a later fallback must never land on one. Returns the deleted steps."""
+        deleted = [s for s in self.steps() if s > step] if self.is_writer else []
+        for s in deleted:
+            _remove_tree(self.path_for(s))
+        return deleted
+
     def prune(self) -> list[int]:
         """Delete checkpoints outside retention (writer only); returns the deleted steps."""
         head = self.head()
@@ -430,3 +444,20 @@ class CheckpointStore:
         for s in deleted:
             _remove_tree(self.path_for(s))
         return deleted
+
+
+def injected_save_fault(kind: str) -> Callable[[Path], None]:
+    """A `CheckpointStore.before_commit` hook for debug.inject: "crash" ends the process with the payload written
+    and no manifest (a node lost mid-write); "disk_full" fails the write with ENOSPC (as a full disk would)."""
+
+    def crash(tmp: Path) -> None:
+        print(f"lcot-mega: debug.inject: crashing while writing {tmp}", flush=True)
+        os._exit(137)
+
+    def disk_full(tmp: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+
+    faults = {"crash": crash, "disk_full": disk_full}
+    if kind not in faults:
+        raise ValueError(f"unknown save fault {kind!r}; one of {sorted(faults)}")
+    return faults[kind]

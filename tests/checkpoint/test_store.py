@@ -87,6 +87,22 @@ def test_rollback_to_last_good_and_abandoned_timeline_is_pruned(tmp_path):
     assert _tmp_entries(tmp_path) == []
 
 
+def test_rollback_then_drop_newer_leaves_no_abandoned_checkpoint_for_a_later_fallback(tmp_path):
+    """Without drop_newer_than, step 30 (abandoned at the rollback to 20) would survive the commit of step 40
+    (it is older than the new head) and a corrupt step 40 would fall back onto it."""
+    store = CheckpointStore(tmp_path, keep_last=3)
+    for step in (10, 20, 30):
+        _commit(store, step)
+    store.mark_good(20)
+    store.rollback(20)
+    assert store.drop_newer_than(20) == [30]
+    _commit(store, 40)
+    assert store.steps() == [10, 20, 40]
+    (store.path_for(40) / MANIFEST).unlink()
+    with pytest.warns(UserWarning, match="falling back"):
+        assert store.latest_valid().step == 20
+
+
 @pytest.mark.parametrize("damage", ["truncate", "no_marker", "flip_byte", "bad_manifest"])
 def test_corrupt_latest_falls_back_to_previous_with_warning(tmp_path, damage):
     store = CheckpointStore(tmp_path, keep_last=3)
