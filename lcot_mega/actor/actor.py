@@ -7,6 +7,7 @@ works on its share of the batch; results and metrics come back identical on ever
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +44,7 @@ class MegatronActor:
         self.chunks = ma.wrap_ddp(chunks)
         self.optimizer = ma.build_optimizer(self.chunks, cfg)
         self.scheduler = ma.build_scheduler(self.optimizer, cfg)
+        self.lr_scale = 1.0
         self.ref_chunks = self._build_reference(hf_dir) if algo.kl_coef > 0 else None
 
     def _build_reference(self, hf_dir: str | Path) -> list[torch.nn.Module]:
@@ -84,6 +86,35 @@ class MegatronActor:
             batch = replace(batch, ref_logprobs=self.compute_ref_logprobs(batch.sequences, batch.temperature))
         return train_step(self.chunks, self.optimizer, self.scheduler, batch, self.cfg, self.algo, self.arch.vocab_size)
 
+    def set_lr_scale(self, scale: float) -> None:
+        """Make the schedule's peak and minimum LR the configured ones times `scale` (absolute: calling it twice
+        with the same scale changes nothing); the current LR follows at once.
+
+        The scale is this actor's, not the checkpoint's: `load_checkpoint` re-applies it, whatever scale the
+        checkpoint was saved at. Call on every rank.
+        """
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"the LR scale must be finite and > 0, got {scale!r}")
+        self.lr_scale = float(scale)
+        ma.scale_schedule(self.scheduler, self.cfg, self.lr_scale)
+
+    @torch.no_grad()
+    def sharpen(self, scale: float) -> None:
+        """Multiply the policy's final norm weight by `scale` in place: its logits scale by `scale`, a real policy
+        whose per-token entropy collapses (fault injection, debug.inject.entropy_collapse_at_step).
+
+        The weight is replicated over TP and lives on the last pipeline stage; under bf16 the optimizer's fp32
+        copy is scaled too, or the next step would restore it. Call on every rank.
+        """
+        for chunk in self.chunks:
+            model = chunk.module
+            if model.post_process:
+                weight = model.decoder.final_layernorm.weight
+                weight.mul_(scale)
+                main = getattr(weight, "main_param", None)  # distributed optimizer: fp32 shard of a bf16 weight
+                if main is not None and main.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+                    main.mul_(scale)
+
     def save_checkpoint(
         self,
         target: CheckpointStore | str | Path,
@@ -117,4 +148,6 @@ class MegatronActor:
         restored only under the saved layout (`rng_restored`). A checkpoint of another model shape raises
         `megatron_ckpt.CheckpointMismatchError` before anything is loaded.
         """
-        return megatron_ckpt.load(self.chunks, path, optimizer=self.optimizer, scheduler=self.scheduler)
+        loaded = megatron_ckpt.load(self.chunks, path, optimizer=self.optimizer, scheduler=self.scheduler)
+        ma.scale_schedule(self.scheduler, self.cfg, self.lr_scale)  # the checkpoint's peak LR is the saving run's
+        return loaded

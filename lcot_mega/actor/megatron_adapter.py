@@ -241,8 +241,9 @@ def wrap_ddp(chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
     """Wrap `chunks` in megatron-core DDP for the distributed optimizer, and hook them into the schedule.
 
     Gradients are reduced in fp32 (`grad_reduce_in_fp32`) and pre-scaled by 1 / DP size before a SUM
-    collective (`average_in_collective=False`: gloo has no AVG). `check_for_nan_in_grad` raises instead of
-    letting a NaN gradient reach the weights. The schedule then calls `finalize_model_grads` after the last
+    collective (`average_in_collective=False`: gloo has no AVG). NaN/Inf gradients are not DDP's to catch
+    (`check_for_nan_in_grad` would raise, on the ranks that see them only): `train_step`'s gate skips an update
+    whose gradient norm is nonfinite, on every rank. The schedule then calls `finalize_model_grads` after the last
     backward (DP reduce-scatter, tied-embedding all-reduce across the first and last pipeline stages).
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -252,7 +253,7 @@ def wrap_ddp(chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
         overlap_grad_reduce=False,
         overlap_param_gather=False,
         use_distributed_optimizer=True,
-        check_for_nan_in_grad=True,
+        check_for_nan_in_grad=False,
     )
     config = chunks[0].config
     wrapped = [
@@ -320,6 +321,19 @@ def build_scheduler(optimizer, cfg: ActorConfig):
         wd_incr_steps=1,
         wd_incr_style="constant",
     )
+
+
+def scale_schedule(scheduler, cfg: ActorConfig, scale: float) -> None:
+    """Peak and minimum LR of `scheduler` := cfg.lr * scale, cfg.min_lr * scale; the current LR recomputed.
+
+    megatron-core reads them per param group first (`get_lr`: param_group['max_lr'], set from the optimizer
+    config) and from the scheduler second (which `load_state_dict` overwrites with the checkpoint's), so both
+    are set. The warmup starts at 0, so every LR of the schedule scales by exactly `scale`.
+    """
+    scheduler.max_lr, scheduler.min_lr = cfg.lr * scale, cfg.min_lr * scale
+    for group in scheduler.optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
+    scheduler.step(increment=0)
 
 
 def forward_backward_func():

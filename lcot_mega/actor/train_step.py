@@ -9,6 +9,7 @@ undone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,6 +65,13 @@ class TrainBatch:
     """The rollout engine's log-probs, for truncated importance sampling when algo.is_cap is set."""
     temperature: float = 1.0
     """Sampling temperature of the rollout: logits are divided by it, as the engine did."""
+    update_bounds: object | None = None
+    """The update gate: anything with `rejects(metrics) -> list[str]` (`guards.bounds.UpdateBounds`), asked with
+    this step's metrics and pre-clip grad norm; any answer skips the update. None: only a nonfinite gradient
+    norm skips it (it always does)."""
+    nan_loss: bool = False
+    """Fault injection (debug.inject.nan_grad_at_step): every micro-batch loss is multiplied by NaN, so the
+    gradients really are NaN and the gate must skip the update."""
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
@@ -121,13 +129,15 @@ class _MicroBatchLoss:
     def __call__(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         stats = {k: 0.0 for keys in self.keys for k in keys}
         if mb.num_rows == 0:  # keeps the schedules aligned; a zero loss that still reaches every parameter
-            return logits.sum() * 0.0, _as_tensors(stats, logits.device)
+            return logits.sum() * (float("nan") if self.batch.nan_loss else 0.0), _as_tensors(stats, logits.device)
         z = scaled_logits(mb.rows(logits), self.batch.temperature, self.vocab_size)  # [n, s, V/tp]
         mask = mb.rows(mb.loss_mask)  # [n, s]
         entropy = self._entropy(z, mask, stats)  # [n, s]; before token_logprobs consumes z
         logp = token_logprobs(z, mb.rows(mb.labels))  # [n, s]
         pg = self._policy_term(mb, logp, mask, stats)
         loss = pg + self._regularizers(mb, logp, entropy, mask, stats)
+        if self.batch.nan_loss:
+            loss = loss * float("nan")
         n = mask.sum().float()
         for key in self.keys[1]:
             stats[key] = stats[key] * n  # token means -> sums, divided by all tokens after the reduction
@@ -216,6 +226,45 @@ def reduce_stats(
     return out
 
 
+def prepare_update(optimizer) -> tuple[bool, object]:
+    """First half of megatron-core's `ChainedOptimizer.step`: gradients into the main (fp32) shards, then the
+    pre-clip norm over all of them (all-reduced: the same on every rank). (found_inf, norm as megatron has it).
+
+    A nonfinite norm counts as found_inf: without a loss scaler megatron-core would step on NaN gradients.
+    """
+    found_inf = bool(optimizer.prepare_grads())
+    grad_norm = None if found_inf else optimizer.get_grad_norm()
+    return found_inf or not math.isfinite(float(grad_norm)), grad_norm
+
+
+@torch.no_grad()
+def apply_update(optimizer, grad_norm) -> bool:
+    """Second half of `ChainedOptimizer.step`: clip each sub-optimizer's gradients by the total `grad_norm`, then
+    Adam and the parameter all-gather (`step_with_ready_grads`). Returns megatron-core's success flag."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+        if params and opt.config.clip_grad > 0.0:
+            decoupled = opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+            clip_grad_by_total_norm_fp32(params, opt.config.clip_grad, grad_norm, use_decoupled_grad=decoupled)
+    return bool(optimizer.step_with_ready_grads())
+
+
+def gate_passes(found_inf: bool, bounds: object | None, metrics: dict[str, float]) -> bool:
+    """Whether to apply the update: finite gradients and no objection from `bounds`, agreed by every rank.
+
+    The metrics are identical on every rank already; the MAX all-reduce (one rank rejecting rejects) keeps the
+    decision common whatever `bounds` does: ranks that disagreed would deadlock in the parameter all-gather.
+    """
+    reject = found_inf or (bounds is not None and bool(bounds.rejects(metrics)))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([float(reject)], device=ma.compute_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        reject = bool(flag.item() > 0)
+    return not reject
+
+
 def train_step(
     chunks: list[torch.nn.Module],
     optimizer,
@@ -228,7 +277,8 @@ def train_step(
     """One optimizer step on `batch` (the whole batch, on every rank); returns the same metrics on every rank.
 
     `chunks` are the DDP-wrapped model chunks, `optimizer`/`scheduler` megatron-core's (see
-    `megatron_adapter.build_optimizer`/`build_scheduler`). The loss scaling is derived in the body.
+    `megatron_adapter.build_optimizer`/`build_scheduler`). The loss scaling is derived in the body. The update
+    is gated (`gate_passes`): when it is skipped, weights, Adam state and the LR schedule stay as they were.
     """
     if algo.kl_coef > 0 and batch.ref_logprobs is None:
         raise ValueError("algo.kl_coef > 0 needs TrainBatch.ref_logprobs (MegatronActor computes them)")
@@ -250,12 +300,16 @@ def train_step(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     stats = run_schedule(chunks, micro_batches, loss_fn, forward_only=False)
-    scheduler.step(increment=1)  # before the update: the k-th update uses lr(k) (build_scheduler)
-    update_ok, grad_norm, _ = optimizer.step()
+    found_inf, grad_norm = prepare_update(optimizer)
 
     metrics = reduce_stats(stats, loss_fn.keys)
     metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-    metrics["actor/lr"] = float(optimizer.param_groups[0]["lr"])
-    metrics["actor/update_ok"] = float(bool(update_ok))
     metrics["actor/micro_batches"] = float(len(micro_batches))
+    update_ok = passed = gate_passes(found_inf, batch.update_bounds, metrics)
+    if passed:
+        scheduler.step(increment=1)  # before the update: the k-th update uses lr(k) (build_scheduler)
+        update_ok = apply_update(optimizer, grad_norm)
+    metrics["actor/lr"] = float(optimizer.param_groups[0]["lr"])
+    metrics["actor/update_ok"] = float(update_ok)
+    metrics["actor/gate_skipped"] = float(not passed)
     return metrics

@@ -38,6 +38,14 @@ class ActorGroup(Protocol):
         """Load the current weights into the rollout engines as `version`; sync metrics."""
         ...
 
+    def set_lr_scale(self, scale: float) -> None:
+        """Peak and minimum LR := the configured ones times `scale` (absolute; kept across checkpoint loads)."""
+        ...
+
+    def sharpen(self, scale: float) -> None:
+        """Multiply the policy's final norm weight by `scale` (fault injection: an entropy collapse)."""
+        ...
+
     def save_checkpoint(self, step: int, extra: dict) -> str:
         """Save model, optimizer, schedule and `extra` (the driver's state) as checkpoint `step`; its path."""
         ...
@@ -85,6 +93,12 @@ class ActorRank:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self.actor.train_step(batch)
+
+    def set_lr_scale(self, scale: float) -> None:
+        self.actor.set_lr_scale(scale)
+
+    def sharpen(self, scale: float) -> None:
+        self.actor.sharpen(scale)
 
     def sync_weights(self, version: int) -> dict[str, float]:
         from lcot_mega.sync.weight_sync import DEFAULT_BUCKET_BYTES, sync_weights
@@ -135,6 +149,12 @@ class LocalActorGroup:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self.rank.train_step(batch)
+
+    def set_lr_scale(self, scale: float) -> None:
+        self.rank.set_lr_scale(scale)
+
+    def sharpen(self, scale: float) -> None:
+        self.rank.sharpen(scale)
 
     def sync_weights(self, version: int) -> dict[str, float]:
         return self.rank.sync_weights(version)

@@ -188,6 +188,12 @@ class ActorWorker:
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self._on_actor_thread(self.rank_state.train_step, batch)
 
+    def set_lr_scale(self, scale: float) -> None:
+        self._on_actor_thread(self.rank_state.set_lr_scale, scale)
+
+    def sharpen(self, scale: float) -> None:
+        self._on_actor_thread(self.rank_state.sharpen, scale)
+
     def sync_weights(self, version: int) -> dict[str, float]:
         return self._on_actor_thread(self.rank_state.sync_weights, version)
 
@@ -290,6 +296,12 @@ class RayActorGroup:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self._all("train_step", batch)
+
+    def set_lr_scale(self, scale: float) -> None:
+        self._all("set_lr_scale", scale)
+
+    def sharpen(self, scale: float) -> None:
+        self._all("sharpen", scale)
 
     def sync_weights(self, version: int) -> dict[str, float]:
         return self._all("sync_weights", version)
