@@ -2,7 +2,15 @@
 reading metrics back. Knows nothing else of the package; the stable metric names are in docs/METRICS.md.
 """
 
-from lcot_mega.observe.keys import DOCUMENTED_KEYS, KEY_PATTERN, check_key, is_documented, key_segment
+from lcot_mega.observe.keys import (
+    DOCUMENTED_KEYS,
+    KEY_PATTERN,
+    LABEL_KEYS,
+    check_key,
+    is_documented,
+    is_label,
+    key_segment,
+)
 from lcot_mega.observe.logger import LoggingSettings, MetricsLogger
 from lcot_mega.observe.progress import DEFAULT_PROGRESS_KEYS, Progress
 from lcot_mega.observe.records import metric_series, read_metrics
@@ -12,6 +20,7 @@ __all__ = [
     "DEFAULT_PROGRESS_KEYS",
     "DOCUMENTED_KEYS",
     "KEY_PATTERN",
+    "LABEL_KEYS",
     "METRICS_FILE",
     "WANDB_ID_FILE",
     "JsonlSink",
@@ -23,6 +32,7 @@ __all__ = [
     "WandbSink",
     "check_key",
     "is_documented",
+    "is_label",
     "key_segment",
     "metric_series",
     "read_metrics",

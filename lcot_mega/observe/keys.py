@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["DOCUMENTED_KEYS", "KEY_PATTERN", "check_key", "is_documented", "key_segment"]
+__all__ = ["DOCUMENTED_KEYS", "KEY_PATTERN", "LABEL_KEYS", "check_key", "is_documented", "is_label", "key_segment"]
 
 KEY_PATTERN = re.compile(r"[a-z0-9_@]+(?:/[a-z0-9_@]+)+")
 """`group/name` (more `/segments` allowed): lowercase letters, digits, `_` and `@`, no empty segment."""
@@ -39,6 +39,7 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "rollout/zero_adv_frac",
     "rollout/response_len_mean",
     "rollout/truncated_frac",
+    "rollout/repetition_frac",
     "rollout/groups_per_kept_group",
     "rollout/rounds",
     "rollout/groups_generated",
@@ -67,6 +68,13 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "actor/update_ok",
     "actor/micro_batches",
     "actor/skipped",
+    "actor/gate_skipped",
+    # stability guards (lcot_mega/guards, driver)
+    "guard/action",
+    "guard/reason",
+    "guard/breaches",
+    "guard/rollbacks",
+    "guard/lr_scale",
     # data
     "data/epoch",
     # weight sync (lcot_mega/sync/weight_sync.py)
@@ -90,6 +98,9 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
 """Every key of docs/METRICS.md, in its order; `<source>` / `<k>` stand for one key segment
 (a test checks that the document and this tuple agree)."""
 
+LABEL_KEYS: frozenset[str] = frozenset({"guard/action", "guard/reason"})
+"""Keys whose values are strings (labels), not numbers: JSONL keeps them, TensorBoard skips them."""
+
 
 def _template_regex(template: str) -> re.Pattern[str]:
     parts = _PLACEHOLDER.split(template)
@@ -112,6 +123,11 @@ def check_key(key: object) -> None:
 def is_documented(key: str) -> bool:
     """True when `key` is one of DOCUMENTED_KEYS or fills one of its `<placeholder>` templates."""
     return key in _DOCUMENTED or any(t.fullmatch(key) for t in _TEMPLATES)
+
+
+def is_label(key: str) -> bool:
+    """True when `key` takes a string value (LABEL_KEYS)."""
+    return key in LABEL_KEYS
 
 
 def key_segment(name: str) -> str:

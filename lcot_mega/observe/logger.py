@@ -11,13 +11,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lcot_mega.observe.keys import check_key
+from lcot_mega.observe.keys import check_key, is_label
 from lcot_mega.observe.sinks import METRICS_FILE, JsonlSink, MetricSink, TensorBoardSink, WandbSink
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LoggingSettings", "MetricsLogger", "to_float"]
+__all__ = ["LoggingSettings", "MetricsLogger", "to_float", "to_value"]
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -40,6 +40,15 @@ def to_float(key: str, value: object) -> float:
     if isinstance(value, numbers.Real):  # int, float, bool, numpy scalars
         return float(value)
     raise TypeError(f"metric {key!r}: expected a number or a 0-dim tensor, got {type(value).__name__}")
+
+
+def to_value(key: str, value: object) -> float | str:
+    """A label key's string (keys.LABEL_KEYS), or any other key's value as a float (`to_float`)."""
+    if not is_label(key):
+        return to_float(key, value)
+    if not isinstance(value, str):
+        raise TypeError(f"metric {key!r} is a label: expected a str, got {type(value).__name__}")
+    return value
 
 
 class MetricsLogger:
@@ -100,8 +109,8 @@ class MetricsLogger:
         """The last step logged (or kept on resume); None before the first."""
         return self._last_step
 
-    def log(self, step: int, metrics: Mapping[str, float | int | torch.Tensor]) -> None:
-        """Record one step's metrics (merge everything a step produces into one call)."""
+    def log(self, step: int, metrics: Mapping[str, float | int | str | torch.Tensor]) -> None:
+        """Record one step's metrics (merge everything a step produces into one call); label keys take strings."""
         if not _is_step(step):
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         step = int(step)
@@ -113,7 +122,7 @@ class MetricsLogger:
         values = {}
         for key, value in metrics.items():
             check_key(key)
-            values[key] = to_float(key, value)
+            values[key] = to_value(key, value)
         self._jsonl.write(step, values)
         self._last_step = step
         for sink in list(self._optional):

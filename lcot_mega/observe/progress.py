@@ -79,8 +79,8 @@ class Progress:
             return math.nan
         return sum(self._step_times) / len(self._step_times) * (self.total - step)
 
-    def line(self, step: int, metrics: Mapping[str, float], now: float) -> str:
-        """The text of one progress line at time `now` (same clock as the constructor's)."""
+    def line(self, step: int, metrics: Mapping[str, float | str], now: float) -> str:
+        """The text of one progress line at time `now` (same clock as the constructor's); labels shown as they are."""
         width = len(str(self.total))
         parts = [
             f"step {step:>{width}}/{self.total}",
@@ -89,10 +89,12 @@ class Progress:
         ]
         for key in self.keys:
             if key in metrics:
-                parts.append(f"{_LABELS.get(key, key.rsplit('/', 1)[-1])} {format_value(float(metrics[key]))}")
+                value = metrics[key]
+                shown = value if isinstance(value, str) else format_value(float(value))
+                parts.append(f"{_LABELS.get(key, key.rsplit('/', 1)[-1])} {shown}")
         return " | ".join(parts)
 
-    def update(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
+    def update(self, step: int, metrics: Mapping[str, float | str] | None = None) -> None:
         """Record that `step` finished (with its metrics) and redraw."""
         now = self.clock()
         if step > self._last_step:
@@ -109,7 +111,7 @@ class Progress:
             self.stream.write(text + "\n")
         self.stream.flush()
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    def write(self, step: int, metrics: Mapping[str, float | str]) -> None:
         """The metric-sink form of `update`."""
         self.update(step, metrics)
 

@@ -13,7 +13,7 @@ __all__ = ["metric_series", "read_metrics"]
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file, in file order, with JSON null read back as NaN.
+    """The records of a metrics.jsonl file, in file order, with JSON null read back as NaN and labels as strings.
 
     The last line may be torn (the run is still writing it, or crashed mid-line): it is skipped, so a live
     run can be read at any time. An unreadable line before the last raises ValueError.
@@ -30,11 +30,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def metric_series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of `key` over the records that have it, in record order."""
+def metric_series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float | str]]:
+    """(steps, values) of `key` over the records that have it, in record order; a label's values are strings."""
     steps, values = [], []
     for record in records:
         if key in record:
+            value = record[key]
             steps.append(record["step"])
-            values.append(float(record[key]))
+            values.append(value if isinstance(value, str) else float(value))
     return steps, values

@@ -1,8 +1,8 @@
 """Metric sinks: the JSONL file every run writes, and the optional TensorBoard and Weights & Biases mirrors.
 
-A sink receives already-checked metrics (`group/name` keys, python floats that may be NaN or inf) once per
-step, with strictly increasing steps. TensorBoard and wandb are imported only when a sink is built, so the
-package works without them.
+A sink receives already-checked metrics (`group/name` keys, python floats that may be NaN or inf, and strings
+for the label keys of keys.LABEL_KEYS) once per step, with strictly increasing steps. TensorBoard and wandb
+are imported only when a sink is built, so the package works without them.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ WANDB_MODES = ("offline", "online")
 class MetricSink(Protocol):
     """Anything that takes one step's metrics; `MetricsLogger` fans out to a list of these."""
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None: ...
+    def write(self, step: int, metrics: Mapping[str, float | str]) -> None: ...
 
     def close(self) -> None: ...
 
 
-def _json_value(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+def _json_value(value: float | str) -> float | str | None:
+    return value if isinstance(value, str) or math.isfinite(value) else None
 
 
 def parse_line(line: bytes | str) -> dict[str, Any] | None:
@@ -77,9 +77,10 @@ class JsonlSink:
 
     Each line is flushed and fsynced when written, so a crash loses at most the line being written.
     Non-finite values (NaN, +-inf) are written as JSON null: strict JSON has no NaN, and every JSON reader
-    must be able to read the file. With `resume_step=k` the lines with step > k are dropped first (atomic
-    rewrite), so a run resumed from the checkpoint at step k writes the same step sequence as one that never
-    stopped. Without it the run starts a new file (a crashed run without a checkpoint restarts from scratch).
+    must be able to read the file; labels are JSON strings. With `resume_step=k` the lines with step > k are
+    dropped first (atomic rewrite), so a run resumed from the checkpoint at step k writes the same step
+    sequence as one that never stopped. Without it the run starts a new file (a crashed run without a
+    checkpoint restarts from scratch).
     """
 
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None, clock: Callable[[], float] = time.time):
@@ -95,7 +96,7 @@ class JsonlSink:
         atomic_write(self.path, b"".join(kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open for the run)
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    def write(self, step: int, metrics: Mapping[str, float | str]) -> None:
         record = {"step": step, "time": self.clock(), **{k: _json_value(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
@@ -111,7 +112,8 @@ class TensorBoardSink:
     """TensorBoard scalars under `log_dir` (torch.utils.tensorboard, imported here so it stays optional).
 
     Events after the resume step are purged (SummaryWriter's `purge_step`); a new run purges everything an
-    earlier run left in the same directory. Flushed every step, like the JSONL file.
+    earlier run left in the same directory. Flushed every step, like the JSONL file. Labels are skipped: a
+    scalar chart cannot show them (metrics.jsonl has them).
     """
 
     def __init__(self, log_dir: str | os.PathLike, resume_step: int | None = None):
@@ -125,9 +127,10 @@ class TensorBoardSink:
         purge_step = 0 if resume_step is None else resume_step + 1
         self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    def write(self, step: int, metrics: Mapping[str, float | str]) -> None:
         for key, value in metrics.items():
-            self._writer.add_scalar(key, value, global_step=step)
+            if not isinstance(value, str):
+                self._writer.add_scalar(key, value, global_step=step)
         self._writer.flush()
 
     def close(self) -> None:
@@ -156,7 +159,8 @@ class WandbSink:
 
     The run id is persisted in `<run_dir>/wandb_id`; a resume reuses it with `resume="allow"`, so the charts
     continue in the same run. wandb itself keeps steps monotonic: an online run that had logged past the
-    resume step ignores the repeated steps (rewind is a server-side feature this sink does not use).
+    resume step ignores the repeated steps (rewind is a server-side feature this sink does not use). Labels are
+    logged as they are (wandb shows strings in the run's table, not as charts).
     """
 
     def __init__(
@@ -191,7 +195,7 @@ class WandbSink:
             config=dict(config) if config is not None else None,
         )
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    def write(self, step: int, metrics: Mapping[str, float | str]) -> None:
         self._run.log(dict(metrics), step=step)
 
     def close(self) -> None:

@@ -12,7 +12,8 @@ from lcot_mega.actor.train_step import metric_keys
 from lcot_mega.algo import importance_correction, policy_loss
 from lcot_mega.algo.metrics import KEEP_METRIC_KEYS, METRIC_KEYS
 from lcot_mega.config import AlgoConfig
-from lcot_mega.observe import DOCUMENTED_KEYS, KEY_PATTERN, check_key, is_documented, key_segment
+from lcot_mega.guards import Verdict
+from lcot_mega.observe import DOCUMENTED_KEYS, KEY_PATTERN, LABEL_KEYS, check_key, is_documented, key_segment
 from lcot_mega.sync.consistency import logprob_gap
 from lcot_mega.sync.weight_sync import SyncReport
 
@@ -58,6 +59,7 @@ def produced_keys() -> set[str]:
     keys |= set(importance_correction(logp, logp, mask, 2.0)[1])
     keys |= set(logprob_gap([torch.zeros(2)], [torch.zeros(2)]))
     keys |= set(SyncReport(seconds=1.0, bytes=10, buckets=1, probe_max_diff=0.0).metrics())
+    keys |= set(Verdict(0).metrics())
     return keys
 
 
@@ -65,6 +67,11 @@ def test_every_key_the_code_produces_is_documented():
     keys = produced_keys()
     assert len(keys) > 40
     assert sorted(k for k in keys if not is_documented(k)) == []
+
+
+def test_labels_are_exactly_the_documented_rows_of_unit_label():
+    label_rows = re.findall(r"^\| `([^`]+)` \|.*\| label \|[^|]*\|$", DOC.read_text(), flags=re.MULTILINE)
+    assert sorted(label_rows) == sorted(LABEL_KEYS) == ["guard/action", "guard/reason"]
 
 
 @pytest.mark.parametrize("key", ["eval/math_500/accuracy", "eval/aime24/pass@16"])

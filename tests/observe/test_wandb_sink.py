@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,14 @@ def test_a_new_run_gets_a_new_wandb_id(tmp_path, offline_wandb):
     with pytest.warns(UserWarning, match="not a resume"), MetricsLogger(tmp_path, cfg) as logger:
         logger.log(0, {"a/b": 1.0})
     assert (tmp_path / WANDB_ID_FILE).read_text() != first
+
+
+def test_labels_are_logged_as_they_are(tmp_path, offline_wandb):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failing sink would be dropped with a warning
+        with MetricsLogger(tmp_path, LoggingConfig(wandb="offline")) as logger:
+            logger.log(1, {"guard/action": "rollback", "guard/reason": "entropy 0.01 < 0.25 x median 0.8"})
+    run_id = (tmp_path / WANDB_ID_FILE).read_text().strip()
+    [run] = offline_runs(tmp_path)
+    data = written_run_file(run / f"run-{run_id}.wandb")
+    assert b"rollback" in data and b"entropy 0.01 < 0.25 x median 0.8" in data
