@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from lcot_mega.algo.advantages import group_advantages
 from lcot_mega.config import Config
 from lcot_mega.reward.grader import Grader
+from lcot_mega.reward.repetition import ends_in_loop
 from lcot_mega.reward.score import score_batch
 from lcot_mega.rollout.protocol import RolloutEngine, SamplingParams, to_samples
 from lcot_mega.types import Batch, Group, Prompt, SampleStatus
@@ -81,6 +82,7 @@ class _Tally:
     def __init__(self) -> None:
         self.groups = self.zero_groups = self.samples = self.tokens = self.truncated = self.aborted = 0
         self.correct = 0
+        self.looping = 0  # responses whose tail is a repeated block (degenerate output)
         self.reward_sum = 0.0
         self.rounds = 0
 
@@ -92,6 +94,7 @@ class _Tally:
                 self.samples += 1
                 self.tokens += s.response_len
                 self.truncated += s.truncated
+                self.looping += ends_in_loop(s.response_ids)
                 self.correct += s.correct
                 self.reward_sum += s.reward
 
@@ -109,6 +112,7 @@ class _Tally:
             "rollout/aborted_groups": float(self.aborted),
             "rollout/response_len_mean": self.tokens / n,
             "rollout/truncated_frac": self.truncated / n,
+            "rollout/repetition_frac": self.looping / n,
             "perf/rollout_s": seconds,
             "perf/rollout_tok_s": self.tokens / seconds if seconds > 0 else 0.0,
         }

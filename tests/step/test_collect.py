@@ -151,3 +151,34 @@ def test_surplus_in_flight_generation_is_aborted_once_the_batch_is_full(grader):
     assert time.monotonic() - start < 20, "the surplus chunk was waited for instead of aborted"
     assert engine.aborts == 1 and [g.prompt.uid for g in got.batch.groups] == ["p0", "p1"]
     assert got.metrics["rollout/aborted_groups"] == 2 and got.metrics["rollout/groups_generated"] == 2
+
+
+class LoopingEngine(ScriptedEngine):
+    """ScriptedEngine whose first sample per prompt is cut by the length limit inside a loop of [7, 8], and whose
+    second sample loops too but ends on EOS (it got out)."""
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        out = super().generate(prompt_ids, params)
+        for group in out:
+            looped, escaped = [7, 8] * 20, [7, 8] * 20 + [0]
+            group[0] = Completion(looped, [-0.5] * 40, SampleStatus.TRUNCATED, text=group[0].text)
+            group[1] = Completion(escaped, [-0.5] * 41, SampleStatus.COMPLETED, text=group[1].text)
+        return out
+
+
+def test_repetition_frac_counts_looping_samples_of_every_generated_group(grader):
+    # round 1 asks for 2: 'none' (dropped) + 'mixed'; round 2 asks for 1: 'mixed' -> 3 groups, 12 samples,
+    # one looping sample in each group (the dropped one included) -> 3 / 12
+    prompts, table = _prompts(["none", "mixed", "mixed"])
+    next_prompts, state = _feeder(prompts)
+    got = collect(LoopingEngine(table), next_prompts, grader, _cfg("drop", 2, max_rounds=2), step=1)
+    assert state["asked"] == [2, 1] and got.metrics["rollout/groups_generated"] == 3
+    assert got.metrics["rollout/repetition_frac"] == pytest.approx(3 / 12)
+    assert got.metrics["rollout/truncated_frac"] == pytest.approx(3 / 12)
+
+
+def test_repetition_frac_is_zero_without_loops(grader):
+    prompts, table = _prompts(["mixed", "all"])
+    next_prompts, _ = _feeder(prompts)
+    got = collect(ScriptedEngine(table), next_prompts, grader, _cfg("off", 2), step=1)
+    assert got.metrics["rollout/repetition_frac"] == 0.0
