@@ -75,10 +75,30 @@ def training_errors(cfg: Config) -> list[str]:
         )
     if cfg.cluster.mode == "local" and cfg.cluster.actor_ranks != 1:
         errors.append("cluster.mode = 'local' runs one actor rank; use colocated or disaggregated for more")
-    if cfg.rollout.engine != "embedded":
+    return errors + rollout_engine_errors(cfg)
+
+
+def rollout_engine_errors(cfg: Config) -> list[str]:
+    """Rollout backends the driver cannot run for this config: vLLM, SGLang outside local mode or without its
+    package, served engines outside local mode."""
+    engine, mode = cfg.rollout.engine, cfg.cluster.mode
+    if engine == "vllm":
+        return ["rollout.engine = 'vllm' is not supported yet; use 'sglang' (GPU) or 'embedded'"]
+    errors = []
+    if engine == "sglang" and mode != "local":
         errors.append(
-            f"rollout.engine = {cfg.rollout.engine!r}: the driver runs the embedded engine so far; SGLang servers"
-            " are launched by lcot_mega.rollout.launcher but not yet wired into `train`"
+            f"rollout.engine = 'sglang': the driver runs the embedded engine so far in cluster.mode = {mode!r}"
+            " (Ray serves the embedded engine); SGLang servers run with cluster.mode=local"
+        )
+    elif engine == "sglang" and importlib.util.find_spec("sglang") is None:
+        errors.append(
+            "rollout.engine = 'sglang' needs the sglang package, which is not importable here: install it on the GPU"
+            " node (`pip install lcot-mega[gpu]`), or set rollout.engine=embedded"
+        )
+    if cfg.rollout.served and mode != "local":
+        errors.append(
+            f"rollout.served = true is for cluster.mode=local (it starts `lcot-mega serve` processes); in"
+            f" cluster.mode = {mode!r} the engines are placed by Ray already: drop rollout.served"
         )
     return errors
 

@@ -239,13 +239,15 @@ class ServerSupervisor:
         """Indices of servers whose process has exited."""
         return [i for i, p in enumerate(self.processes) if not p.alive()]
 
-    def restart(self, i: int) -> None:
-        """Stop what is left of server `i`, launch it again on the same port, wait until it is healthy."""
+    def restart(self, i: int, grace_s: float | None = None) -> None:
+        """Stop what is left of server `i` (SIGTERM, SIGKILL after `grace_s`, default `stop_grace_s`), launch it
+        again on the same port, wait until it is healthy. A hung server needs `grace_s=0`: a stopped (SIGSTOP)
+        process holds SIGTERM pending, so only SIGKILL ends it."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the supervisor is shut down")
             proc = self.processes[i]
-            proc.stop(self.stop_grace_s)
+            proc.stop(self.stop_grace_s if grace_s is None else grace_s)
             proc.start()
         proc.wait_healthy(self.health_deadline_s)  # outside the lock: shutdown() may stop it meanwhile
 

@@ -111,10 +111,13 @@ class EnginePool:
         self._calls: set[threading.Event] = set()  # abort flags of the generate calls running now
         self._known_version = 0
         self._closed = False
+        self.failures = 0
+        """Engines marked dead (a failed request, or a failed weight or control call)."""
         self.failovers = 0
         """Chunks (and score requests) re-sent after an engine failure."""
         self.rejoined = 0
         """Replacement engines that joined after a resync."""
+        self._taken = {"failures": 0, "failovers": 0, "restarts": 0}  # the counters at the last take_counters()
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -141,6 +144,19 @@ class EnginePool:
         """Per engine: the failure that last took it out (or its failed recovery); None if it never failed."""
         with self._cond:
             return list(self._errors)
+
+    @property
+    def version(self) -> int:
+        """The weight version last loaded through the pool (0 before any): what `resync` brings a replacement to."""
+        with self._cond:
+            return self._known_version
+
+    def take_counters(self) -> dict[str, int]:
+        """Engine failures, re-sent requests and restarted engines (rejoined after resync) since the last call."""
+        with self._cond:
+            now = {"failures": self.failures, "failovers": self.failovers, "restarts": self.rejoined}
+            taken, self._taken = self._taken, now
+        return {k: now[k] - taken[k] for k in now}
 
     def wait_recovered(self, timeout_s: float | None = None) -> bool:
         """Block until no recovery is running; False on timeout."""
@@ -205,6 +221,7 @@ class EnginePool:
             if generation != self._generation[i] or not self._live[i]:
                 return  # already out, or a late failure of the engine a replacement took over from
             self._live[i], self._errors[i] = False, error
+            self.failures += 1
             if self.on_dead is None or self._closed or i in self._recovering:
                 return
             thread = threading.Thread(target=self._recover, args=(i,), name=f"engine-pool-recover-{i}", daemon=True)
@@ -329,7 +346,8 @@ class EnginePool:
         named = list(named_tensors)  # an iterator can be read once, the engines need it each
         with self._weights_lock:
             self._fan_out(lambda e: e.update_weights(named, version))
-            self._known_version = version
+            with self._cond:
+                self._known_version = version
 
     def for_each_live(self, fn: Callable[[RolloutEngine], T]) -> dict[int, T]:
         """`fn(engine)` on every live engine under the weight lock (for loads outside the protocol, e.g.

@@ -10,6 +10,10 @@ of a process group, see `lcot_mega.sync.broadcast`). Contract
 violations answer 400 `{"error": ...}`; engine state conflicts (released weights, busy engine) 409; a bug in
 the engine 500. The server keeps running after any of them.
 
+Generate requests run one at a time, first come first served (the engine has one decode loop); each has a rid (the
+request's own, else a fresh one). `/abort_request` ends queued ones at once and the running one at its next decode
+step, as SGLang does (`abort_all`, or every request whose rid starts with `rid`).
+
 Security: binding a non-loopback address requires an API key; with a key every endpoint needs
 `Authorization: Bearer KEY` (401 otherwise). Weight and memory endpoints can be switched off (403).
 """
@@ -22,8 +26,9 @@ import json
 import logging
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -87,6 +92,17 @@ class HTTPError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+@dataclass(eq=False)
+class _Ticket:
+    """One `/generate` request, queued or running; `rids` are what `/abort_request` matches (by prefix)."""
+
+    rids: list[str]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def matches(self, rid: str) -> bool:
+        return any(r.startswith(rid) for r in self.rids)
 
 
 def is_loopback(host: str) -> bool:
@@ -158,6 +174,18 @@ def _prompts(body: dict[str, Any], engine: RolloutEngine) -> tuple[list[list[int
     raise HTTPError(400, "text must be a string or a non-empty list of strings")
 
 
+def _rids(body: dict[str, Any], count: int) -> list[str] | None:
+    """SGLang's `rid`: one string, or one per prompt of a batch; None when the request names none."""
+    rid = body.get("rid")
+    if rid is None:
+        return None
+    if isinstance(rid, str) and rid:
+        return [rid]
+    if isinstance(rid, list) and len(rid) == count and all(isinstance(r, str) and r for r in rid):
+        return rid
+    raise HTTPError(400, f"rid must be a non-empty string or a list of {count} such strings, got {rid!r}")
+
+
 def _logprob_start(body: dict[str, Any], length: int) -> int:
     start = body.get("logprob_start_len", -1)
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < length:
@@ -202,6 +230,8 @@ class RolloutServer:
         self.engine, self.config, self.model_path = engine, config or ServeConfig(), model_path
         check_bind(self.config.host, self.config.api_key)
         self._weights_lock = threading.Lock()
+        self._queue: deque[_Ticket] = deque()  # generate requests in arrival order; the head runs
+        self._queue_cond = threading.Condition()
         self._groups: dict[str, Any] = {}  # group_name -> sync.broadcast.WeightGroup
         self._groups_lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((self.config.host, self.config.port), _make_handler(self))
@@ -249,7 +279,7 @@ class RolloutServer:
         self._httpd.serve_forever()
 
     def shutdown(self) -> None:
-        self.engine.abort()
+        self._abort({"abort_all": True})
         with self._groups_lock:
             groups, self._groups = list(self._groups.values()), {}
         for group in groups:
@@ -290,9 +320,33 @@ class RolloutServer:
             params = SamplingParams(**kwargs)
         except (TypeError, ValueError) as e:
             raise HTTPError(400, f"sampling_params: {e}") from e
-        groups = self.engine.generate(prompts, params)
+        rids = _rids(body, len(prompts))
+        groups = self._run_queued(_Ticket(rids or [uuid.uuid4().hex]), prompts, params)
         flat = [completion_to_sglang(c, return_logprob=return_logprob) for g in groups for c in g]
+        if rids is not None:  # SGLang reports the request's rid as the result's id
+            for k, result in enumerate(flat):
+                result["meta_info"]["id"] = rids[min(k // params.n, len(rids) - 1)]
         return flat[0] if single and params.n == 1 else flat
+
+    def _run_queued(self, ticket: _Ticket, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """Generate when `ticket` reaches the head of the queue (the engine runs one call at a time, first come
+        first served); a ticket cancelled while it waits answers at once, every sample ABORTED and empty."""
+        with self._queue_cond:
+            self._queue.append(ticket)
+            self._queue_cond.wait_for(lambda: self._queue[0] is ticket or ticket.cancelled.is_set())
+            cancelled = ticket.cancelled.is_set()
+            if cancelled:
+                self._queue.remove(ticket)
+                self._queue_cond.notify_all()
+        if cancelled:
+            version = self.engine.weight_version
+            return [[_aborted(p, version) for _ in range(params.n)] for p in prompts]
+        try:
+            return self.engine.generate(prompts, params)
+        finally:
+            with self._queue_cond:
+                self._queue.remove(ticket)
+                self._queue_cond.notify_all()
 
     def _score_one(self, ids: list[int], body: dict[str, Any], return_logprob: bool) -> dict[str, Any]:
         """SGLang's prefill-only answer: `input_token_logprobs[k]` is the log-prob of token `start + k` given
@@ -324,9 +378,23 @@ class RolloutServer:
         return {"success": True}
 
     def _abort(self, body: dict[str, Any]) -> Any:
-        # Requests are not tracked by rid: abort ends everything in flight (what the trainer asks for).
-        self.engine.abort()
-        return {"success": True}
+        """SGLang's semantics: `abort_all` ends every generate request, queued or running; else `rid` ends those
+        whose rid starts with it; an empty rid without `abort_all` ends nothing. Queued requests answer at once
+        (ABORTED, no tokens); the running one stops at its next decode step with the tokens it has."""
+        rid, abort_all = body.get("rid", ""), body.get("abort_all", False)
+        if not isinstance(rid, str) or not isinstance(abort_all, bool):
+            raise HTTPError(400, f"rid must be a string and abort_all a bool, got {rid!r} and {abort_all!r}")
+        if not abort_all and not rid:
+            return {"success": True, "message": "nothing aborted: give a rid or abort_all=true"}
+        with self._queue_cond:
+            hit = [t for t in self._queue if abort_all or t.matches(rid)]
+            running = bool(self._queue) and self._queue[0] in hit
+            for t in hit:
+                t.cancelled.set()
+            self._queue_cond.notify_all()
+        if running:
+            self.engine.abort()
+        return {"success": True, "message": f"aborted {len(hit)} request(s)"}
 
     def _tags(self, body: dict[str, Any]) -> list[str] | None:
         tags = body.get("tags")
@@ -373,7 +441,7 @@ class RolloutServer:
             raise HTTPError(400, "flush_cache and abort_all_requests must be booleans")
         version = _weight_version(body.get("weight_version"), self.engine.weight_version)
         if abort_all:
-            self.engine.abort()
+            self._abort({"abort_all": True})
         with self._weights_lock:
             named = loads_named_tensors(entries[0], load_format)  # PayloadError (a ValueError): 400
             self.engine.update_weights(named, version)  # copies: the sender may free its buffer once we answer
@@ -452,6 +520,10 @@ class RolloutServer:
             group = self._groups.pop(name)
         group.close()
         return {"success": True, "message": f"left {name!r}"}
+
+
+def _aborted(prompt: list[int], version: int) -> Completion:
+    return Completion([], [], SampleStatus.ABORTED, weight_version=version, prompt_tokens=len(prompt))
 
 
 def _weight_version(raw: Any, default: int) -> int:
