@@ -46,7 +46,7 @@ class Verdict:
 
     def reason(self) -> str:
         """The most severe breaches, short: "grad_norm 53.1 > 10 x median 4.2"; "" when ok."""
-        ranked = sorted(self.breaches, key=lambda b: -b.action)
+        ranked = sorted(self.breaches, key=lambda b: -b.action.severity)
         text = "; ".join(b.describe() for b in ranked[:_REASON_BREACHES])
         more = len(ranked) - _REASON_BREACHES
         return f"{text} (+{more} more)" if more > 0 else text
@@ -54,7 +54,7 @@ class Verdict:
     def metrics(self) -> dict[str, float | str]:
         """`guard/action` and `guard/reason` (labels, docs/METRICS.md) and the `guard/breaches` count."""
         return {
-            "guard/action": self.action.word,
+            "guard/action": str(self.action),
             "guard/reason": self.reason(),
             "guard/breaches": float(len(self.breaches)),
         }

@@ -27,7 +27,7 @@ def _timestamp(seconds: float) -> str:
 
 
 def _breach_text(b: Breach) -> str:
-    return f"{b.monitor} {b.key}={format_number(b.value)} {b.bound} [{b.action.word}]"
+    return f"{b.monitor} {b.key}={format_number(b.value)} {b.bound} [{b.action}]"
 
 
 def _one_line(text: str) -> str:
@@ -43,11 +43,11 @@ class GuardLog:
         self.clock = clock
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open for the run)
 
-    def verdict(self, verdict: Verdict) -> None:
+    def write(self, step: int, verdict: Verdict) -> None:
         """One line for a flagged step, each breach with its value, bound and action; nothing for an ok step."""
         if verdict.action is Action.OK:
             return
-        self._write(verdict.step, verdict.action.word, "; ".join(_breach_text(b) for b in verdict.breaches))
+        self._write(step, str(verdict.action), "; ".join(_breach_text(b) for b in verdict.breaches))
 
     def event(self, step: int, message: str) -> None:
         """A recovery the driver took: "rolled back to step 20, lr x0.5", "halted: 4th rollback"."""

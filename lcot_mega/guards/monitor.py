@@ -38,20 +38,35 @@ MONITOR_KEYS: dict[str, str] = {
 """`guards.<name>` config field -> the metric key (docs/METRICS.md) that monitor watches."""
 
 
-class Action(enum.IntEnum):
-    """What a breach asks for, from least to most severe; a step's verdict is the most severe of its breaches."""
+class Action(enum.StrEnum):
+    """What a breach asks for, from least to most severe; a step's verdict is the most severe of its breaches.
 
-    OK = 0
-    LOG = 1  # recorded in guards.log only
-    WARN = 2  # recorded and printed
-    SKIP = 3  # the update is not applied (config word: skip_step)
-    ROLLBACK = 4  # restore the last good checkpoint
-    HALT = 5  # stop the run
+    A member equals its word (`Action.SKIP == "skip"`, the word of metrics and logs); comparisons order by
+    severity, not alphabet.
+    """
+
+    OK = "ok"
+    LOG = "log"  # recorded in guards.log only
+    WARN = "warn"  # recorded and printed
+    SKIP = "skip"  # the update is not applied (config word: skip_step)
+    ROLLBACK = "rollback"  # restore the last good checkpoint
+    HALT = "halt"  # stop the run
 
     @property
-    def word(self) -> str:
-        """The name in metrics and logs: ok, log, warn, skip, rollback, halt."""
-        return self.name.lower()
+    def severity(self) -> int:
+        return _SEVERITY[self]
+
+    def __lt__(self, other: object) -> bool:
+        return self.severity < _severity(other)
+
+    def __le__(self, other: object) -> bool:
+        return self.severity <= _severity(other)
+
+    def __gt__(self, other: object) -> bool:
+        return self.severity > _severity(other)
+
+    def __ge__(self, other: object) -> bool:
+        return self.severity >= _severity(other)
 
     @classmethod
     def from_config(cls, action: str) -> Action | None:
@@ -59,6 +74,17 @@ class Action(enum.IntEnum):
         if action not in _CONFIG_ACTIONS:
             raise ValueError(f"monitor action {action!r} is not one of {list(_CONFIG_ACTIONS)}")
         return _CONFIG_ACTIONS[action]
+
+
+_SEVERITY = {a: i for i, a in enumerate(Action)}
+
+
+def _severity(other: object) -> int:
+    """The severity of an Action or of its word ("skip"); TypeError for anything else."""
+    try:
+        return _SEVERITY[Action(other)]
+    except ValueError:
+        raise TypeError(f"cannot order an Action and {other!r}") from None
 
 
 _CONFIG_ACTIONS: dict[str, Action | None] = {

@@ -15,13 +15,13 @@ def spike(step: int) -> Verdict:
 
 def test_lines_name_each_breach_with_value_and_bound(tmp_path):
     with GuardLog(tmp_path, clock=lambda: T0) as log:
-        log.verdict(Verdict(1))  # ok: nothing
-        log.verdict(spike(2))
+        log.write(1, Verdict(1))  # ok: nothing
+        log.write(2, spike(2))
         two = (
             Breach("nonfinite", "actor/loss", math.nan, "not finite", Action.SKIP),
             Breach("clipfrac", "actor/clipfrac", 0.61, "> 0.5", Action.WARN),
         )
-        log.verdict(Verdict(3, two))
+        log.write(3, Verdict(3, two))
         log.event(3, "rolled back to step 2,\nlr x0.5")
     assert (tmp_path / GUARD_LOG_FILE).read_text().splitlines() == [
         "2025-11-25T04:00:00Z step 2 skip: grad_norm actor/grad_norm=53.1 > 10 x median 4.2 [skip]",
@@ -33,7 +33,7 @@ def test_lines_name_each_breach_with_value_and_bound(tmp_path):
 
 def test_each_line_is_on_disk_before_close(tmp_path):
     log = GuardLog(tmp_path, clock=lambda: T0)
-    log.verdict(spike(7))
+    log.write(7, spike(7))
     assert "step 7 skip" in (tmp_path / GUARD_LOG_FILE).read_text()
     log.close()
     log.close()  # idempotent
@@ -41,7 +41,7 @@ def test_each_line_is_on_disk_before_close(tmp_path):
 
 def test_resume_appends_to_the_existing_log(tmp_path):
     with GuardLog(tmp_path, clock=lambda: T0) as log:
-        log.verdict(spike(4))
+        log.write(4, spike(4))
     with GuardLog(tmp_path, clock=lambda: T0 + 60) as log:
         log.event(5, "halted: entropy collapse")
     lines = (tmp_path / GUARD_LOG_FILE).read_text().splitlines()

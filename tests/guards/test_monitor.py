@@ -80,11 +80,16 @@ def test_nonfinite_values_never_enter_the_window():
 
 
 def test_action_words_and_order():
-    assert [a.word for a in sorted(Action)] == ["ok", "log", "warn", "skip", "rollback", "halt"]
+    assert sorted(Action) == ["ok", "log", "warn", "skip", "rollback", "halt"]  # severity, not alphabet
+    assert Action.SKIP == "skip" and "warn" in (Action.OK, Action.LOG, Action.WARN)
+    assert f"{Action.ROLLBACK}" == "rollback"
     assert Action.from_config("skip_step") is Action.SKIP and Action.from_config("off") is None
     assert Action.from_config("halt") > Action.from_config("rollback") > Action.SKIP > Action.WARN > Action.LOG
+    assert Action.WARN <= "warn" < Action.SKIP and max(Action.LOG, Action.HALT, Action.OK) is Action.HALT
     with pytest.raises(ValueError, match="skip_step"):
         Action.from_config("skip")
+    with pytest.raises(TypeError):
+        assert Action.OK < "fine"
 
 
 def test_off_monitor_is_not_built():
