@@ -25,6 +25,7 @@ TRAIN_STEP_EXTRA_KEYS = (
     "actor/lr",
     "actor/update_ok",
     "actor/micro_batches",
+    "actor/gate_skipped",
 )
 
 
