@@ -6,8 +6,6 @@ import json
 import math
 import pickle
 
-import pytest
-
 from lcot_mega.config import config_from_dict
 from lcot_mega.config.schema import GuardsConfig, MonitorConfig
 from lcot_mega.guards import MONITOR_KEYS, Action, Guard, UpdateBounds, Verdict
@@ -150,7 +148,7 @@ def test_verdict_is_the_most_severe_action():
 
 
 def test_keeps_update_for_ok_log_warn_only():
-    assert [Verdict(1).keeps_update] == [True]
+    assert Verdict(1).keeps_update
     guard = Guard(
         only(clipfrac=MonitorConfig(action="warn", max=0.5), entropy=MonitorConfig(action="skip_step", min=1))
     )
@@ -202,7 +200,7 @@ def test_string_metrics_are_not_judged():
     assert guard.check(1, {"guard/action": "halt", "guard/reason": "nan"}).action is Action.OK
 
 
-@pytest.mark.parametrize("value", [0.0, 0.3])
-def test_absolute_bounds_apply_from_the_first_step(value):
+def test_absolute_bounds_apply_from_the_first_step():
     guard = Guard(only(truncation=MonitorConfig(action="warn", max=0.5)))
-    assert guard.check(1, {"rollout/truncated_frac": value + 0.25}).action is (Action.WARN if value else Action.OK)
+    assert guard.check(1, {"rollout/truncated_frac": 0.5}).action is Action.OK
+    assert guard.check(1, {"rollout/truncated_frac": 0.55}).action is Action.WARN
