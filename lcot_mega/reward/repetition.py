@@ -46,10 +46,10 @@ def ends_in_loop(token_ids: Sequence[int], max_period: int = 128, min_repeats: i
 
     Why: a long-CoT policy can fall into a loop ("Wait, let me check again. Wait, ...") that runs until the
     length limit; Mu et al. (2025) single out these truncated-and-repetitive samples. To the reward a loop is
-    just another wrong answer, so their share is watched on its own (guards.repetition). The test is periodicity of the tail
-    (`t[i] == t[i - p]`), so a response truncated in the middle of a block counts too. A response that
-    stopped on EOS or a stop id ends with that token, which breaks the period: it got out of the loop and is
-    not counted. `min_tokens` keeps short runs (a long number, a line of '=') from counting.
+    just another wrong answer, so their share is watched on its own (guards.repetition). The test is
+    periodicity of the tail (`t[i] == t[i - p]`), so a response truncated in the middle of a block counts
+    too. A response that stopped on EOS or a stop id ends with that token, which breaks the period: it got
+    out of the loop and is not counted. `min_tokens` keeps short runs (a long number, a line of '=') from counting.
     """
     if max_period < 1 or min_repeats < 2 or min_tokens < 1:
         raise ValueError(
