@@ -30,9 +30,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from lcot_mega.checkpoint.store import CheckpointWriteError
     from lcot_mega.doctor import check_trainable
     from lcot_mega.run_dir import RunDirError
-    from lcot_mega.train import train
+    from lcot_mega.train import Halted, train
 
     overrides = list(args.overrides) + ([f"trainer.run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = load_config(args.config, overrides)
@@ -42,6 +43,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except RunDirError as e:
         print(f"lcot-mega train: {e}", file=sys.stderr)
         return 2
+    except Halted as e:
+        print(f"lcot-mega train: halted by the guards: {e}", file=sys.stderr)
+        return 3
+    except CheckpointWriteError as e:
+        print(
+            f"lcot-mega train: could not write a checkpoint: {e}. The previous checkpoint is intact; fix the cause"
+            " (free disk space) and run the same command to resume from it",
+            file=sys.stderr,
+        )
+        return 4
     print(f"lcot-mega train: {result.run_dir} at step {result.last_step}")
     for line in result.eval_summary():
         print(f"lcot-mega train: {line}")
@@ -94,7 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="also write the resolved config here (default: trainer.run_dir)")
     p.set_defaults(func=_cmd_check)
 
-    p = sub.add_parser("train", help="train: rollout -> reward -> advantages -> update -> weight sync, logged")
+    p = sub.add_parser(
+        "train",
+        help="train: rollout -> reward -> advantages -> update -> weight sync, logged",
+        epilog="exit status: 0 finished, or stopped by SIGTERM/SIGINT after a checkpoint (the same command resumes);"
+        " 2 run directory and --resume/--no-resume disagree; 3 halted by the guards (state saved, see guards.log);"
+        " 4 a checkpoint could not be written (the previous one is intact)",
+    )
     _add_config_args(p)
     p.add_argument("--run-dir", default=None, help="run directory (default: trainer.run_dir)")
     resume = p.add_mutually_exclusive_group()

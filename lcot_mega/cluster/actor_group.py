@@ -46,6 +46,10 @@ class ActorGroup(Protocol):
         """Multiply the policy's final norm weight by `scale` (fault injection: an entropy collapse)."""
         ...
 
+    def arm_save_fault(self, kind: str) -> None:
+        """Make the next checkpoint write fail ("crash" mid-write, "disk_full"): fault injection."""
+        ...
+
     def save_checkpoint(self, step: int, extra: dict) -> str:
         """Save model, optimizer, schedule and `extra` (the driver's state) as checkpoint `step`; its path."""
         ...
@@ -99,6 +103,11 @@ class ActorRank:
 
     def sharpen(self, scale: float) -> None:
         self.actor.sharpen(scale)
+
+    def arm_save_fault(self, kind: str) -> None:
+        from lcot_mega.checkpoint.store import injected_save_fault
+
+        self.store.before_commit = injected_save_fault(kind)
 
     def sync_weights(self, version: int) -> dict[str, float]:
         from lcot_mega.sync.weight_sync import DEFAULT_BUCKET_BYTES, sync_weights
@@ -155,6 +164,9 @@ class LocalActorGroup:
 
     def sharpen(self, scale: float) -> None:
         self.rank.sharpen(scale)
+
+    def arm_save_fault(self, kind: str) -> None:
+        self.rank.arm_save_fault(kind)
 
     def sync_weights(self, version: int) -> dict[str, float]:
         return self.rank.sync_weights(version)

@@ -194,6 +194,9 @@ class ActorWorker:
     def sharpen(self, scale: float) -> None:
         self._on_actor_thread(self.rank_state.sharpen, scale)
 
+    def arm_save_fault(self, kind: str) -> None:
+        self._on_actor_thread(self.rank_state.arm_save_fault, kind)
+
     def sync_weights(self, version: int) -> dict[str, float]:
         return self._on_actor_thread(self.rank_state.sync_weights, version)
 
@@ -302,6 +305,9 @@ class RayActorGroup:
 
     def sharpen(self, scale: float) -> None:
         self._all("sharpen", scale)
+
+    def arm_save_fault(self, kind: str) -> None:
+        self._all("arm_save_fault", kind)
 
     def sync_weights(self, version: int) -> dict[str, float]:
         return self._all("sync_weights", version)

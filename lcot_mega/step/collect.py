@@ -126,11 +126,13 @@ def collect(
     step: int,
     *,
     parallelism: int = 1,
+    reseed: int = 0,
 ) -> Collected:
     """Sample, score and select the groups of one step (see the module docstring).
 
     `next_prompts(k)` hands out the next k training prompts; `parallelism` is how many generate calls may
-    run at once (the number of engines behind `engine`).
+    run at once (the number of engines behind `engine`); `reseed` > 0 draws other sampling seeds for the same
+    step (after a guard rollback).
     """
     ds, target = cfg.algo.dynamic_sampling, cfg.trainer.prompts_per_step
     start = time.perf_counter()
@@ -140,7 +142,7 @@ def collect(
         while len(kept) < target and tally.rounds < max_rounds:
             need = target - len(kept)
             prompts = next_prompts(need if ds.mode == "off" else math.ceil(need * ds.oversample))
-            _round(engine, prompts, grader, cfg, step, tally, kept, spare, pool, parallelism, target)
+            _round(engine, prompts, grader, cfg, step, tally, kept, spare, pool, parallelism, target, reseed)
             tally.rounds += 1
     if len(kept) < target and ds.mode == "drop_with_fallback":
         kept.extend(spare[: target - len(kept)])
@@ -166,11 +168,12 @@ def _round(
     pool: ThreadPoolExecutor,
     parallelism: int,
     target: int,
+    reseed: int = 0,
 ) -> None:
     """One generation round, chunked over the engines; stops early (abort) once `kept` holds `target` groups."""
     size = max(1, math.ceil(len(prompts) / parallelism))
     chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
-    salt0 = tally.rounds * 1000
+    salt0 = tally.rounds * 1000 + reseed * 1_000_003
     futures = [
         pool.submit(_generate_groups, engine, chunk, sampling_params(cfg, step_seed(cfg, step, salt0 + i)))
         for i, chunk in enumerate(chunks)
