@@ -270,6 +270,11 @@ class RolloutServer:
         host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
         return f"http://{host}:{self.port}"
 
+    def requests(self) -> list[str]:
+        """First rid of every generate request now running (first) or queued, in order."""
+        with self._queue_cond:
+            return [t.rids[0] for t in self._queue]
+
     def start(self) -> RolloutServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="rollout-server", daemon=True)
         self._thread.start()

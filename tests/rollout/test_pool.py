@@ -198,6 +198,26 @@ def test_on_dead_and_resync_run_once_and_the_replacement_rejoins_only_after_resy
     assert set(sources(pool.generate(PROMPTS[:4], SamplingParams()))) == {1, 5}
 
 
+def test_counters_are_taken_once_and_version_is_the_last_loaded_through_the_pool():
+    bad, good = FakeEngine(0, error=ConnectionError("reset")), FakeEngine(1)
+    recovered = threading.Event()
+
+    def resync(i: int, engine: FakeEngine) -> None:
+        engine.update_weights([], pool.version)  # what a resync must bring a replacement to
+        recovered.set()
+
+    pool = EnginePool([bad, good], chunk_size=1, backoff_s=0.01, on_dead=lambda i: FakeEngine(5), resync=resync)
+    assert pool.version == 0 and pool.take_counters() == {"failures": 0, "failovers": 0, "restarts": 0}
+    pool.update_weights([], 4)
+    bad.generate_gate.clear()  # fail only once chunks 0 and 2 are both assigned to it: two re-sends, one failure
+    threading.Timer(0.2, bad.generate_gate.set).start()
+    pool.generate(PROMPTS[:4], SamplingParams())
+    assert pool.wait_recovered(10) and recovered.is_set()
+    assert pool.version == 4 and pool.engines[0].version == 4 and pool.weight_version == 4
+    assert pool.take_counters() == {"failures": 1, "failovers": 2, "restarts": 1}
+    assert pool.take_counters() == {"failures": 0, "failovers": 0, "restarts": 0}  # since the last call
+
+
 def test_a_replacement_at_another_weight_version_stays_out():
     pool = EnginePool(
         [FakeEngine(0, version=3, error=ConnectionError("reset")), FakeEngine(1, version=3)],

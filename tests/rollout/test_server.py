@@ -148,6 +148,78 @@ def test_abort_ends_in_flight_generation_with_finish_reason_abort(engine, client
     assert c.finish is SampleStatus.ABORTED and 0 < len(c.token_ids) < 3000
 
 
+def _long_body(rid: str) -> dict:
+    params = SamplingParams(max_new_tokens=3000, ignore_eos=True, seed=0)
+    return {"input_ids": PROMPTS[1], "sampling_params": params.to_sglang(), "return_logprob": True, "rid": rid}
+
+
+def _start(server, rids: list[str]) -> tuple[dict, list[threading.Thread]]:
+    """Send a long /generate per rid, in order, each once the previous one is in the server's queue."""
+    results: dict[str, tuple[int, object]] = {}
+    threads = []
+    for k, rid in enumerate(rids):
+        t = threading.Thread(target=lambda r=rid: results.setdefault(r, post(server, "/generate", _long_body(r))))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 20
+        while len(server.requests()) <= k and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert server.requests() == rids  # the first runs, the others queue behind it
+    return results, threads
+
+
+def _wait_decoding(engine, before: int) -> None:
+    deadline = time.monotonic() + 20
+    while engine.tokens_generated == before and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def test_abort_all_ends_the_running_request_and_every_queued_one(engine, server, client):
+    before = engine.tokens_generated
+    results, threads = _start(server, ["run", "queued-a", "queued-b"])
+    _wait_decoding(engine, before)
+    t0 = time.monotonic()
+    client.abort()  # {"rid": "", "abort_all": true}
+    for t in threads:
+        t.join(timeout=30)
+    assert time.monotonic() - t0 < 10 and server.requests() == []
+    (status, running), *queued = (results[r] for r in ["run", "queued-a", "queued-b"])
+    assert status == 200 and running["meta_info"]["finish_reason"]["type"] == "abort"
+    assert 0 < len(running["output_ids"]) < 3000 and running["meta_info"]["id"] == "run"
+    for status, out in queued:  # never started: no tokens, answered at once
+        assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "abort" and out["output_ids"] == []
+
+
+def test_abort_by_rid_prefix_ends_only_matching_requests_and_an_empty_rid_ends_nothing(engine, server, client):
+    before = engine.tokens_generated
+    results, threads = _start(server, ["keep-0", "drop-1", "keep-2", "drop-3"])
+    _wait_decoding(engine, before)
+    assert post(server, "/abort_request", {"rid": ""})[0] == 200  # SGLang: no rid and no abort_all is a no-op
+    assert server.requests() == ["keep-0", "drop-1", "keep-2", "drop-3"]
+    assert post(server, "/abort_request", {"rid": "drop"})[0] == 200
+    for r in ("drop-1", "drop-3"):
+        threads[int(r[-1])].join(timeout=10)
+        status, out = results[r]
+        assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "abort" and out["output_ids"] == []
+    assert server.requests() == ["keep-0", "keep-2"]  # the running one kept decoding, the other kept its place
+    assert post(server, "/abort_request", {"rid": "keep-0"})[0] == 200  # the running one
+    threads[0].join(timeout=30)
+    assert 0 < len(results["keep-0"][1]["output_ids"]) < 3000
+    deadline = time.monotonic() + 20  # keep-2 starts now; let it decode, then end it too
+    while server.requests() != ["keep-2"] and time.monotonic() < deadline:
+        time.sleep(0.005)
+    _wait_decoding(engine, engine.tokens_generated)
+    client.abort()
+    threads[2].join(timeout=30)
+    assert results["keep-2"][1]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert len(results["keep-2"][1]["output_ids"]) > 0  # it ran after keep-0: it was never cancelled
+
+
+@pytest.mark.parametrize("body", [{"rid": 3}, {"abort_all": "yes"}])
+def test_abort_request_with_a_malformed_body_answers_400(server, body):
+    assert post(server, "/abort_request", body)[0] == 400
+
+
 def test_request_bodies_validate_against_sglang_schema(client):
     io_struct = pytest.importorskip("sglang.srt.managers.io_struct")
     params = SamplingParams(max_new_tokens=8, n=2, seed=1, stop=("x",), stop_token_ids=(3,))
