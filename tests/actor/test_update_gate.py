@@ -15,28 +15,13 @@ from tiny_models import VOCAB, make_tiny_hf
 
 from lcot_mega.actor.train_step import TrainBatch
 from lcot_mega.config import ActorConfig, AlgoConfig
+from lcot_mega.guards.bounds import UpdateBounds
 
 pytest.importorskip("megatron.core")
 
 # eps 1e-4: Adam's first steps stay smooth in the gradient (see test_train_step)
 OPTIM = dict(lr=1e-3, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-4, grad_clip=1.0, micro_batch_tokens=24)
 SHARPEN = 30.0
-
-
-class Bounds:
-    """Stand-in for `guards.bounds.UpdateBounds` (the gate only calls `rejects`): a bounded metric outside
-    [lo, hi] or nonfinite rejects the update."""
-
-    def __init__(self, **bounds: tuple[float | None, float | None]) -> None:
-        self.bounds = {k.replace("__", "/"): v for k, v in bounds.items()}
-
-    def rejects(self, metrics: dict[str, float]) -> list[str]:
-        out = []
-        for key, (lo, hi) in self.bounds.items():
-            v = metrics[key]
-            if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-                out.append(f"{key}={v}")
-        return out
 
 
 class RejectOnRank:
@@ -50,8 +35,11 @@ class RejectOnRank:
         return ["this rank says no"] if torch.distributed.get_rank() == self.rank else []
 
 
-REJECT_NORM = Bounds(actor__grad_norm=(None, 1e-6))  # every real gradient is larger
-PASS = Bounds(actor__grad_norm=(0.0, 1e9), actor__entropy=(0.0, math.log(VOCAB) + 1e-3))
+ENTROPY_MAX = math.log(VOCAB) + 1e-3
+REJECT_NORM = UpdateBounds({"actor/grad_norm": (None, 1e-6)})  # every real gradient is larger
+PASS = UpdateBounds({"actor/grad_norm": (0.0, 1e9), "actor/entropy": (0.0, ENTROPY_MAX)}, reject_nonfinite=True)
+ENTROPY_ONLY = UpdateBounds({"actor/entropy": (0.0, ENTROPY_MAX)})
+"""Passes a NaN-loss step (its forward, hence its entropy, is finite): the NaN gradient norm alone must skip it."""
 
 
 def _batch(step: int, **kwargs) -> TrainBatch:
@@ -124,7 +112,7 @@ def _one_rank_gate(rank: int, world: int, hf_dir: str) -> dict:
     out["s1"] = _state(gated)
     out["m_nan"] = gated.train_step(_batch(2, nan_loss=True))
     out["s_nan"] = _state(gated)
-    out["m_nan_bounded"] = gated.train_step(_batch(2, nan_loss=True, update_bounds=PASS))
+    out["m_nan_bounded"] = gated.train_step(_batch(2, nan_loss=True, update_bounds=ENTROPY_ONLY))
     out["s_nan_bounded"] = _state(gated)
     out["m_rej"] = gated.train_step(_batch(2, update_bounds=REJECT_NORM))
     out["s_rej"] = _state(gated)
@@ -155,7 +143,8 @@ def test_nan_loss_skips_the_update_and_leaves_weights_adam_and_schedule_untouche
     assert m["actor/lr"] == one_rank["m1"]["actor/lr"] == OPTIM["lr"]
     assert _same(one_rank["s_nan"], one_rank["s1"])
     assert _adam_steps(one_rank["s_nan"]) == {1.0}  # the one update before it, on every parameter
-    # bounds that any finite step passes do not let a NaN gradient through either
+    # bounds that the NaN step's metrics pass do not let its NaN gradient through either
+    assert ENTROPY_ONLY.rejects(one_rank["m_nan_bounded"]) == []
     assert one_rank["m_nan_bounded"]["actor/gate_skipped"] == 1.0
     assert _same(one_rank["s_nan_bounded"], one_rank["s1"])
 
