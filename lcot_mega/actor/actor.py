@@ -31,7 +31,7 @@ class MegatronActor:
     Attributes for the checkpoint and weight-sync code: `chunks` (DDP-wrapped policy chunks, one per
     virtual pipeline stage; `.module` is the `GPTModel`), `optimizer` (megatron-core `ChainedOptimizer`
     over distributed Adam), `scheduler` (`OptimizerParamScheduler`), `ref_chunks` (unwrapped, frozen;
-    None when algo.kl_coef == 0), `layout`.
+    None when algo.kl_coef == 0), `layout`, `lr_scale` (see `set_lr_scale`).
     """
 
     def __init__(self, arch: ArchSpec, cfg: ActorConfig, algo: AlgoConfig, hf_dir: str | Path, seed: int = 1) -> None:
@@ -146,7 +146,8 @@ class MegatronActor:
         Call on every rank of an actor built as usual (the HF weights it loaded are overwritten; its reference
         model stays the HF one). Any TP/PP/DP layout loads a checkpoint saved with any other; RNG states are
         restored only under the saved layout (`rng_restored`). A checkpoint of another model shape raises
-        `megatron_ckpt.CheckpointMismatchError` before anything is loaded.
+        `megatron_ckpt.CheckpointMismatchError` before anything is loaded. The LR schedule's position comes from
+        the checkpoint, its peak and minimum LR from this actor's config times `lr_scale`.
         """
         loaded = megatron_ckpt.load(self.chunks, path, optimizer=self.optimizer, scheduler=self.scheduler)
         ma.scale_schedule(self.scheduler, self.cfg, self.lr_scale)  # the checkpoint's peak LR is the saving run's

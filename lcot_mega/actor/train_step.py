@@ -1,4 +1,4 @@
-"""One optimizer step of the policy: forward/backward through the pipeline schedule, loss, clip, Adam.
+"""One optimizer step of the policy: forward/backward through the pipeline schedule, loss, update gate, clip, Adam.
 
 The loss of the whole batch is L = (sum over tokens of pg + kl_coef * kl - entropy_coef * H) / D, each term
 aggregated with `algo.loss_agg` over the SAME global denominator D (the sum of `aggregation_denominator`
