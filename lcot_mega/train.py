@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -196,8 +195,8 @@ def _inject_rollout_faults(rt: Runtime, inject, step: int) -> None:
         rt.inject_engine_fault("kill")
     if step in inject.hang_engine_at_step:
         rt.inject_engine_fault("hang")
-    if step in inject.sigterm_at_step:
-        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    if step in inject.sigterm_at_step:  # delivered at once: the handler sets the flag, the step runs to its end
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _watch_metrics(watch: Watch) -> dict[str, float]:

@@ -32,11 +32,16 @@ megatron-core 0.16.1 issues handled here (STACK-NOTES.md), all on the torch-Adam
 from __future__ import annotations
 
 import base64
+import contextlib
+import ctypes
 import io
 import json
+import os
 import pickle
 import random
 import shutil
+import signal
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -276,11 +281,42 @@ def copy_hf_side_files(hf_dir: str | Path, out: Path) -> list[str]:
     return copied
 
 
+def _writer_queue_dies_with_us() -> None:
+    """Start the results-queue server of megatron's torch_dist writer ourselves, set to die with this process.
+
+    megatron-core's `filesystem_async` starts a spawn `Manager()` on the first save and keeps it for the process's
+    life; a trainer that crashes (a killed node, an OOM kill) leaves that server behind, holding the trainer's
+    stdout/stderr open (a supervisor waiting for EOF then hangs). Our server gets PR_SET_PDEATHSIG.
+    Started from the calling thread, which must live as long as the trainer (the main or the actor thread).
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:
+        return
+    if getattr(fa, "_results_queue", "absent") is not None:  # already made, or a megatron without that global
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    fa._results_queue = manager.Queue()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
 def _write_checkpoint(tmp: Path, chunks: Sequence[torch.nn.Module], optimizer: Any, meta: dict, hf_dir) -> None:
     from megatron.core import dist_checkpointing as dc
 
     rank = _rank()
     rng = rng_state()  # first: the state as the caller left it
+    _writer_queue_dies_with_us()
     for sub in (MODEL_DIR, RNG_DIR) + ((OPTIMIZER_DIR,) if optimizer is not None else ()):
         (tmp / sub).mkdir(exist_ok=True)  # every rank: dc.save needs the directory to exist first
     dc.save(model_sharded_state_dict(chunks), str(tmp / MODEL_DIR))
