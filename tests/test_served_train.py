@@ -64,6 +64,20 @@ def test_served_engine_trains_exactly_like_the_in_process_engine(tmp_path, model
     assert (tmp_path / "run" / "logs" / "server-0.log").read_text().startswith("===== server 0 launch 1 at ")
     for r in served:
         assert r["rollout/engine_failures"] == r["rollout/engine_restarts"] == 0 and r["rollout/engines_live"] == 1
+    port = proc.stdout.split("rollout server(s) at http://127.0.0.1:")[1].split(";")[0]
+    assert not _processes_with(f"--port\0{port}\0")  # the server did not outlive the run
+
+
+def _processes_with(arg: str) -> list[int]:
+    """Pids of running processes whose command line contains `arg` (arguments joined by NUL)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if arg.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_a_killed_and_a_hung_server_are_restarted_and_the_run_is_unchanged(tmp_path, model, in_process):
