@@ -9,7 +9,9 @@ of the caller and is raised at once, never re-sent.
 Recovery runs on a background thread, outside the request path: `on_dead(i)` returns a replacement engine (for
 servers: `ServerSupervisor.restart(i)` and a fresh client), `resync(i, engine)` brings it to the weights the
 pool holds now, and only then does it rejoin. Weight loads through the pool (`update_weights`, `for_each_live`)
-and resyncs hold one lock, so a replacement never rejoins behind a weight update that happened meanwhile.
+and resyncs hold one lock, so a replacement never rejoins behind a weight update that happened meanwhile. While
+every engine is being restarted, weight loads and memory calls only record the version (`version`) and the released
+tags for the replacement, requests wait up to `recovery_wait_s` for it, and so does `weight_version`.
 
 Give the pool HTTP clients with `retries=0`: a client that retries on its own could send a request to a
 restarted server before it is resynced, and failover is the pool's job anyway.
@@ -345,7 +347,7 @@ class EnginePool:
         replacement is resynced)."""
         named = list(named_tensors)  # an iterator can be read once, the engines need it each
         with self._weights_lock:
-            self._fan_out(lambda e: e.update_weights(named, version))
+            self._fan_out(lambda e: e.update_weights(named, version), recovering_ok=True)
             with self._cond:
                 self._known_version = version
 
@@ -357,8 +359,13 @@ class EnginePool:
 
     @property
     def weight_version(self) -> int:
-        """The version every live engine holds; raises if they disagree."""
-        versions = self._fan_out(lambda e: e.weight_version)
+        """The version every live engine holds; raises if they disagree. While every engine is being restarted, waits
+        up to `recovery_wait_s` for one to rejoin (call it without holding the pool's weight lock)."""
+        versions = self._fan_out(lambda e: e.weight_version, recovering_ok=True)
+        if not versions:
+            with self._cond:
+                self._cond.wait_for(lambda: any(self._live) or not self._recovering, self.recovery_wait_s)
+            versions = self._fan_out(lambda e: e.weight_version)
         if len(set(versions.values())) != 1:
             raise RuntimeError(f"live engines disagree on the weight version: {versions}")
         return next(iter(versions.values()))
@@ -367,17 +374,17 @@ class EnginePool:
         """Release on every live engine; a replacement joining later is released too before it rejoins."""
         checked = check_memory_tags(tags)
         with self._weights_lock:
-            self._fan_out(lambda e: e.release_memory(tags))
+            self._fan_out(lambda e: e.release_memory(tags), recovering_ok=True)
             self._released.update(checked)
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
         checked = check_memory_tags(tags)
         with self._weights_lock:
-            self._fan_out(lambda e: e.resume_memory(tags))
+            self._fan_out(lambda e: e.resume_memory(tags), recovering_ok=True)
             self._released.difference_update(checked)
 
     def flush_cache(self) -> None:
-        self._fan_out(lambda e: e.flush_cache())
+        self._fan_out(lambda e: e.flush_cache(), recovering_ok=True)
 
     def health(self) -> bool:
         """True when at least one live engine answers healthy."""
@@ -401,9 +408,13 @@ class EnginePool:
         with self._cond:
             return [(i, self._engines[i], self._generation[i]) for i, ok in enumerate(self._live) if ok]
 
-    def _fan_out(self, fn: Callable[[RolloutEngine], T], *, require_live: bool = True) -> dict[int, T]:
+    def _fan_out(
+        self, fn: Callable[[RolloutEngine], T], *, require_live: bool = True, recovering_ok: bool = False
+    ) -> dict[int, T]:
         """`fn` on every live engine concurrently. Engine failures mark that engine dead; any other error is
-        raised after all calls returned. With `require_live`, raise `NoLiveEngineError` if none answered."""
+        raised after all calls returned. With `require_live`, raise `NoLiveEngineError` if none answered, unless
+        `recovering_ok` and an engine is being restarted (a weight load or memory call then reaches it through
+        `resync` and the released tags before it rejoins)."""
         slots = self._live_slots()
         results: dict[int, T] = {}
         errors: list[Exception] = []
@@ -423,7 +434,8 @@ class EnginePool:
             raise errors[0]
         if require_live and not results:
             with self._cond:
-                raise self._no_live_error()
+                if not (recovering_ok and self._recovering and not self._closed):
+                    raise self._no_live_error()
         return results
 
 

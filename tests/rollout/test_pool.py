@@ -218,6 +218,45 @@ def test_counters_are_taken_once_and_version_is_the_last_loaded_through_the_pool
     assert pool.take_counters() == {"failures": 0, "failovers": 0, "restarts": 0}  # since the last call
 
 
+class GoneEngine(FakeEngine):
+    """A server that died: every call is refused."""
+
+    def update_weights(self, named_tensors, version: int) -> None:
+        raise ConnectionError("refused")
+
+    @property
+    def weight_version(self) -> int:
+        raise ConnectionError("refused")
+
+
+def test_with_its_only_engine_restarting_a_weight_sync_goes_to_the_replacement():
+    """One engine, dead between a rollout and the weight sync: the sync must not fail the run. The load is kept as
+    the pool's version, resync brings the replacement to it, and weight_version waits for the replacement."""
+    gate, replacement = threading.Event(), FakeEngine(5)
+
+    def on_dead(i: int) -> FakeEngine:
+        gate.wait(10)  # the server takes a while to restart
+        return replacement
+
+    pool = EnginePool(
+        [GoneEngine(0)], on_dead=on_dead, resync=lambda i, e: e.update_weights([], pool.version), recovery_wait_s=10
+    )
+    pool.update_weights([("w", torch.ones(1))], 3)  # marks it dead, starts its recovery, does not raise
+    pool.flush_cache()
+    assert pool.dead() == [0] and pool.version == 3
+    threading.Timer(0.3, gate.set).start()
+    assert pool.weight_version == 3 and replacement.version == 3 and pool.live() == [0]
+    assert pool.take_counters() == {"failures": 1, "failovers": 0, "restarts": 1}
+
+
+def test_without_a_recovery_a_weight_load_with_no_live_engine_fails():
+    pool = EnginePool([GoneEngine(0)])
+    with pytest.raises(NoLiveEngineError):
+        pool.update_weights([("w", torch.ones(1))], 3)
+    with pytest.raises(NoLiveEngineError):
+        pool.weight_version  # noqa: B018 (a property that calls the engines)
+
+
 def test_a_replacement_at_another_weight_version_stays_out():
     pool = EnginePool(
         [FakeEngine(0, version=3, error=ConnectionError("reset")), FakeEngine(1, version=3)],
