@@ -4,6 +4,7 @@ current weights (not the model directory's); a resync waits for a train step in 
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -128,6 +129,21 @@ def test_a_resync_waits_for_a_train_step_in_progress(rt):
         assert rt.engine.dead() == [1]  # restarted, but it may not read the weights yet
     assert_all_answered(groups, 1)
     assert_rejoined_in_sync(rt, 1)
+
+
+def test_every_server_dead_between_rollout_and_sync_gets_the_sync_when_it_is_back(rt):
+    before = probes(rt)[0]
+    with torch.no_grad():  # the next step's weights
+        gen = torch.Generator().manual_seed(1)
+        for p in rt.actor.rank.actor.chunks[0].parameters():
+            p.add_(0.5 * p.std() * torch.randn(p.shape, generator=gen))
+    for proc in rt.servers.processes:
+        proc.signal(signal.SIGKILL)
+    assert rt.engine.live() == [0, 1]  # nobody asked them anything yet
+    rt.actor.sync_weights(2)  # finds both dead: kept for the replacements, not an error
+    assert_all_answered(rt.engine.generate(PROMPTS, PARAMS), 2)  # waits for a replacement
+    assert_rejoined_in_sync(rt, 2)
+    assert (probes(rt)[0] - before).abs().max() > 0.1
 
 
 def test_train_step_and_checkpoint_loads_hold_the_actor_lock_but_sync_does_not(rt):
