@@ -81,7 +81,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServeConfig(
         host=args.host, port=args.port, api_key=args.api_key, allow_weight_updates=not args.disable_weight_updates
     )
-    server = RolloutServer(EmbeddedEngine(args.model_dir), cfg, model_path=str(args.model_dir))
+    from lcot_mega.cluster.runtime import ROLLOUT_DTYPES
+
+    engine = EmbeddedEngine(args.model_dir, dtype=ROLLOUT_DTYPES[args.dtype])
+    server = RolloutServer(engine, cfg, model_path=str(args.model_dir))
     print(f"lcot-mega serve: {args.model_dir} on {server.url}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
@@ -135,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; non-loopback needs --api-key")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="parameter dtype (model.dtype)"
+    )
     p.add_argument(
         "--disable-weight-updates", action="store_true", help="answer 403 on weight-update and memory endpoints"
     )

@@ -195,7 +195,7 @@ def server_command(cfg: Config) -> Callable[[int, int], list[str]]:
     from lcot_mega.rollout.launcher import embedded_command, sglang_command
 
     if cfg.rollout.engine != "sglang":
-        return lambda i, port: embedded_command(cfg.model.path, port)
+        return lambda i, port: embedded_command(cfg.model.path, port, dtype=cfg.model.dtype)
     tp = max(1, int(cfg.cluster.gpus_per_engine))
     gpus = max(1, torch.cuda.device_count())
     per_gpu = max(1, math.ceil(cfg.cluster.num_engines * tp / gpus))

@@ -68,11 +68,16 @@ def sglang_command(
 
 
 def embedded_command(
-    model_path: str | Path, port: int, *, host: str = "127.0.0.1", api_key: str | None = None
+    model_path: str | Path,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    api_key: str | None = None,
+    dtype: str = "float32",
 ) -> list[str]:
     """`lcot-mega serve` (the embedded engine behind SGLang's HTTP subset) with this interpreter."""
     cmd = [sys.executable, "-m", "lcot_mega.cli", "serve", str(model_path), "--port", str(int(port)), "--host", host]
-    return cmd + (["--api-key", api_key] if api_key else [])
+    return cmd + ["--dtype", dtype] + (["--api-key", api_key] if api_key else [])
 
 
 def _url(host: str, port: int) -> str:

@@ -67,9 +67,9 @@ def test_sglang_command_uses_sglang_server_arg_names():
 
 
 def test_embedded_command_runs_lcot_mega_serve_with_this_interpreter():
-    cmd = embedded_command("/m", 8000, host="127.0.0.1", api_key="k")
+    cmd = embedded_command("/m", 8000, host="127.0.0.1", api_key="k", dtype="bfloat16")
     assert cmd == [sys.executable, "-m", "lcot_mega.cli", "serve", "/m", "--port", "8000", "--host", "127.0.0.1",
-                   "--api-key", "k"]  # fmt: skip
+                   "--dtype", "bfloat16", "--api-key", "k"]  # fmt: skip
 
 
 def test_servers_start_healthy_on_distinct_urls_and_log_to_their_own_files(supervisor):
