@@ -6,6 +6,7 @@ Every run is a real process on the tiny model; outcomes are read back from what 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,17 @@ def test_halt_saves_the_state_and_exits_3_with_a_report(tmp_path, model):
     assert sorted(m) == [1] and m[1]["guard/action"] == "halt"
     assert "halted" in (run / "guards.log").read_text()
     assert CheckpointStore(run / "checkpoints", is_writer=False).latest_valid().step == 1
+
+
+def test_a_grader_that_hangs_times_out_scores_zero_and_the_run_goes_on(tmp_path, model):
+    """The grader is isolated per process (tests/reward); here the loop around it: a reward function that hangs on
+    every response of even length (tests/hanging_reward.py) costs reward.timeout_s per grade, never the run."""
+    run = tmp_path / "run"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    args = [sys.executable, "-m", "lcot_mega.cli", "train", str(TINY), f"model.path={model}", *QUIET]
+    args += ["trainer.steps=2", "reward.fn=hanging_reward:hang_on_even_length", "reward.timeout_s=1"]
+    proc = subprocess.run([*args, "--run-dir", str(run)], capture_output=True, text=True, timeout=300, env=env)
+    _ok(proc)
+    m = _steps(run)
+    assert sorted(m) == [1, 2]
+    assert all(0 < m[s]["reward/timeout_frac"] < 1 for s in (1, 2)), [m[s]["reward/timeout_frac"] for s in (1, 2)]

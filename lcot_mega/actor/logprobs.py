@@ -99,16 +99,18 @@ def run_schedule(
 
     # one iterator per model chunk: the interleaved schedule walks each chunk through every micro-batch
     iterators = [iter(micro_batches) for _ in chunks]
-    out = ma.forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if len(chunks) > 1 else iterators[0],
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(micro_batches),
-        seq_length=max(mb.input_ids.shape[1] for mb in micro_batches),  # per-micro-batch shapes are exchanged
-        micro_batch_size=max(mb.input_ids.shape[0] for mb in micro_batches),
-        forward_only=forward_only,
-        collect_non_loss_data=forward_only,
-    )
+    dtype = ma.autocast_dtype(chunks)  # the backward too (megatron_adapter._autocast_forward)
+    with torch.autocast(ma.compute_device().type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = ma.forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(micro_batches),
+            seq_length=max(mb.input_ids.shape[1] for mb in micro_batches),  # per-micro-batch shapes are exchanged
+            micro_batch_size=max(mb.input_ids.shape[0] for mb in micro_batches),
+            forward_only=forward_only,
+            collect_non_loss_data=forward_only,
+        )
     return list(out) if out else []
 
 

@@ -8,8 +8,10 @@ is used; on GPU the Transformer Engine spec is used when TE imports.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -205,8 +207,38 @@ def build_model(arch: ArchSpec, cfg: ActorConfig) -> list[torch.nn.Module]:
         )
         if model.post_process:
             model.output_layer.register_forward_hook(_contiguous_output_grad)
+        if cfg.precision == "bf16_autocast":
+            _autocast_forward(model, torch.bfloat16)
         chunks.append(model)
     return chunks
+
+
+def _autocast_forward(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Run `model`'s forward under torch.autocast and hand back fp32 outputs (logits, or the hidden states a
+    pipeline stage sends on): parameters and their gradients stay fp32 (actor.precision = bf16_autocast).
+
+    `run_schedule` also holds autocast over the backward (`autocast_dtype`): megatron-core's linear layers are
+    autograd Functions whose backward re-enters the forward's autocast state only on CUDA (`custom_bwd`), and
+    on CPU would multiply a bf16 gradient by the saved fp32 weight.
+    """
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=compute_device().type, dtype=dtype):
+            out = inner(*args, **kwargs)
+        return out.float() if isinstance(out, torch.Tensor) else out
+
+    model.forward = forward
+    model.lcot_autocast_dtype = dtype
+
+
+def autocast_dtype(chunks: list[torch.nn.Module]) -> torch.dtype | None:
+    """The bf16_autocast compute dtype of these (possibly DDP-wrapped) chunks, or None."""
+    model = chunks[0]
+    while hasattr(model, "module") and not hasattr(model, "lcot_autocast_dtype"):
+        model = model.module
+    return getattr(model, "lcot_autocast_dtype", None)
 
 
 def _contiguous_output_grad(module: torch.nn.Module, inputs: tuple, outputs: tuple) -> None:

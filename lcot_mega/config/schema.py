@@ -194,8 +194,10 @@ class ActorConfig:
     """Megatron pipeline-parallel size."""
     virtual_pipeline: int | None = opt(None, ge=2)
     """Virtual pipeline stages per rank (interleaved schedule); None disables it."""
-    precision: str = opt("auto", choices=("auto", "fp32", "bf16"))
-    """Parameter/compute dtype: auto = bf16 on GPU, fp32 on CPU."""
+    precision: str = opt("auto", choices=("auto", "fp32", "bf16", "bf16_autocast"))
+    """Parameter/compute dtype: auto = bf16 on GPU, fp32 on CPU. bf16_autocast keeps parameters, gradients and
+    Adam in fp32 and runs the matrix products in bf16 (torch.autocast): every update reaches the weights, at
+    about the speed of bf16 compute on CPUs with bf16 dot products (the CPU quick start)."""
     fp8: str | None = opt(None, choices=("e4m3", "hybrid"))
     """FP8 training through Transformer Engine (GPU only); None disables it."""
     fp8_recipe: str = opt("delayed", choices=("delayed", "tensorwise", "blockwise", "mxfp8"))

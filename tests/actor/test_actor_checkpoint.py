@@ -9,15 +9,14 @@ Three gloo launches cover every case (a launch costs seconds): TP=2 runs the uni
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from distributed_harness import run_gloo
-from tiny_models import VOCAB, make_tiny_hf
+from tiny_models import make_tiny_hf
+from train_batches import random_train_batch
 
-from lcot_mega.actor.train_step import TrainBatch
 from lcot_mega.config import ActorConfig, AlgoConfig
 
 pytest.importorskip("megatron.core")
@@ -44,18 +43,6 @@ ALGO = dict(kl_coef=0.05, kl_kind="low_var_kl")
 COMPARED = ("actor/loss", "actor/grad_norm", "actor/lr", "actor/kl_loss", "actor/clipfrac")
 
 
-def _batch(step: int) -> TrainBatch:
-    """Step `step`'s batch: fixed prompts, responses, advantages and old log-probs (near a uniform policy's,
-    so some ratios leave the clip range)."""
-    g = torch.Generator().manual_seed(100 + step)
-    shapes = [(3, 9), (1, 5), (6, 2), (2, 7), (4, 4), (5, 3)]
-    prompts = [torch.randint(0, VOCAB, (p,), generator=g).tolist() for p, _ in shapes]
-    responses = [torch.randint(0, VOCAB, (r,), generator=g).tolist() for _, r in shapes]
-    old = [-math.log(VOCAB) + 0.3 * torch.randn(r, generator=g) for _, r in shapes]
-    advantages = [float(a) for a in torch.randn(len(shapes), generator=g)]
-    return TrainBatch(prompts, responses, advantages, old_logprobs=old, temperature=0.7)
-
-
 def _actor(hf_dir: str, tp: int):
     from lcot_mega.actor.actor import MegatronActor
     from lcot_mega.bridge.arch import arch_from_hf_config
@@ -65,7 +52,7 @@ def _actor(hf_dir: str, tp: int):
 
 
 def _steps(actor, steps: range) -> list[dict]:
-    metrics = [actor.train_step(_batch(s)) for s in steps]
+    metrics = [actor.train_step(random_train_batch(s)) for s in steps]
     return [{k: m[k] for k in COMPARED} for m in metrics]
 
 

@@ -74,3 +74,42 @@ def test_frozen_embeddings_stay_put_while_the_rest_trains(tmp_path):
     trained = [n for n, same in unchanged.items() if not same]
     assert trained and all("word_embeddings" not in n for n in trained)
     assert any("linear_qkv" in n for n in trained)
+
+
+def _one_update_run(rank: int, world_size: int, hf_dir: str, precision: str, sequences) -> dict:
+    from transformers import AutoConfig
+
+    from lcot_mega.actor.actor import MegatronActor
+    from lcot_mega.actor.train_step import TrainBatch
+    from lcot_mega.bridge.arch import arch_from_hf_config
+    from lcot_mega.config import ActorConfig, AlgoConfig
+
+    torch.set_num_threads(1)
+    arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
+    actor = MegatronActor(arch, ActorConfig(precision=precision, lr=1e-5), AlgoConfig(), hf_dir)
+    params = {n: p for chunk in actor.chunks for n, p in chunk.module.named_parameters()}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    logprobs = actor.compute_logprobs(sequences)
+    actor.train_step(TrainBatch([s[0] for s in sequences], [s[1] for s in sequences], advantages=[1.0, -1.0]))
+    return {
+        "dtypes": {n: p.dtype for n, p in params.items()},
+        "delta": torch.cat([(p.detach() - before[n]).flatten() for n, p in params.items()]),
+        "logprobs": logprobs,
+    }
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_applies_every_small_update(tmp_path):
+    """actor.precision = bf16_autocast: bf16 products, fp32 parameters. An lr-1e-5 Adam step, far below a bf16
+    weight's resolution, must move the weights as the fp32 actor's step does (a bf16 parameter would not move)."""
+    hf_dir = str(make_tiny_hf(tmp_path, "llama", **SHARP_LONG))
+    sequences = [([1, 5, 9, 13], [20, 30, 40, 50, 60]), ([2, 6, 10], [70, 80, 11, 12])]
+    (auto,) = run_gloo(_one_update_run, 1, hf_dir, "bf16_autocast", sequences)
+    (fp32,) = run_gloo(_one_update_run, 1, hf_dir, "fp32", sequences)
+    assert set(auto["dtypes"].values()) == {torch.float32}
+    for got, want in zip(auto["logprobs"], fp32["logprobs"], strict=True):
+        assert torch.allclose(got, want, rtol=0.03, atol=0.05), (got - want).abs().max()  # bf16 products
+        assert not torch.equal(got, want)  # the products really ran in bf16
+    a, f = auto["delta"].double(), fp32["delta"].double()
+    assert f.norm() > 0
+    assert 0.8 < a.norm() / f.norm() < 1.25
+    assert torch.nn.functional.cosine_similarity(a, f, dim=0) > 0.9

@@ -12,6 +12,7 @@ import pytest
 import torch
 from distributed_harness import run_gloo
 from tiny_models import VOCAB, make_tiny_hf
+from train_batches import random_train_batch
 
 from lcot_mega.actor.train_step import TrainBatch
 from lcot_mega.config import ActorConfig, AlgoConfig
@@ -40,16 +41,6 @@ REJECT_NORM = UpdateBounds({"actor/grad_norm": (None, 1e-6)})  # every real grad
 PASS = UpdateBounds({"actor/grad_norm": (0.0, 1e9), "actor/entropy": (0.0, ENTROPY_MAX)}, reject_nonfinite=True)
 ENTROPY_ONLY = UpdateBounds({"actor/entropy": (0.0, ENTROPY_MAX)})
 """Passes a NaN-loss step (its forward, hence its entropy, is finite): the NaN gradient norm alone must skip it."""
-
-
-def _batch(step: int, **kwargs) -> TrainBatch:
-    g = torch.Generator().manual_seed(100 + step)
-    shapes = [(3, 9), (1, 5), (6, 2), (2, 7), (4, 4), (5, 3)]
-    prompts = [torch.randint(0, VOCAB, (p,), generator=g).tolist() for p, _ in shapes]
-    responses = [torch.randint(0, VOCAB, (r,), generator=g).tolist() for _, r in shapes]
-    old = [-math.log(VOCAB) + 0.3 * torch.randn(r, generator=g) for _, r in shapes]
-    advantages = [float(a) for a in torch.randn(len(shapes), generator=g)]
-    return TrainBatch(prompts, responses, advantages, old_logprobs=old, temperature=0.7, **kwargs)
 
 
 def _actor(hf_dir: str, **cfg):
@@ -108,23 +99,26 @@ def _one_rank_gate(rank: int, world: int, hf_dir: str) -> dict:
     torch.set_num_threads(1)  # tiny matrices: more threads only oversubscribe the cores
     out = {}
     gated = _actor(hf_dir)
-    out["m1"] = gated.train_step(_batch(1))
+    out["m1"] = gated.train_step(random_train_batch(1))
     out["s1"] = _state(gated)
-    out["m_nan"] = gated.train_step(_batch(2, nan_loss=True))
+    out["m_nan"] = gated.train_step(random_train_batch(2, nan_loss=True))
     out["s_nan"] = _state(gated)
-    out["m_nan_bounded"] = gated.train_step(_batch(2, nan_loss=True, update_bounds=ENTROPY_ONLY))
+    out["m_nan_bounded"] = gated.train_step(random_train_batch(2, nan_loss=True, update_bounds=ENTROPY_ONLY))
     out["s_nan_bounded"] = _state(gated)
-    out["m_rej"] = gated.train_step(_batch(2, update_bounds=REJECT_NORM))
+    out["m_rej"] = gated.train_step(random_train_batch(2, update_bounds=REJECT_NORM))
     out["s_rej"] = _state(gated)
-    out["m_pass"] = gated.train_step(_batch(2, update_bounds=PASS))
+    out["m_pass"] = gated.train_step(random_train_batch(2, update_bounds=PASS))
     out["s_pass"] = _state(gated)
 
     plain = _actor(hf_dir)
-    out["plain"] = [plain.train_step(_batch(1)), plain.train_step(_batch(2))]
+    out["plain"] = [plain.train_step(random_train_batch(1)), plain.train_step(random_train_batch(2))]
     out["s_plain"] = _state(plain)
 
     core = _actor(hf_dir)
-    out["core_norms"] = [_megatron_core_step(core, _batch(1)), _megatron_core_step(core, _batch(2))]
+    out["core_norms"] = [
+        _megatron_core_step(core, random_train_batch(1)),
+        _megatron_core_step(core, random_train_batch(2)),
+    ]
     out["s_core"] = _state(core)
     return out
 
@@ -182,15 +176,15 @@ def _two_rank_gate(rank: int, world: int, hf_dir: str, layouts: list) -> dict:
     out = {}
     for name, tp, pp in layouts:
         actor = _actor(hf_dir, tensor_parallel=tp, pipeline_parallel=pp)
-        actor.train_step(_batch(1))
+        actor.train_step(random_train_batch(1))
         before = _state(actor)
         metrics, unchanged = [], []
         for bounds, nan in ((REJECT_NORM, False), (None, True), (RejectOnRank(1), False), (RejectOnRank(0), False)):
-            metrics.append(actor.train_step(_batch(2, update_bounds=bounds, nan_loss=nan)))
+            metrics.append(actor.train_step(random_train_batch(2, update_bounds=bounds, nan_loss=nan)))
             unchanged.append(_same(_state(actor), before))
-        metrics.append(actor.train_step(_batch(2, update_bounds=PASS)))
+        metrics.append(actor.train_step(random_train_batch(2, update_bounds=PASS)))
         unchanged.append(_same(_state(actor), before))
-        sequences = _batch(3).sequences
+        sequences = random_train_batch(3).sequences
         cold = actor.compute_logprobs_and_entropy(sequences, temperature=1 / SHARPEN)
         actor.sharpen(SHARPEN)
         sharp = actor.compute_logprobs_and_entropy(sequences, temperature=1.0)
@@ -237,17 +231,17 @@ def _lr_scale_run(rank: int, world: int, hf_dir: str, ckpt: str) -> dict:
     out = {}
     full = _actor(hf_dir, **schedule)
     half = _actor(hf_dir, **schedule)
-    out["full"] = [full.train_step(_batch(1))["actor/lr"]]
-    half.train_step(_batch(1))
+    out["full"] = [full.train_step(random_train_batch(1))["actor/lr"]]
+    half.train_step(random_train_batch(1))
     w1 = _state(half)
     half.set_lr_scale(0.5)
     half.set_lr_scale(0.5)  # absolute: twice is once
     out["current_lr"] = half.optimizer.param_groups[0]["lr"]
-    out["full"].append(full.train_step(_batch(2))["actor/lr"])
-    out["half"] = [half.train_step(_batch(2))["actor/lr"]]
+    out["full"].append(full.train_step(random_train_batch(2))["actor/lr"])
+    out["half"] = [half.train_step(random_train_batch(2))["actor/lr"]]
     out["moves"] = _moves(w1, _state(full)), _moves(w1, _state(half))
-    out["full"].append(full.train_step(_batch(3))["actor/lr"])
-    out["half"].append(half.train_step(_batch(3))["actor/lr"])
+    out["full"].append(full.train_step(random_train_batch(3))["actor/lr"])
+    out["half"].append(half.train_step(random_train_batch(3))["actor/lr"])
     half.save_checkpoint(ckpt, 3)  # saved at scale 0.5
 
     resumed = {}
@@ -258,8 +252,8 @@ def _lr_scale_run(rank: int, world: int, hf_dir: str, ckpt: str) -> dict:
         actor.load_checkpoint(ckpt)
         if scale == 0.5:
             actor.set_lr_scale(scale)
-        resumed[scale] = actor.train_step(_batch(4))["actor/lr"]
-    out["full"].append(full.train_step(_batch(4))["actor/lr"])
+        resumed[scale] = actor.train_step(random_train_batch(4))["actor/lr"]
+    out["full"].append(full.train_step(random_train_batch(4))["actor/lr"])
     out["resumed"] = resumed
     return out
 
@@ -300,14 +294,14 @@ def test_lr_scale_must_be_positive_and_finite():
 def _sharpen_run(rank: int, world: int, hf_dir: str) -> dict:
     torch.set_num_threads(1)
     actor = _actor(hf_dir)
-    sequences = _batch(1).sequences
+    sequences = random_train_batch(1).sequences
     weight = actor.chunks[0].module.decoder.final_layernorm.weight
     w0 = weight.detach().clone()
     before = actor.compute_logprobs_and_entropy(sequences)
     actor.sharpen(SHARPEN)
     w_sharp = weight.detach().clone()
     after = actor.compute_logprobs_and_entropy(sequences)
-    actor.train_step(_batch(2))  # the optimizer's copy of the weight was sharpened too: a step keeps it
+    actor.train_step(random_train_batch(2))  # the optimizer's copy of the weight was sharpened too: a step keeps it
     return dict(before=before, after=after, w0=w0, w_sharp=w_sharp, w_stepped=weight.detach().clone())
 
 
