@@ -175,7 +175,8 @@ def test_a_grader_that_hangs_times_out_scores_zero_and_the_run_goes_on(tmp_path,
     run = tmp_path / "run"
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     args = [sys.executable, "-m", "lcot_mega.cli", "train", str(TINY), f"model.path={model}", *QUIET]
-    args += ["trainer.steps=2", "reward.fn=hanging_reward:hang_on_even_length", "reward.timeout_s=1"]
+    args += ["trainer.steps=2", "trainer.prompts_per_step=2", "reward.fn=hanging_reward:hang_on_even_length"]
+    args += ["reward.timeout_s=1"]
     proc = subprocess.run([*args, "--run-dir", str(run)], capture_output=True, text=True, timeout=300, env=env)
     _ok(proc)
     m = _steps(run)

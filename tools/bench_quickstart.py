@@ -1,6 +1,6 @@
 """The quick start against a plain-PyTorch GRPO loop on the same box, task, prompts, grader and clock.
 
-python tools/bench_quickstart.py [--config configs/quickstart.yaml] [--out runs/bench-quickstart]
+python tools/bench_quickstart.py [--config configs/quickstart.yaml] [--out runs/bench-quickstart] [key=value ...]
 
 STACK-NOTES.md sets the bar: the product's quick start should learn at least as fast per minute as a minimal
 GRPO loop with no framework (transformers generate with a KV cache from a bf16 copy, an fp32 master model
@@ -25,10 +25,10 @@ from lcot_mega.config import Config, load_config
 from lcot_mega.observe import read_metrics
 
 
-def run_product(config: str, run_dir: Path) -> tuple[float, float, float, int]:
+def run_product(config: str, overrides: list[str], run_dir: Path) -> tuple[float, float, float, int]:
     """`lcot-mega train` as the README runs it: (wall seconds, accuracy first eval, last eval, steps)."""
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "lcot_mega.cli", "train", config, "--run-dir", str(run_dir), "--no-resume"]
+    cmd = [sys.executable, "-m", "lcot_mega.cli", "train", config, *overrides, "--run-dir", str(run_dir), "--no-resume"]
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -140,9 +140,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--out", default="runs/bench-quickstart")
+    parser.add_argument("overrides", nargs="*", help="config overrides for both loops, e.g. trainer.seed=2")
     args = parser.parse_args()
-    product = run_product(args.config, Path(args.out) / "product")
-    plain = run_plain(load_config(args.config), product[0])
+    product = run_product(args.config, args.overrides, Path(args.out) / "product")
+    plain = run_plain(load_config(args.config, args.overrides), product[0])
     print("\n| loop | wall | steps | held-out before | after | points / min |\n| --- | --- | --- | --- | --- | --- |")
     rates = []
     for name, (wall, first, last, steps) in (("lcot-mega train", product), ("plain PyTorch loop", plain)):
