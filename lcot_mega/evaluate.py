@@ -46,14 +46,23 @@ class EvalResult:
         mean = sum(per) / n
         return math.sqrt(sum((p - mean) ** 2 for p in per) / (n - 1) / n)
 
+    def pass_at(self, k: int) -> float:
+        """pass@k over the problems: the unbiased estimate from each problem's `self.k` samples (`pass_at_k`)."""
+        if not self.correct:
+            return 0.0
+        return sum(pass_at_k(self.k, c, k) for c in self.correct) / len(self.correct)
+
     def metrics(self) -> dict[str, float]:
         prefix = f"eval/{self.source}"
-        return {
+        out = {
             f"{prefix}/accuracy": self.accuracy,
             f"{prefix}/accuracy_stderr": self.stderr,
             f"{prefix}/response_len_mean": self.response_len_mean,
             f"{prefix}/truncated_frac": self.truncated_frac,
         }
+        for k in pass_ks(self.k):
+            out[f"{prefix}/pass@{k}"] = self.pass_at(k)
+        return out
 
     def save(self, path: str | Path) -> None:
         """Per-problem results as JSON (atomically: a crash leaves the previous file or none)."""
@@ -61,6 +70,27 @@ class EvalResult:
         body["problems"] = [{"uid": u, "correct": c} for u, c in zip(self.uids, self.correct, strict=True)]
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(path), json.dumps(body, indent=1))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from `n` samples of which `c` are correct: 1 - C(n-c, k) / C(n, k).
+
+    Chen et al. 2021 ("Evaluating Large Language Models Trained on Code", eq. 1), in the product form
+    1 - prod_{i=n-c+1}^{n} (1 - k / i), which avoids huge binomials.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0  # every k-subset holds a correct sample
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def pass_ks(n: int) -> list[int]:
+    """The k reported as pass@k for `n` samples per problem: 1, 2, 4, ... up to n, and n itself (none for n = 1)."""
+    if n < 2:
+        return []
+    ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+    return ks if ks[-1] == n else [*ks, n]
 
 
 def eval_params(cfg: Config, seed: int) -> SamplingParams:
