@@ -38,7 +38,7 @@ class Drill:
 
 DRILLS = [
     Drill("NaN gradient", ("debug.inject.nan_grad_at_step=[3]",)),
-    Drill("entropy collapse", ("debug.inject.entropy_collapse_at_step=[3]", "guards.entropy.window=2")),
+    Drill("entropy collapse", ("debug.inject.entropy_collapse_at_step=[2]", "guards.entropy.window=2")),
     Drill("killed rollout server", (*SERVED, "debug.inject.kill_engine_at_step=[3]")),
     Drill("hung rollout server", (*SERVED, "debug.inject.hang_engine_at_step=[3]")),
     Drill("SIGTERM", ("debug.inject.sigterm_at_step=[3]",), reruns=1),

@@ -301,6 +301,9 @@ class MonitorConfig:
     min_ratio: float | None = opt(None, gt=0.0)
     max_ratio: float | None = opt(None, gt=0.0)
     window: int = opt(10, ge=1)
+    patience: int = opt(1, ge=1)
+    """Consecutive breaching steps before a skip / rollback / halt is taken; the earlier ones are warnings that keep
+    the update but neither enter the windows nor confirm a checkpoint good (a trend, not one noisy batch)."""
 
 
 def _monitor(action: str, **bounds: float | int | None) -> MonitorConfig:
@@ -315,8 +318,9 @@ class GuardsConfig:
     enabled: bool = True
     nonfinite: MonitorConfig = _monitor("skip_step")
     """NaN/Inf in the loss, gradient norm, log-probs or any other metric of the step (bounds unused)."""
-    entropy: MonitorConfig = _monitor("rollback", min_ratio=0.25, max_ratio=4.0, window=10)
-    """actor/entropy: collapse (falls to a quarter of its recent median) or blow-up (four times it)."""
+    entropy: MonitorConfig = _monitor("rollback", min_ratio=0.25, max_ratio=4.0, window=10, patience=3)
+    """actor/entropy: collapse (below a quarter of its recent median) or blow-up (four times it), three steps in a
+    row: the token entropy of a dozen kept samples dips that far for one step now and then in a healthy run."""
     kl_ref: MonitorConfig = _monitor("warn")
     """actor/kl_loss: KL to the reference policy (only with algo.kl_coef > 0)."""
     kl_old: MonitorConfig = _monitor("warn", max=0.1)

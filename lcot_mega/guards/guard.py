@@ -44,6 +44,11 @@ class Verdict:
         """True for ok/log/warn: the update stands and the step's values join the windows (`Guard.accept`)."""
         return self.action <= Action.WARN
 
+    @property
+    def suspect(self) -> bool:
+        """A breach is waiting out its monitor's `patience`: the step is kept, but confirms no checkpoint good."""
+        return any(b.pending for b in self.breaches)
+
     def reason(self) -> str:
         """The most severe breaches, short: "grad_norm 53.1 > 10 x median 4.2"; "" when ok."""
         ranked = sorted(self.breaches, key=lambda b: -b.action.severity)
@@ -79,7 +84,7 @@ class Guard:
         """Bounds for this step's update from every skip_step monitor (ratio bounds once their window is full)."""
         bounds = {}
         for m in self.monitors:
-            if m.action is Action.SKIP and m.bounded:
+            if m.action is Action.SKIP and m.bounded and m.streak + 1 >= m.cfg.patience:
                 lo, hi = m.limits()
                 bounds[m.key] = (None if lo is None else lo.threshold, None if hi is None else hi.threshold)
         return UpdateBounds(bounds, reject_nonfinite=self.nonfinite_action is Action.SKIP)
@@ -103,15 +108,25 @@ class Guard:
             if value is not None:
                 m.accept(value)
 
+    def end_step(self, verdict: Verdict) -> None:
+        """Count the step's breaches towards each monitor's `patience` (once per step, with its final verdict)."""
+        breached = {b.monitor for b in verdict.breaches}
+        for m in self.monitors:
+            m.streak = m.streak + 1 if m.name in breached else 0
+
     def state_dict(self) -> dict[str, Any]:
-        """The windows, JSON-serializable (non-finite values never enter them)."""
-        return {"windows": {m.name: list(m.history) for m in self.monitors}}
+        """The windows and breach streaks, JSON-serializable (non-finite values never enter the windows)."""
+        return {
+            "windows": {m.name: list(m.history) for m in self.monitors},
+            "streaks": {m.name: m.streak for m in self.monitors},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the windows; monitors missing from `state` start empty, unknown names are ignored."""
-        windows = state.get("windows", {})
+        """Restore the windows and streaks; monitors missing from `state` start empty, unknown names are ignored."""
+        windows, streaks = state.get("windows", {}), state.get("streaks", {})
         for m in self.monitors:
             m.load_history(windows.get(m.name, ()))
+            m.streak = int(streaks.get(m.name, 0))
 
     @staticmethod
     def _nonfinite(metrics: Mapping[str, object], action: Action) -> list[Breach]:

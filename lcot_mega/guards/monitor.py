@@ -115,6 +115,8 @@ class Breach:
     bound: str
     """The bound it broke, as text: "> 10 x median 4.2", "< 0.01", "not finite"."""
     action: Action
+    pending: bool = False
+    """Downgraded to a warning while its monitor's `patience` runs (the action it asks for comes later)."""
 
     def describe(self) -> str:
         """Short text such as "grad_norm 53.1 > 10 x median 4.2" (the key names a non-finite metric)."""
@@ -138,6 +140,8 @@ class Monitor:
         self.name, self.key, self.cfg, self.action = name, key, cfg, action
         self.history: deque[float] = deque(maxlen=cfg.window)
         """The last `window` accepted finite values, oldest first."""
+        self.streak = 0
+        """Consecutive steps, up to the last one ended, in which this monitor breached (`Guard.end_step`)."""
 
     @property
     def bounded(self) -> bool:
@@ -172,14 +176,20 @@ class Monitor:
         """The breach `value` makes, or None when it is within bounds."""
         if not self.bounded:
             return None
-        if not math.isfinite(value):
-            return Breach(self.name, self.key, value, "not finite", self.action)
         lo, hi = self.limits()
-        if lo is not None and value < lo.threshold:
-            return Breach(self.name, self.key, value, f"< {lo.text}", self.action)
-        if hi is not None and value > hi.threshold:
-            return Breach(self.name, self.key, value, f"> {hi.text}", self.action)
-        return None
+        if not math.isfinite(value):
+            bound = "not finite"
+        elif lo is not None and value < lo.threshold:
+            bound = f"< {lo.text}"
+        elif hi is not None and value > hi.threshold:
+            bound = f"> {hi.text}"
+        else:
+            return None
+        patience = self.cfg.patience
+        if self.action > Action.WARN and self.streak + 1 < patience:
+            bound = f"{bound} ({self.streak + 1} of {patience} steps in a row)"
+            return Breach(self.name, self.key, value, bound, Action.WARN, pending=True)
+        return Breach(self.name, self.key, value, bound, self.action)
 
     def accept(self, value: float) -> None:
         """Add the value of a step whose update was kept (non-finite values are not history)."""

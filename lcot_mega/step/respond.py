@@ -52,11 +52,13 @@ class Watch:
 def respond(rt: Runtime, watch: Watch, step: int, metrics: dict[str, float], verdict: Verdict) -> str | None:
     """Act on the step's verdict: confirm good checkpoints, or roll back; the halt report when the run must stop."""
     watch.log.write(step, verdict)
+    watch.guard.end_step(verdict)
     if verdict.action not in ("ok", "log"):
         print(f"lcot-mega: step {step}: guards: {verdict.action}: {verdict.reason()}", flush=True)
     if verdict.keeps_update:
-        watch.guard.accept(metrics)
-        watch.mark_good(watch.recovery.passed())
+        if not verdict.suspect:  # a breach waiting out its patience may be the start of a collapse: its values
+            watch.guard.accept(metrics)  # must not pull the median towards it, nor confirm a checkpoint
+            watch.mark_good(watch.recovery.passed())
         return None
     if verdict.action == "skip":
         return None

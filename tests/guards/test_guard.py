@@ -65,11 +65,11 @@ def test_history_grows_only_on_accept():
     guard = grad_guard(window=2)
     guard.check(1, {"actor/grad_norm": 1.0})
     guard.check(2, {"actor/grad_norm": 1.0})
-    assert guard.state_dict() == {"windows": {"grad_norm": []}}
+    assert guard.state_dict() == {"windows": {"grad_norm": []}, "streaks": {"grad_norm": 0}}
     assert guard.update_bounds().bounds == {"actor/grad_norm": (None, None)}
     guard.accept({"actor/grad_norm": 1.0, "actor/entropy": 2.0})
     guard.accept({"actor/grad_norm": 3.0})
-    assert guard.state_dict() == {"windows": {"grad_norm": [1.0, 3.0]}}
+    assert guard.state_dict()["windows"] == {"grad_norm": [1.0, 3.0]}
     assert guard.update_bounds().bounds == {"actor/grad_norm": (None, 20.0)}
 
 
@@ -91,10 +91,11 @@ def test_state_dict_round_trip_gives_identical_decisions():
     for step in range(1, 31):
         metrics = {
             "actor/grad_norm": 1.0 + step % 4,
-            "actor/entropy": 0.8 + 0.01 * step,
+            "actor/entropy": 0.8 + 0.01 * step if step < 29 else 0.1,  # two low steps: the entropy streak is 2
             "reward/mean": 0.2 + 0.01 * step,
             "rollout/response_len_mean": 300.0 + step,
         }
+        a.end_step(a.check(step, metrics))
         a.accept(metrics)
     state = json.loads(json.dumps(a.state_dict()))  # through JSON, as a checkpoint stores it
     b = Guard(cfg)
@@ -121,10 +122,10 @@ def test_load_state_dict_tolerates_changed_config():
         a.accept({"actor/grad_norm": v})
     b = grad_guard(window=3)  # the window shrank on resume: the newest values are kept
     b.load_state_dict(a.state_dict() | {"windows": a.state_dict()["windows"] | {"gone": [1.0]}})
-    assert b.state_dict() == {"windows": {"grad_norm": [3.0, 4.0, 5.0]}}
+    assert b.state_dict()["windows"] == {"grad_norm": [3.0, 4.0, 5.0]}
     c = Guard(only(entropy=MonitorConfig(min=0.1)))  # a monitor the state has no window for
     c.load_state_dict(a.state_dict())
-    assert c.state_dict() == {"windows": {"entropy": []}}
+    assert c.state_dict() == {"windows": {"entropy": []}, "streaks": {"entropy": 0}}
 
 
 def test_verdict_is_the_most_severe_action():
@@ -185,7 +186,7 @@ def test_disabled_guard_is_all_ok():
     bad = {"actor/grad_norm": math.nan, "actor/entropy": 0.0, "actor/loss": math.inf, "actor/ppo_kl": 50.0}
     assert guard.check(1, bad) == Verdict(1)
     guard.accept({"actor/grad_norm": 1.0})
-    assert guard.state_dict() == {"windows": {}}
+    assert guard.state_dict() == {"windows": {}, "streaks": {}}
 
 
 def test_default_config_guards_what_the_schema_says():
@@ -204,3 +205,34 @@ def test_absolute_bounds_apply_from_the_first_step():
     guard = Guard(only(truncation=MonitorConfig(action="warn", max=0.5)))
     assert guard.check(1, {"rollout/truncated_frac": 0.5}).action is Action.OK
     assert guard.check(1, {"rollout/truncated_frac": 0.55}).action is Action.WARN
+
+
+def test_patience_warns_until_the_breach_has_lasted_and_then_acts():
+    """entropy rollback with patience 3: two low steps are pending warnings, the third asks for the rollback; a
+    recovery in between restarts the count. Streaks survive a state_dict round trip."""
+    cfg = MonitorConfig(action="rollback", min=1.0, patience=3)
+    guard = Guard(only(entropy=cfg))
+
+    def step(n: int, value: float) -> Verdict:
+        verdict = guard.check(n, {"actor/entropy": value})
+        guard.end_step(verdict)
+        return verdict
+
+    first, second = step(1, 0.5), step(2, 0.5)
+    assert (first.action, first.suspect, second.action, second.suspect) == (Action.WARN, True, Action.WARN, True)
+    assert "(2 of 3 steps in a row)" in second.reason()
+    assert step(3, 2.0).action is Action.OK  # back within bounds: the count restarts
+    assert [step(n, 0.5).action for n in (4, 5)] == [Action.WARN, Action.WARN]
+    twin = Guard(only(entropy=cfg))
+    twin.load_state_dict(json.loads(json.dumps(guard.state_dict())))
+    third = step(6, 0.5)
+    assert (third.action, third.suspect) == (Action.ROLLBACK, False)
+    assert twin.check(6, {"actor/entropy": 0.5}).action is Action.ROLLBACK  # the resumed guard agrees
+
+
+def test_a_skip_monitor_gives_the_actor_its_bound_only_once_patience_is_used_up():
+    guard = Guard(only(grad_norm=MonitorConfig(action="skip_step", max=5.0, patience=2)))
+    assert guard.update_bounds().bounds == {}  # a first breach would only warn
+    guard.end_step(guard.check(1, {"actor/grad_norm": 9.0}))
+    assert guard.update_bounds().bounds == {"actor/grad_norm": (None, 5.0)}
+    assert guard.check(2, {"actor/grad_norm": 9.0}).action is Action.SKIP
