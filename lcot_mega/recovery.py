@@ -51,8 +51,8 @@ class Recovery:
             del self.pending_good[s]
         return done
 
-    def rolled_back(self, to_step: int) -> None:
-        """Back at good checkpoint `to_step`: lower the LR, re-seed sampling, forget the abandoned checkpoints."""
+    def rolled_back(self) -> None:
+        """Back at the last good checkpoint: lower the LR, re-seed sampling, forget the abandoned checkpoints."""
         self.rollbacks += 1
         self.lr_scale *= self.cfg.rollback_lr_factor
         if self.cfg.rollback_reseed:

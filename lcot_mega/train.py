@@ -23,7 +23,7 @@ from lcot_mega.recovery import StopSignals
 from lcot_mega.reward.grader import Grader
 from lcot_mega.run_dir import RunDir
 from lcot_mega.step.collect import collect, step_seed
-from lcot_mega.step.respond import Halted, Watch, respond
+from lcot_mega.step.respond import Halted, Watch, passes, respond
 from lcot_mega.step.update import select_for_update, to_train_batch
 from lcot_mega.types import Prompt
 
@@ -95,7 +95,7 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
                 path = save(rt, stream, watch, step, cfg, passed=False)
                 raise Halted(f"{halt}. State saved in {path}; see {run.path / 'guards.log'}")
             if _due(step, cfg.trainer.save_every, cfg.trainer.steps) or signals.received:
-                save(rt, stream, watch, step, cfg, passed=verdict.keeps_update)
+                save(rt, stream, watch, step, cfg, passed=passes(verdict))
         if signals.received:
             print(f"lcot-mega: stopped by {signals.received} after step {step}; the same command resumes", flush=True)
         return TrainResult(run.path, step, evals, signals.received)

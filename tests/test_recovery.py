@@ -29,12 +29,12 @@ def test_good_after_zero_marks_good_when_saved():
 def test_rollback_scales_lr_reseeds_and_forgets_unconfirmed_checkpoints():
     rec = Recovery(GuardsConfig(rollback_lr_factor=0.5, max_rollbacks=2))
     rec.saved(20)
-    rec.rolled_back(10)
-    rec.rolled_back(10)
+    rec.rolled_back()
+    rec.rolled_back()
     assert (rec.rollbacks, rec.lr_scale, rec.reseed, rec.pending_good) == (2, 0.25, 2, {})
     assert not rec.can_roll_back()
     no_reseed = Recovery(GuardsConfig(rollback_reseed=False))
-    no_reseed.rolled_back(1)
+    no_reseed.rolled_back()
     assert no_reseed.reseed == 0
 
 
@@ -42,7 +42,7 @@ def test_state_dict_round_trips_through_json_keys():
     rec = Recovery(GuardsConfig(good_after=3))
     rec.saved(7)
     rec.passed()
-    rec.rolled_back(3)
+    rec.rolled_back()
     rec.saved(9)
     back = Recovery(GuardsConfig(good_after=3))
     back.load_state_dict(rec.state_dict())

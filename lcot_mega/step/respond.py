@@ -49,6 +49,13 @@ class Watch:
             self.store.mark_good(step)
 
 
+def passes(verdict: Verdict) -> bool:
+    """The step counts as healthy: its values join the windows and it may confirm checkpoints good. A breach
+    waiting out its patience may be the start of a collapse: it must not pull the median towards it, and a
+    checkpoint written then (or confirmed by it) must not become a rollback target."""
+    return verdict.keeps_update and not verdict.suspect
+
+
 def respond(rt: Runtime, watch: Watch, step: int, metrics: dict[str, float], verdict: Verdict) -> str | None:
     """Act on the step's verdict: confirm good checkpoints, or roll back; the halt report when the run must stop."""
     watch.log.write(step, verdict)
@@ -56,8 +63,8 @@ def respond(rt: Runtime, watch: Watch, step: int, metrics: dict[str, float], ver
     if verdict.action not in ("ok", "log"):
         print(f"lcot-mega: step {step}: guards: {verdict.action}: {verdict.reason()}", flush=True)
     if verdict.keeps_update:
-        if not verdict.suspect:  # a breach waiting out its patience may be the start of a collapse: its values
-            watch.guard.accept(metrics)  # must not pull the median towards it, nor confirm a checkpoint
+        if passes(verdict):
+            watch.guard.accept(metrics)
             watch.mark_good(watch.recovery.passed())
         return None
     if verdict.action == "skip":
@@ -83,7 +90,7 @@ def roll_back(rt: Runtime, watch: Watch, step: int) -> str | None:
     watch.store.drop_newer_than(good.step)
     _, extra = rt.actor.load_checkpoint(str(good.path))
     watch.guard.load_state_dict(extra.get("watch", {}).get("guard", {}))
-    watch.recovery.rolled_back(good.step)
+    watch.recovery.rolled_back()
     rt.actor.set_lr_scale(watch.recovery.lr_scale)
     rt.actor.sync_weights(step)
     watch.log.event(
