@@ -1,5 +1,6 @@
-"""Observing a run: metric sinks (JSONL always; TensorBoard and wandb optional), the progress line, and
-reading metrics back. Knows nothing else of the package; the stable metric names are in docs/METRICS.md.
+"""Observing a run: metric sinks (JSONL always; TensorBoard and wandb optional), the progress line, reading
+metrics back, and PNG plots of a run or an evaluation (matplotlib, imported only when plotting). Knows nothing
+else of the package; the stable metric names are in docs/METRICS.md.
 """
 
 from lcot_mega.observe.keys import (
@@ -12,6 +13,7 @@ from lcot_mega.observe.keys import (
     key_segment,
 )
 from lcot_mega.observe.logger import LoggingSettings, MetricsLogger
+from lcot_mega.observe.plots import add_plot_parser, load_metrics, plot_dir, plot_eval, plot_run
 from lcot_mega.observe.progress import DEFAULT_PROGRESS_KEYS, Progress
 from lcot_mega.observe.records import metric_series, read_metrics
 from lcot_mega.observe.sinks import METRICS_FILE, WANDB_ID_FILE, JsonlSink, MetricSink, TensorBoardSink, WandbSink
@@ -30,10 +32,15 @@ __all__ = [
     "Progress",
     "TensorBoardSink",
     "WandbSink",
+    "add_plot_parser",
     "check_key",
     "is_documented",
     "is_label",
     "key_segment",
+    "load_metrics",
     "metric_series",
+    "plot_dir",
+    "plot_eval",
+    "plot_run",
     "read_metrics",
 ]
