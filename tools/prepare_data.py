@@ -3,6 +3,7 @@
 python tools/prepare_data.py deepscaler.json -o data/deepscaler.jsonl
 python tools/prepare_data.py dapo-math-17k.parquet -o data/dapo17k.jsonl           # 1.79M rows -> ~17k problems
 python tools/prepare_data.py aime_2024.parquet aime_2025.jsonl -o data/aime.jsonl --format competition
+python tools/prepare_data.py gpqa_diamond.csv -o data/gpqa_diamond.jsonl                       # 198 questions
 
 Formats (auto-detected from the first record's columns, or named with --format):
   dapo         DAPO-Math-17k parquet: `prompt` chat list (the user turn wraps the problem in an instruction,
@@ -11,20 +12,26 @@ Formats (auto-detected from the first record's columns, or named with --format):
   deepscaler   DeepScaleR-Preview: problem, answer, solution
   competition  AIME 2024/2025, AMC and similar (aliases: aime, amc): Problem/problem/question,
                Answer/answer, optional id/ID and Solution/solution
+  gpqa         GPQA (main, diamond, extended): Question, Correct Answer, Incorrect Answer 1..3, optional
+               Record ID (-> uid); written as `choices` (the correct one first) with `answer` = its text, so the
+               loader shuffles the options per problem with its seed and grades the letter
   lcot         already in this schema (prompt, answer, ...): validated and deduplicated
-Input files may be .jsonl, .json (a list of records) or .parquet (needs pyarrow). Problems are deduplicated
-across all inputs by whitespace-normalized text (first one kept); the counts are printed.
+Input files may be .jsonl, .json (a list of records), .parquet (needs pyarrow) or .csv (a header row; GPQA ships
+so). Problems are deduplicated across all inputs by whitespace-normalized text (first one kept); the counts are
+printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lcot_mega.data.choices import answer_index, check_choices
 from lcot_mega.data.files import answer_text, read_rows, write_jsonl
 from lcot_mega.data.problems import normalize_problem
 
@@ -44,10 +51,14 @@ class Columns:
     uid: tuple[str, ...] = ()
     solution: tuple[str, ...] = ()
     source: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()
+    """A list of options (the schema's `choices`), first alias present."""
+    distractors: tuple[str, ...] = ()
+    """Columns that each hold one wrong option, all required: the record's choices are [answer, *distractors]."""
 
 
 COLUMNS = {
-    "lcot": Columns(("prompt",), ("answer",), ("uid",), ("solution",), ("source",)),
+    "lcot": Columns(("prompt",), ("answer",), ("uid",), ("solution",), ("source",), choices=("choices",)),
     "math500": Columns(("problem",), ("answer",), ("unique_id",), ("solution",)),
     "deepscaler": Columns(("problem",), ("answer",), (), ("solution",)),
     "competition": Columns(
@@ -55,6 +66,12 @@ COLUMNS = {
         ("Answer", "answer"),
         ("id", "ID", "Id", "problem_id"),
         ("Solution", "solution"),
+    ),
+    "gpqa": Columns(
+        ("Question",),
+        ("Correct Answer",),
+        ("Record ID",),
+        distractors=("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"),
     ),
 }
 FORMATS = ("auto", "dapo", *COLUMNS, "aime", "amc")
@@ -80,6 +97,8 @@ class Counts:
 def detect_format(row: dict[str, Any]) -> str:
     """The format of a record from its columns; ValueError lists the columns when none fits."""
     cols = set(row)
+    if {"Question", "Correct Answer", *COLUMNS["gpqa"].distractors} <= cols:
+        return "gpqa"
     if {"prompt", "reward_model"} <= cols:
         return "dapo"
     if {"prompt", "answer"} <= cols and isinstance(row["prompt"], str):
@@ -103,7 +122,8 @@ def _has(cols: set[str], aliases: Iterable[str]) -> bool:
 
 
 def convert_row(fmt: str, row: dict[str, Any], where: str, counts: Counts) -> dict[str, Any]:
-    """One record in the prompt-file schema (prompt, answer, uid, solution, source); ValueError if unusable."""
+    """One record in the prompt-file schema (prompt, answer, uid, solution, source, and `choices` for a
+    multiple-choice record); ValueError if unusable."""
     if fmt == "dapo":
         return _convert_dapo(row, where, counts)
     cols = COLUMNS[fmt]
@@ -111,13 +131,31 @@ def convert_row(fmt: str, row: dict[str, Any], where: str, counts: Counts) -> di
     if not isinstance(problem, str) or not problem.strip():
         raise ValueError(f"{where}: no problem text in {' / '.join(cols.problem)}")
     uid = _first(row, cols.uid)
-    return {
+    record = {
         "prompt": problem.strip(),
         "answer": answer_text(_first(row, cols.answer), where),
-        "uid": None if uid is None else str(uid),
+        "uid": None if uid in (None, "") else str(uid),
         "solution": _first(row, cols.solution) or None,
         "source": _first(row, cols.source) or None,
     }
+    choices = _choices(cols, row, record["answer"], where)
+    return record if choices is None else {**record, "choices": choices}
+
+
+def _choices(cols: Columns, row: dict[str, Any], answer: str, where: str) -> list[str] | None:
+    """The record's options, checked as the loader checks them (2..26 distinct texts, the answer among them)."""
+    if cols.distractors:
+        options = [answer, *(row.get(c) for c in cols.distractors)]
+    else:
+        options = _first(row, cols.choices)
+        if options is None:
+            return None
+    try:
+        options = check_choices(options)
+        answer_index(options, answer)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return options
 
 
 def _convert_dapo(row: dict[str, Any], where: str, counts: Counts) -> dict[str, Any]:
@@ -158,7 +196,7 @@ def prepare(paths: Sequence[str], fmt: str = "auto", source: str | None = None) 
     kept: dict[str, tuple[str, dict[str, Any]]] = {}
     for path in paths:
         file_fmt = None if fmt == "auto" else fmt
-        for where, row in read_rows(path):
+        for where, row in _read(path):
             counts.read += 1
             file_fmt = file_fmt or _detect(row, where)
             counts.formats[str(path)] = file_fmt
@@ -173,6 +211,20 @@ def prepare(paths: Sequence[str], fmt: str = "auto", source: str | None = None) 
             else:
                 kept[key] = (Path(path).stem, record)
     return _unique_uids(list(kept.values()), counts), counts
+
+
+def _read(path: str) -> Iterable[tuple[str, dict[str, Any]]]:
+    """Records of a prompt file (files.read_rows) or of a CSV file with a header row."""
+    if not str(path).lower().endswith(".csv"):
+        return read_rows(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    if not rows:
+        raise ValueError(f"{path}: the file holds no records")
+    return [(f"{path}: row {i}", row) for i, row in enumerate(rows, start=1)]
 
 
 def _detect(row: dict[str, Any], where: str) -> str:
@@ -219,7 +271,7 @@ def _repeated(records: list[dict[str, Any]]) -> set[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="input files (.jsonl, .json, .parquet)")
+    parser.add_argument("inputs", nargs="+", help="input files (.jsonl, .json, .parquet, .csv)")
     parser.add_argument("-o", "--out", required=True, help="output .jsonl")
     parser.add_argument("--format", default="auto", choices=FORMATS, help="input format (default: by columns)")
     parser.add_argument("--source", default=None, help="`source` written on every record (per-source metrics)")

@@ -9,7 +9,7 @@ from typing import Any
 
 from lcot_mega.config.schema import DataConfig
 from lcot_mega.data.files import FILE_SUFFIXES, is_file_source, load_problem_file
-from lcot_mega.data.gym import GymSpec, generate_problems, generator_seed, is_gym_source, parse_gym_spec
+from lcot_mega.data.gym import GymSpec, GymStats, generate_problems, generator_seed, is_gym_source, parse_gym_spec
 from lcot_mega.data.problems import Problem, SourceReport, normalize_problem
 from lcot_mega.data.stream import PromptStream
 from lcot_mega.data.templates import check_template, render_prompts
@@ -98,15 +98,21 @@ def _load_gym(
                 f" {stats.drawn} draws of {gym.spec}: {stats.held_out} were eval questions; widen the task's arguments"
             )
         return problems, stats.held_out
-    problems, stats = generate_problems(
-        gym, name=name, seed=generator_seed(gym.task, "eval"), size=cfg.gym_eval_size, uid_tag="eval", distinct=True
-    )
+    problems, stats = gym_eval_problems(gym, name, cfg.gym_eval_size)
     if len(problems) < cfg.gym_eval_size:
         log.warning(
             f"{key}: only {len(problems)} distinct questions in {stats.drawn} draws of {gym.spec}"
             f" (data.gym_eval_size = {cfg.gym_eval_size}); the task has few distinct questions"
         )
     return problems, 0
+
+
+def gym_eval_problems(gym: GymSpec, name: str, size: int) -> tuple[list[Problem], GymStats]:
+    """A reasoning-gym source's held-out eval set: up to `size` distinct problems from a fixed seed, the same in
+    every run and for every trainer.seed; uids `name/eval/idx`. Used by data.eval and by named benchmarks."""
+    return generate_problems(
+        gym, name=name, seed=generator_seed(gym.task, "eval"), size=size, uid_tag="eval", distinct=True
+    )
 
 
 def _render(

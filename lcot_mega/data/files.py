@@ -1,4 +1,4 @@
-"""Prompt files: JSONL (one object per line), a JSON array, or parquet, with `prompt` and `answer` fields.
+"""Prompt files: JSONL (one object per line), a JSON array, or parquet, with `prompt` (or `problem`) and `answer`.
 
 The schema is documented in docs/DATA.md; `tools/prepare_data.py` converts the usual public sets into it.
 Every error names the file and the line (or row) to fix.
@@ -12,11 +12,16 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lcot_mega.data.choices import DEFAULT_CHOICE_SEED, check_choices, shuffle_choices
 from lcot_mega.data.problems import Problem
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 REQUIRED_FIELDS = ("prompt", "answer")
-OPTIONAL_FIELDS = ("uid", "source", "solution")
+OPTIONAL_FIELDS = ("uid", "source", "solution", "choices")
+PROMPT_ALIAS = "problem"
+"""Benchmark files usually call the question `problem`; it is read as `prompt`."""
+RAW_COLUMNS = ("Problem", "question", "Question")
+"""Columns of the public sets' own layouts: a file with them and no prompt wants tools/prepare_data.py."""
 
 
 def is_file_source(spec: str) -> bool:
@@ -87,12 +92,16 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}: row {i}", row
 
 
-def load_problem_file(path: str | os.PathLike, name: str) -> list[Problem]:
-    """Read a prompt file into Problems named `name` (uids `name/<uid or row index>`); see docs/DATA.md."""
+def load_problem_file(path: str | os.PathLike, name: str, *, choice_seed: int = DEFAULT_CHOICE_SEED) -> list[Problem]:
+    """Read a prompt file into Problems named `name` (uids `name/<uid or row index>`); see docs/DATA.md.
+
+    Records with `choices` become multiple-choice problems: options shuffled by (`choice_seed`, the record's uid
+    or row index), listed as (A), (B), ... under the question, and the gold answer is the correct option's letter.
+    """
     problems: list[Problem] = []
     seen_uids: dict[str, str] = {}
     for index, (where, row) in enumerate(read_rows(path)):
-        problem = _problem_from_row(row, where, name, index)
+        problem = _problem_from_row(row, where, name, index, choice_seed)
         if problem.uid in seen_uids:
             raise ValueError(f"{where}: uid {row['uid']!r} already used at {seen_uids[problem.uid]}")
         seen_uids[problem.uid] = where
@@ -100,28 +109,51 @@ def load_problem_file(path: str | os.PathLike, name: str) -> list[Problem]:
     return problems
 
 
-def _problem_from_row(row: dict[str, Any], where: str, name: str, index: int) -> Problem:
-    missing = [k for k in REQUIRED_FIELDS if k not in row or row[k] is None]
-    if missing:
-        hint = (
-            " (a raw data set? convert it with tools/prepare_data.py)" if "problem" in row or "Problem" in row else ""
-        )
-        raise ValueError(f"{where}: missing field {missing[0]!r}; fields present: {', '.join(map(str, row))}{hint}")
-    prompt = row["prompt"]
+def _problem_from_row(row: dict[str, Any], where: str, name: str, index: int, choice_seed: int) -> Problem:
+    key, prompt = _prompt_field(row, where)
+    if row.get("answer") is None:
+        raise ValueError(f"{where}: missing field 'answer'; fields present: {', '.join(map(str, row))}")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{where}: field 'prompt' must be non-empty text, got {_short(prompt)}")
+        raise ValueError(f"{where}: field {key!r} must be non-empty text, got {_short(prompt)}")
     uid = row.get("uid")
     if uid is not None and (isinstance(uid, bool) or not isinstance(uid, str | int)):
         raise ValueError(f"{where}: field 'uid' must be text or an integer, got {_short(uid)}")
     for key in ("source", "solution"):
         if row.get(key) is not None and not isinstance(row[key], str):
             raise ValueError(f"{where}: field {key!r} must be text, got {_short(row[key])}")
+    local_uid = str(uid if uid is not None else index)
+    answer = answer_text(row["answer"], where)
+    if row.get("choices") is not None:
+        try:
+            prompt, answer = shuffle_choices(
+                prompt, check_choices(row["choices"]), answer, seed=choice_seed, uid=local_uid
+            )
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     return Problem(
-        uid=f"{name}/{uid if uid is not None else index}",
+        uid=f"{name}/{local_uid}",
         problem=prompt,
-        answer=answer_text(row["answer"], where),
+        answer=answer,
         source=row.get("source") or name,
         solution=row.get("solution") or None,
+    )
+
+
+def _prompt_field(row: dict[str, Any], where: str) -> tuple[str, Any]:
+    """(field name, value) of the question: `prompt`, or its alias `problem`; both given and different is an error."""
+    prompt, problem = row.get("prompt"), row.get(PROMPT_ALIAS)
+    if prompt is not None and problem is not None and prompt != problem:
+        raise ValueError(
+            f"{where}: fields 'prompt' and {PROMPT_ALIAS!r} differ; they are the same field (the question):"
+            " keep one of them"
+        )
+    if prompt is not None:
+        return "prompt", prompt
+    if problem is not None:
+        return PROMPT_ALIAS, problem
+    hint = " (a raw data set? convert it with tools/prepare_data.py)" if any(c in row for c in RAW_COLUMNS) else ""
+    raise ValueError(
+        f"{where}: missing field 'prompt' (or {PROMPT_ALIAS!r}); fields present: {', '.join(map(str, row))}{hint}"
     )
 
 
