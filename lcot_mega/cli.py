@@ -1,4 +1,4 @@
-"""`lcot-mega` command line: `config`, `check`, `train`, `grade`, `convert` and `serve` (eval lands with its issue)."""
+"""`lcot-mega` command line: `config`, `check`, `train`, `eval`, `plot`, `grade`, `convert` and `serve`."""
 
 from __future__ import annotations
 
@@ -147,7 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     _add_convert(sub)
+    _add_eval_and_plot(sub)
     return parser
+
+
+def _add_eval_and_plot(sub: argparse._SubParsersAction) -> None:
+    from lcot_mega.evaluation.command import add_eval_parser
+    from lcot_mega.observe.plots import add_plot_parser
+
+    add_eval_parser(sub)
+    add_plot_parser(sub)
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:

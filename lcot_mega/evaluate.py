@@ -13,11 +13,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lcot_mega.checkpoint.store import atomic_write_text
 from lcot_mega.config import Config
 from lcot_mega.reward.grader import Grader
 from lcot_mega.rollout.protocol import RolloutEngine, SamplingParams
 from lcot_mega.types import Prompt, SampleStatus
+
+
+@dataclass(frozen=True)
+class GradedSample:
+    """One evaluation response and its grade, as `lcot-mega eval` writes it to samples.jsonl."""
+
+    text: str
+    tokens: int
+    finish: str
+    """How it ended: "stop" (EOS or a stop string) or "truncated" (it reached max_new_tokens)."""
+    correct: bool
+    extracted: str | None
+    """The answer the grader read from the response (None when it found none)."""
+    timed_out: bool
 
 
 @dataclass
@@ -98,29 +114,74 @@ def eval_params(cfg: Config, seed: int) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
         temperature=e.temperature,
+        top_p=e.top_p,
         n=e.n_samples,
         stop=tuple(cfg.rollout.stop),
         seed=seed,
     )
 
 
-def evaluate(
+def sample_and_grade(
     engine: RolloutEngine, grader: Grader, source: str, prompts: Sequence[Prompt], params: SamplingParams
-) -> EvalResult:
-    """Sample `params.n` responses per prompt on `engine`, grade them against the prompts' answers."""
+) -> list[list[GradedSample]]:
+    """`params.n` responses per prompt from `engine`, each graded against its prompt's answer (prompt order)."""
     completions = engine.generate([p.token_ids for p in prompts], params)
     flat = [(p, c) for p, cs in zip(prompts, completions, strict=True) for c in cs]
     if any(c.finish is SampleStatus.ABORTED for _, c in flat):
         raise RuntimeError(f"evaluation of {source!r} was aborted; its accuracy would be wrong")
     grades = grader.grade_batch([c.text for _, c in flat], [p.answer for p, _ in flat])
+    graded = [
+        GradedSample(
+            text=c.text,
+            tokens=len(c.token_ids),
+            finish="truncated" if c.finish is SampleStatus.TRUNCATED else "stop",
+            correct=bool(g.correct),
+            extracted=g.extracted,
+            timed_out=g.timed_out,
+        )
+        for (_, c), g in zip(flat, grades, strict=True)
+    ]
     k = params.n
-    correct = [sum(g.correct for g in grades[i * k : (i + 1) * k]) for i in range(len(prompts))]
+    return [graded[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def evaluate(
+    engine: RolloutEngine, grader: Grader, source: str, prompts: Sequence[Prompt], params: SamplingParams
+) -> EvalResult:
+    """Sample `params.n` responses per prompt on `engine`, grade them against the prompts' answers."""
+    return eval_result(source, [p.uid for p in prompts], sample_and_grade(engine, grader, source, prompts, params))
+
+
+def eval_result(source: str, uids: Sequence[str], graded: Sequence[Sequence[GradedSample]]) -> EvalResult:
+    """Per-problem correct counts and length statistics of graded responses (the same number per problem)."""
+    flat = [s for per in graded for s in per]
     n = max(len(flat), 1)
     return EvalResult(
         source=source,
-        k=k,
-        uids=[p.uid for p in prompts],
-        correct=correct,
-        response_len_mean=sum(len(c.token_ids) for _, c in flat) / n,
-        truncated_frac=sum(c.finish is SampleStatus.TRUNCATED for _, c in flat) / n,
+        k=len(graded[0]) if graded else 0,
+        uids=list(uids),
+        correct=[sum(s.correct for s in per) for per in graded],
+        response_len_mean=sum(s.tokens for s in flat) / n,
+        truncated_frac=sum(s.finish == "truncated" for s in flat) / n,
     )
+
+
+def bootstrap_ci(
+    values: Sequence[float], *, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-problem `values` (problems resampled with replacement).
+
+    Efron & Tibshirani 1993, ch. 13. Resampling problems, not samples, is what makes it honest for a benchmark:
+    the problems are the population a score generalizes over; k samples per problem only shrink each value's
+    noise. Deterministic for a given `seed`.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    x = np.asarray(values, dtype=np.float64)  # [N]
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)  # [n_boot]
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(means, [tail, 1 - tail])
+    return float(lo), float(hi)

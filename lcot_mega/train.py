@@ -20,7 +20,7 @@ from lcot_mega.config import Config, config_to_dict
 from lcot_mega.evaluate import EvalResult, eval_params, evaluate
 from lcot_mega.guards import Verdict
 from lcot_mega.recovery import StopSignals
-from lcot_mega.reward.grader import Grader
+from lcot_mega.reward.grader import Grader, grader_for
 from lcot_mega.run_dir import RunDir
 from lcot_mega.step.collect import collect, step_seed
 from lcot_mega.step.respond import Halted, Watch, passes, respond
@@ -59,7 +59,7 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
     run = RunDir.open(cfg, resume)
     with ExitStack() as stack:
         rt = stack.enter_context(build_runtime(cfg))
-        grader = stack.enter_context(make_grader(cfg))
+        grader = stack.enter_context(grader_for(cfg.reward))
         stream, eval_sets = build_data(cfg.data, rt.tokenizer, cfg.trainer.seed)
         for report in stream.report:
             print(f"lcot-mega: {report.summary()}", flush=True)
@@ -201,17 +201,6 @@ def _inject_rollout_faults(rt: Runtime, inject, step: int) -> None:
 
 def _watch_metrics(watch: Watch) -> dict[str, float]:
     return {"guard/rollbacks": float(watch.recovery.rollbacks), "guard/lr_scale": watch.recovery.lr_scale}
-
-
-def make_grader(cfg: Config) -> Grader:
-    r = cfg.reward
-    return Grader(
-        r.fn,
-        num_workers=r.num_workers,
-        timeout_s=r.timeout_s,
-        require_think_close=r.require_think_close,
-        fallbacks=r.fallbacks,
-    )
 
 
 def _eval_metrics(results: dict[str, EvalResult]) -> dict[str, float]:

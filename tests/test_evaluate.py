@@ -1,13 +1,16 @@
-"""pass@k (the unbiased estimator) against its closed form, and EvalResult's avg@k / pass@k on fixed counts."""
+"""pass@k (the unbiased estimator) against its closed form, EvalResult's avg@k / pass@k on fixed counts, and the
+bootstrap interval by hand and against the normal interval."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import random
+import statistics
 
 import pytest
 
-from lcot_mega.evaluate import EvalResult, pass_at_k, pass_ks
+from lcot_mega.evaluate import EvalResult, GradedSample, bootstrap_ci, eval_result, pass_at_k, pass_ks
 
 
 @pytest.mark.parametrize(("n", "c", "k"), [(5, 2, 2), (10, 3, 4), (16, 1, 8), (16, 15, 1), (64, 7, 16), (8, 0, 3)])
@@ -46,3 +49,39 @@ def test_eval_result_reports_avg_at_k_and_pass_at_k_over_problems():
     assert r.pass_at(2) == pytest.approx((1 + 0.5 + 0) / 3)  # b: 1 - C(3,2)/C(4,2) = 1 - 3/6
     m = r.metrics()
     assert m["eval/gsm/pass@4"] == pytest.approx(2 / 3) and "eval/gsm/pass@8" not in m
+
+
+def test_bootstrap_interval_of_two_values_by_hand():
+    # resampling [0, 1] twice gives means 0, 0.5, 1 with chances 1/4, 1/2, 1/4: the 95% interval is [0, 1]
+    assert bootstrap_ci([0.0, 1.0], n_boot=4000, seed=1) == (0.0, 1.0)
+    assert bootstrap_ci([0.0, 1.0], level=0.4, n_boot=4000, seed=1) == (0.5, 0.5)  # 30%..70% quantiles: 0.5
+
+
+def test_bootstrap_interval_matches_the_normal_interval_on_many_problems():
+    rng = random.Random(0)
+    values = [rng.random() for _ in range(400)]
+    mean = statistics.fmean(values)
+    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+    lo, hi = bootstrap_ci(values, n_boot=4000)
+    assert lo == pytest.approx(mean - half, abs=0.15 * half) and hi == pytest.approx(mean + half, abs=0.15 * half)
+
+
+def test_bootstrap_interval_is_deterministic_and_degenerate_for_equal_values():
+    rng = random.Random(5)
+    values = [rng.random() for _ in range(30)]
+    assert bootstrap_ci(values, seed=3) == bootstrap_ci(values, seed=3) != bootstrap_ci(values, seed=4)
+    assert bootstrap_ci([0.25] * 10) == pytest.approx((0.25, 0.25))
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+    with pytest.raises(ValueError):
+        bootstrap_ci([1.0], level=1.0)
+
+
+def test_eval_result_from_graded_samples_counts_correct_and_lengths():
+    g = [
+        [GradedSample("a", 4, "stop", True, "1", False), GradedSample("b", 8, "truncated", False, None, False)],
+        [GradedSample("c", 2, "stop", False, "2", False), GradedSample("d", 6, "stop", True, "3", False)],
+    ]
+    r = eval_result("src", ["u0", "u1"], g)
+    assert r.k == 2 and r.correct == [1, 1] and r.accuracy == 0.5
+    assert r.response_len_mean == 5.0 and r.truncated_frac == 0.25

@@ -220,20 +220,19 @@ def _server_env(cfg: Config) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, cores // cfg.cluster.num_engines))}
 
 
-def _served_runtime(cfg: Config) -> Runtime:
-    """`cluster.num_engines` supervised servers behind an `EnginePool` that restarts and re-syncs a failed one."""
+def start_served_engines(
+    cfg: Config, log_dir: Path, resync: Callable[[RolloutEngine, int], None] | None = None
+) -> tuple[Any, Any]:
+    """`cluster.num_engines` supervised servers of `cfg.model.path` and an `EnginePool` over them; a server that
+    dies or hangs is restarted on its URL and handed to `resync(engine, weight_version)` (None: its own weights
+    are the right ones, as in `lcot-mega eval`) before it takes requests again. Returns (supervisor, pool)."""
     from lcot_mega.rollout.launcher import ServerSupervisor
     from lcot_mega.rollout.pool import EnginePool
 
     timeout = cfg.rollout.request_timeout_s
-    runtime = Runtime(actor=None, engine=None, tokenizer=load_tokenizer(cfg))  # type: ignore[arg-type]
-    runtime.release_engine_memory = cfg.rollout.engine == "sglang"  # SGLang shares the actor's GPU
-    log_dir = Path(cfg.trainer.run_dir) / "logs"
     servers = ServerSupervisor(
         server_command(cfg), cfg.cluster.num_engines, log_dir, SERVER_START_TIMEOUT_S, env=_server_env(cfg)
     )
-    runtime.servers = servers
-    runtime.closers.append(servers.shutdown)
     print(f"lcot-mega: {cfg.cluster.num_engines} rollout server(s) at {', '.join(servers.urls)}; logs in {log_dir}")
 
     def on_dead(i: int) -> RolloutEngine:
@@ -241,19 +240,36 @@ def _served_runtime(cfg: Config) -> Runtime:
         servers.restart(i, grace_s=0.0)  # SIGKILL at once: a hung (stopped) server never handles SIGTERM
         return servers.client(i, retries=0, timeout_s=timeout)
 
-    def resync(i: int, engine: RolloutEngine) -> None:
-        version = pool.version
-        if runtime.actor is not None:  # before the actor exists the servers hold the model's own weights
-            push_current_weights(runtime.actor, engine, version)
-        print(f"lcot-mega: rollout server {i} restarted with weight version {version}", flush=True)
+    def resync_one(i: int, engine: RolloutEngine) -> None:
+        if resync is not None:
+            resync(engine, pool.version)
+        print(f"lcot-mega: rollout server {i} restarted with weight version {pool.version}", flush=True)
 
     try:
         pool = EnginePool(
-            servers.clients(retries=0, timeout_s=timeout), on_dead=on_dead, resync=resync,
+            servers.clients(retries=0, timeout_s=timeout), on_dead=on_dead, resync=resync_one,
             recovery_wait_s=SERVER_START_TIMEOUT_S,
         )  # fmt: skip
-        runtime.engine = pool
-        runtime.closers.append(pool.shutdown)  # first to go: no recovery starts once teardown began
+    except BaseException:
+        servers.shutdown()
+        raise
+    return servers, pool
+
+
+def _served_runtime(cfg: Config) -> Runtime:
+    """`cluster.num_engines` supervised servers behind an `EnginePool` that restarts and re-syncs a failed one."""
+    runtime = Runtime(actor=None, engine=None, tokenizer=load_tokenizer(cfg))  # type: ignore[arg-type]
+    runtime.release_engine_memory = cfg.rollout.engine == "sglang"  # SGLang shares the actor's GPU
+
+    def resync(engine: RolloutEngine, version: int) -> None:
+        if runtime.actor is not None:  # before the actor exists the servers hold the model's own weights
+            push_current_weights(runtime.actor, engine, version)
+
+    servers, pool = start_served_engines(cfg, Path(cfg.trainer.run_dir) / "logs", resync)
+    runtime.servers, runtime.engine = servers, pool
+    runtime.closers += [servers.shutdown, pool.shutdown]  # popped last-first: the pool goes first, so no recovery
+    # starts once teardown began
+    try:
         runtime.actor = GuardedActorGroup(LocalActorGroup(lambda: ActorRank(cfg, engines=[pool])))
         runtime.closers.insert(1, runtime.actor.shutdown)  # after the pool, before the servers
     except BaseException:

@@ -258,6 +258,8 @@ class EvalConfig:
     """Responses per problem; accuracy is their mean (avg@k). Small benchmarks need many (Mu et al. 2025)."""
     temperature: float = opt(0.0, ge=0.0)
     """0 is greedy decoding (then n_samples = 1 is enough)."""
+    top_p: float = opt(1.0, gt=0.0, le=1.0)
+    """Nucleus mass; the study evaluates at temperature 0.6, top_p 0.95."""
     max_new_tokens: int | None = opt(None, gt=0)
     """Response length limit; None uses rollout.max_new_tokens."""
     at_start: bool = True

@@ -29,9 +29,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING
 
 from lcot_mega.reward.extract import extract_answer, validate_fallbacks
 from lcot_mega.reward.registry import RewardFn, resolve_reward, reward_kwargs
+
+if TYPE_CHECKING:
+    from lcot_mega.config.schema import RewardConfig
 
 __all__ = ["GradeResult", "Grader", "grade"]
 
@@ -356,6 +360,17 @@ class Grader:
         for w in self._live():
             if w.index is not None:
                 self._replace(w)
+
+
+def grader_for(reward: RewardConfig) -> Grader:
+    """The grader a run's `reward.*` config asks for (training and `lcot-mega eval` grade alike)."""
+    return Grader(
+        reward.fn,
+        num_workers=reward.num_workers,
+        timeout_s=reward.timeout_s,
+        require_think_close=reward.require_think_close,
+        fallbacks=reward.fallbacks,
+    )
 
 
 def _check_timeout(timeout_s: float) -> None:

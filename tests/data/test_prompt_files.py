@@ -45,7 +45,7 @@ def test_rows_become_problems_with_uids_sources_solutions_and_text_answers(tmp_p
         ),
         ([{"answer": "1"}], r"set\.jsonl:1: missing field 'prompt'"),
         (
-            [{"problem": "a", "answer": "1"}],
+            [{"Problem": "a", "answer": "1"}],
             r"missing field 'prompt'.*a raw data set\? convert it with tools/prepare_data\.py",
         ),
         ([{"prompt": "a", "answer": "1"}, "{not json"], r"set\.jsonl:2: not valid JSON"),
