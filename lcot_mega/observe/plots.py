@@ -478,6 +478,11 @@ def plot_dir(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) 
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("lcot-mega plot: needs matplotlib: pip install 'lcot-mega[eval]' (or matplotlib)", file=sys.stderr)
+        return 2
     for directory in args.dirs:
         # Several directories into one --out would overwrite each other's overview.png: one folder each.
         out = Path(args.out) / Path(directory).resolve().name if args.out and len(args.dirs) > 1 else args.out
