@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_hf, make_tiny_model_dir, save_char_tokenizer
+from tiny_models import GPU_TINY, make_tiny_hf, make_tiny_model_dir, save_char_tokenizer
 
 from lcot_mega.config import load_config
 from lcot_mega.doctor import training_errors
@@ -137,16 +137,6 @@ def test_train_stops_on_a_refused_engine_before_any_work(tmp_path, model):
 
 
 # ------------------------------------------------------------------------------------------------- GPU
-
-GPU_TINY = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,  # SGLang's attention kernels do not take the 16 of the CPU tiny models
-    max_position_embeddings=2048,
-    initializer_range=0.1,
-)
 
 
 @pytest.mark.gpu
