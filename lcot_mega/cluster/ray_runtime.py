@@ -112,6 +112,16 @@ def placement_group(bundles: Sequence[dict[str, float]], what: str, timeout_s: f
     return pg
 
 
+def check_cluster_fits(cfg: Config) -> None:
+    """RayStartError listing every reason `cfg`'s placement groups cannot be placed on the alive nodes (see
+    `fit`): at once, instead of after `PLACEMENT_TIMEOUT_S` with only a resource dict."""
+    from lcot_mega.cluster.fit import check_fit, nodes_from_ray
+
+    report = check_fit(cfg, nodes_from_ray())
+    if not report.fits:
+        raise RayStartError(f"the layout does not fit the Ray cluster:\n{report}")
+
+
 def build_ray_runtime(cfg: Config) -> Runtime:
     """The actor and engine of `cfg.cluster.mode` ('colocated' or 'disaggregated') on Ray, weights in sync at
     version 0 (actor and engines load the same HF directory). `Runtime.close` stops everything started here."""
@@ -128,6 +138,7 @@ def build_ray_runtime(cfg: Config) -> Runtime:
     if stop_ray is not None:
         runtime.closers.append(stop_ray)
     try:
+        check_cluster_fits(cfg)
         (_colocated if mode == "colocated" else _disaggregated)(cfg, runtime)
     except BaseException:
         runtime.close()
