@@ -1,0 +1,247 @@
+"""Turn the study runs' own metrics.jsonl and `lcot-mega eval` outputs into the tables of docs/REPRODUCTION.md.
+
+python examples/study/tables.py polarity|zero_adv|length|uncertain|all [RUNS_ROOT=runs/study]
+
+Runs are found as RUNS_ROOT/<experiment>/<variant>-seed<N>/ (what the scripts beside this one write). Every number
+is a mean over seeds with a 95% t-interval across seeds (none with one seed); eval numbers come from
+`eval-final/summary.json`, training numbers from `metrics.jsonl`. Tables are printed and written to
+RUNS_ROOT/tables/<experiment>.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+"""Two-sided 95% Student-t quantiles by degrees of freedom (more seeds than 11 use 1.96)."""
+RUN_NAME = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
+Row = dict[str, float]
+
+
+def mean_ci(values: Sequence[float]) -> str:
+    """'m ± h' with h the 95% t half-width across seeds ('m' alone for one seed; '-' for none)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "-"
+    m = statistics.fmean(vals)
+    if len(vals) < 2:
+        return f"{m:.3g}"
+    h = T975.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / math.sqrt(len(vals))
+    return f"{m:.3g} ± {h:.2g}"
+
+
+def pct_ci(values: Sequence[float]) -> str:
+    return mean_ci([100 * v for v in values])
+
+
+def read_metrics(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line
+            continue
+    return rows
+
+
+def series(metrics: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], float(r[key])) for r in metrics if isinstance(r.get(key), int | float)]
+
+
+def runs_of(root: Path, experiment: str) -> dict[str, list[Path]]:
+    """variant -> its seeds' run directories (sorted by seed)."""
+    found: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+    for d in sorted((root / experiment).glob("*-seed*")):
+        m = RUN_NAME.match(d.name)
+        if m and (d / "metrics.jsonl").is_file():
+            found[m["variant"]].append((int(m["seed"]), d))
+    return {v: [d for _, d in sorted(runs)] for v, runs in found.items()}
+
+
+def eval_summary(run: Path, name: str = "eval-final") -> dict:
+    path = run / name / "summary.json"
+    return json.loads(path.read_text())["benchmarks"] if path.is_file() else {}
+
+
+def training_row(run: Path) -> Row:
+    """What one run's metrics.jsonl says about training: entropy, zero advantage, cost, length."""
+    m = read_metrics(run / "metrics.jsonl")
+    ent = [v for _, v in series(m, "actor/entropy")]
+    length = [v for _, v in series(m, "rollout/response_len_mean")]
+    steps = [v for _, v in series(m, "perf/step_s")]
+    generated = sum(v for _, v in series(m, "rollout/groups_generated"))
+    kept = sum(v for _, v in series(m, "polarity/kept_pos_count")) + sum(
+        v for _, v in series(m, "polarity/kept_neg_count")
+    )
+    return {
+        "entropy_first5": statistics.fmean(ent[:5]) if ent else math.nan,
+        "entropy_last5": statistics.fmean(ent[-5:]) if ent else math.nan,
+        "zero_samples": _mean(m, "adv/zero_frac_samples"),
+        "zero_groups_generated": _mean(m, "rollout/zero_adv_frac"),
+        "groups_per_kept": _mean(m, "rollout/groups_per_kept_group"),
+        "groups_generated": generated,
+        "informative_samples": kept,
+        "train_minutes": sum(steps) / 60,
+        "len_first10": statistics.fmean(length[:10]) if length else math.nan,
+        "len_last10": statistics.fmean(length[-10:]) if length else math.nan,
+    }
+
+
+def _mean(metrics: list[dict], key: str) -> float:
+    vals = [v for _, v in series(metrics, key)]
+    return statistics.fmean(vals) if vals else math.nan
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _collect(runs: list[Path], fn: Callable[[Path], float]) -> list[float]:
+    return [fn(r) for r in runs]
+
+
+def _bench(run: Path, idx: int, key: str, sub: str | None = None) -> float:
+    b = list(eval_summary(run).values())
+    if len(b) <= idx:
+        return math.nan
+    v = b[idx][key]
+    return float(v[sub] if sub is not None else v)
+
+
+def _bench_names(groups: dict[str, list[Path]]) -> list[str]:
+    for runs in groups.values():
+        for r in runs:
+            names = list(eval_summary(r))
+            if names:
+                return names
+    return []
+
+
+def polarity(root: Path) -> str:
+    groups = runs_of(root, "polarity")
+    names = _bench_names(groups)
+    if not names:
+        return "no finished polarity runs under " + str(root / "polarity")
+    k = max((int(j) for r in next(iter(groups.values())) for j in eval_summary(r)[names[0]]["pass@k"]), default=1)
+    head = ["mode", "seeds"]
+    for n in names:
+        head += [f"{n} avg@{k} %", f"{n} pass@{k} %", f"{n} greedy %"]
+    head += ["entropy first 5 steps", "entropy last 5 steps"]
+    rows = []
+    for mode, runs in groups.items():
+        row = [mode, ",".join(r.name.rsplit("seed", 1)[1] for r in runs)]
+        for i, _ in enumerate(names):
+            row.append(pct_ci(_collect(runs, lambda r, i=i: _bench(r, i, "avg@k"))))
+            row.append(pct_ci(_collect(runs, lambda r, i=i: _bench(r, i, "pass@k", str(k)))))
+            row.append(pct_ci(_collect(runs, lambda r, i=i: _bench(r, i, "greedy", "accuracy"))))
+        tr = [training_row(r) for r in runs]
+        row += [mean_ci([t["entropy_first5"] for t in tr]), mean_ci([t["entropy_last5"] for t in tr])]
+        rows.append(row)
+    out = [table(head, rows)]
+    ks = [j for j in (1, 2, 4, 8, 16) if j <= k]
+    for i, n in enumerate(names):
+        pk_rows = [
+            [mode] + [pct_ci(_collect(runs, lambda r, i=i, j=j: _bench(r, i, "pass@k", str(j)))) for j in ks]
+            for mode, runs in groups.items()
+        ]
+        out.append(f"pass@k on {n} (%)\n\n" + table(["mode"] + [f"pass@{j}" for j in ks], pk_rows))
+    return "\n\n".join(out)
+
+
+def zero_adv(root: Path) -> str:
+    groups = runs_of(root, "zero_adv")
+    names = _bench_names(groups)
+    head = ["dynamic sampling", "seeds", "zero-adv samples (trained batch) %", "zero-adv groups (generated) %"]
+    head += ["groups generated / kept", "training minutes", f"{names[0] if names else 'in-domain'} avg@k %"]
+    head += ["accuracy points / training minute"]
+    base = eval_summary(root, "base-eval") if (root / "base-eval").is_dir() else {}
+    base_acc = next(iter(base.values()))["avg@k"] if base else math.nan
+    rows = []
+    for variant, runs in groups.items():
+        tr = [training_row(r) for r in runs]
+        acc = _collect(runs, lambda r: _bench(r, 0, "avg@k"))
+        per_min = [100 * (a - base_acc) / t["train_minutes"] for a, t in zip(acc, tr, strict=True)]
+        rows.append(
+            [
+                variant,
+                str(len(runs)),
+                pct_ci([t["zero_samples"] for t in tr]),
+                pct_ci([t["zero_groups_generated"] for t in tr]),
+                mean_ci([t["groups_per_kept"] for t in tr]),
+                mean_ci([t["train_minutes"] for t in tr]),
+                pct_ci(acc),
+                mean_ci(per_min),
+            ]
+        )
+    return table(head, rows)
+
+
+def length(root: Path) -> str:
+    groups = runs_of(root, "length")
+    names = _bench_names(groups)
+    head = ["relative length reward", "seeds", "response tokens, first 10 steps", "last 10 steps"]
+    head += [f"{n} avg@k %" for n in names] + [f"{n} eval length" for n in names]
+    rows = []
+    for variant, runs in groups.items():
+        tr = [training_row(r) for r in runs]
+        row = [variant, str(len(runs)), mean_ci([t["len_first10"] for t in tr]), mean_ci([t["len_last10"] for t in tr])]
+        row += [pct_ci(_collect(runs, lambda r, i=i: _bench(r, i, "avg@k"))) for i, _ in enumerate(names)]
+        row += [mean_ci(_collect(runs, lambda r, i=i: _bench(r, i, "response_len_mean"))) for i, _ in enumerate(names)]
+        rows.append(row)
+    return table(head, rows)
+
+
+def uncertain(root: Path, small: int = 30) -> str:
+    """Per evaluated checkpoint and benchmark: uncertain problems, flips, and runs needed at `small` problems."""
+    head = ["run", "benchmark", "problems", "samples / problem", "avg@k % (per seed)", "uncertain", "variance share %"]
+    head += ["greedy flip rate %", f"1-sample runs for ±5 pts on {small} problems", "runs of k for ±2 pts (this set)"]
+    rows = []
+    for run in sorted((root / "polarity").glob("*-seed*")):
+        for name, s in eval_summary(run, "eval-uncertain").items():
+            u = s["uncertain"]
+            per_problem_var = (u["one_sample_stderr"] * s["n_problems"]) ** 2 / s["n_problems"]  # mean p(1-p)
+            small_runs = math.ceil(1.96**2 * per_problem_var / small / 0.05**2)
+            rows.append(
+                [
+                    run.name,
+                    name,
+                    str(s["n_problems"]),
+                    str(s["samples_per_problem"]),
+                    f"{100 * s['avg@k']:.1f} ({', '.join(f'{100 * a:.1f}' for a in s['avg@k_per_seed'])})",
+                    f"{u['count']} ({100 * u['frac']:.0f}%)",
+                    f"{100 * u['variance_share']:.0f}",
+                    f"{100 * s['greedy']['flip_rate']:.1f}" if "greedy" in s else "-",
+                    str(small_runs),
+                    str(u["runs_needed"]["0.02"]),
+                ]
+            )
+    return table(head, rows) if rows else "no eval-uncertain results under " + str(root / "polarity")
+
+
+EXPERIMENTS = {"polarity": polarity, "zero_adv": zero_adv, "length": length, "uncertain": uncertain}
+
+
+def main(argv: Sequence[str]) -> int:
+    if not argv or argv[0] not in (*EXPERIMENTS, "all"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    root = Path(argv[1]) if len(argv) > 1 else Path("runs/study")
+    names = list(EXPERIMENTS) if argv[0] == "all" else [argv[0]]
+    (root / "tables").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        text = f"## {name}\n\n{EXPERIMENTS[name](root)}\n"
+        (root / "tables" / f"{name}.md").write_text(text)
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,49 @@
+"""examples/study/tables.py: the reproduction tables come from the runs' own files; numbers checked by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "study" / "tables.py"
+
+
+@pytest.fixture(scope="module")
+def tables():
+    spec = importlib.util.spec_from_file_location("study_tables", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(root: Path, name: str, acc: float, entropy: list[float], zero: float) -> None:
+    run = root / "polarity" / name
+    (run / "eval-final").mkdir(parents=True)
+    lines = [
+        {"step": s + 1, "actor/entropy": e, "adv/zero_frac_samples": zero, "perf/step_s": 30.0, "guard/action": "ok"}
+        for s, e in enumerate(entropy)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 9, "torn')
+    bench = {"avg@k": acc, "pass@k": {"1": acc, "2": min(1.0, 2 * acc)}, "greedy": {"accuracy": acc}}
+    (run / "eval-final" / "summary.json").write_text(json.dumps({"benchmarks": {"chain_sum": bench}}))
+
+
+def test_mean_and_t_interval_across_seeds_by_hand(tables):
+    assert tables.mean_ci([1.0, 3.0]) == "2 ± 13"  # sd sqrt(2), 12.706 * sqrt(2) / sqrt(2) = 12.7
+    assert tables.mean_ci([0.5]) == "0.5" and tables.mean_ci([]) == "-"
+    assert tables.pct_ci([0.1, 0.2, 0.3]) == "20 ± 25"  # sd 10, 4.303 * 10 / sqrt(3) = 24.8
+
+
+def test_polarity_table_averages_each_mode_over_its_seeds(tables, tmp_path):
+    _run(tmp_path, "both-seed1", 0.2, [1.0] * 6, 0.5)
+    _run(tmp_path, "both-seed2", 0.4, [2.0] * 6, 0.5)
+    _run(tmp_path, "negative-seed1", 0.3, [1.0, 1.0, 1.0, 1.0, 1.0, 3.0], 0.25)
+    text = tables.polarity(tmp_path)
+    both = next(line for line in text.splitlines() if line.startswith("| both |"))
+    assert both.startswith("| both | 1,2 | 30 ± 1.3e+02 |")  # mean 30, sd 14.1 -> 12.706 * 10 = 127
+    neg = next(line for line in text.splitlines() if line.startswith("| negative |"))
+    assert "| 30 | 60 | 30 | 1 | 1.4 |" in neg  # avg, pass@2, greedy; entropy first 5 = 1, last 5 = 7/5
+    assert "pass@k on chain_sum" in text
