@@ -57,7 +57,14 @@ class FitReport:
     """Every reason the layout does not fit (empty when it fits), and a one-line summary."""
 
     summary: str
-    problems: list[str] = field(default_factory=list)
+    layout: list[str] = field(default_factory=list)
+    """What no cluster could fix: TP x PP must divide the ranks (the ranks' own build refuses it too)."""
+    placement: list[str] = field(default_factory=list)
+    """What these nodes cannot hold: a TP group wider than a node, totals, bundle sizes, packing."""
+
+    @property
+    def problems(self) -> list[str]:
+        return self.layout + self.placement
 
     @property
     def fits(self) -> bool:
@@ -119,16 +126,21 @@ def first_unpacked(groups: Sequence[Sequence[Bundle]], nodes: Sequence[NodeResou
     return None
 
 
-def _parallel_problems(cfg: Config, nodes: Sequence[NodeResources]) -> list[str]:
+def _layout_problems(cfg: Config) -> list[str]:
+    c, a = cfg.cluster, cfg.actor
+    model_parallel = a.tensor_parallel * a.pipeline_parallel
+    if c.actor_ranks % model_parallel == 0:
+        return []
+    return [
+        f"cluster.actor_ranks = {c.actor_ranks} is not divisible by actor.tensor_parallel x"
+        f" actor.pipeline_parallel = {a.tensor_parallel} x {a.pipeline_parallel}: set cluster.actor_ranks to a"
+        f" multiple of {model_parallel}, or change actor.tensor_parallel / actor.pipeline_parallel"
+    ]
+
+
+def _tensor_parallel_problems(cfg: Config, nodes: Sequence[NodeResources]) -> list[str]:
     c, a = cfg.cluster, cfg.actor
     problems = []
-    model_parallel = a.tensor_parallel * a.pipeline_parallel
-    if c.actor_ranks % model_parallel:
-        problems.append(
-            f"cluster.actor_ranks = {c.actor_ranks} is not divisible by actor.tensor_parallel x"
-            f" actor.pipeline_parallel = {a.tensor_parallel} x {a.pipeline_parallel}: set cluster.actor_ranks to a"
-            f" multiple of {model_parallel}, or change actor.tensor_parallel / actor.pipeline_parallel"
-        )
     tp_gpus = a.tensor_parallel * c.gpus_per_rank
     biggest = max((n.gpus for n in nodes), default=0.0)
     if c.gpus_per_rank > 0 and a.tensor_parallel > 1 and tp_gpus > biggest + EPS:
@@ -209,14 +221,14 @@ def check_fit(cfg: Config, nodes: Sequence[NodeResources]) -> FitReport:
     if cfg.cluster.mode not in ("colocated", "disaggregated"):
         mode = cfg.cluster.mode
         problem = f"cluster.mode = {mode!r} uses no cluster: set cluster.mode=colocated or disaggregated"
-        return FitReport(f"cluster.mode = {mode!r}: one process, no Ray", [problem])
-    problems = _parallel_problems(cfg, nodes)
+        return FitReport(f"cluster.mode = {mode!r}: one process, no Ray", layout=[problem])
+    layout = _layout_problems(cfg)
     resources = _resource_problems(cfg, nodes)
-    problems += resources
+    placement = _tensor_parallel_problems(cfg, nodes) + resources
     if not resources:  # packing is only worth a word when the sizes alone do not already rule it out
         unpacked = first_unpacked(placement_groups(cfg), nodes)
-        problems += [unpacked] if unpacked else []
-    return FitReport(_summary(cfg, nodes, not problems), problems)
+        placement += [unpacked] if unpacked else []
+    return FitReport(_summary(cfg, nodes, not (layout or placement)), layout, placement)
 
 
 def _live_nodes(address: str) -> list[NodeResources]:

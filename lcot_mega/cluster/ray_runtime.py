@@ -114,11 +114,12 @@ def placement_group(bundles: Sequence[dict[str, float]], what: str, timeout_s: f
 
 def check_cluster_fits(cfg: Config) -> None:
     """RayStartError listing every reason `cfg`'s placement groups cannot be placed on the alive nodes (see
-    `fit`): at once, instead of after `PLACEMENT_TIMEOUT_S` with only a resource dict."""
+    `fit`): at once, instead of after `PLACEMENT_TIMEOUT_S` with only a resource dict. A TP x PP that does not
+    divide the ranks is left to the ranks' own build (`ActorSetupError`, the same keys named)."""
     from lcot_mega.cluster.fit import check_fit, nodes_from_ray
 
     report = check_fit(cfg, nodes_from_ray())
-    if not report.fits:
+    if report.placement:
         raise RayStartError(f"the layout does not fit the Ray cluster:\n{report}")
 
 

@@ -45,8 +45,8 @@ def test_cpu_colocated_two_ranks_fill_two_one_cpu_nodes_exactly():
 
 def test_ranks_not_divisible_by_tp_times_pp():
     report = check_fit(_cfg(2, 2, **_gpu_disagg(actor_ranks=6, num_engines=2)), TWO_BY_8)
-    assert len(report.problems) == 1
-    assert "cluster.actor_ranks = 6 is not divisible" in report.problems[0]
+    assert len(report.problems) == 1 and report.placement == [] and not report.fits
+    assert "cluster.actor_ranks = 6 is not divisible" in report.layout[0]
     assert "multiple of 4" in report.problems[0]
     assert "DP ?" in report.summary and report.summary.endswith("does not fit")
 
@@ -54,8 +54,8 @@ def test_ranks_not_divisible_by_tp_times_pp():
 def test_tensor_parallel_wider_than_a_node():
     # 16 ranks x 1 GPU = 16 GPUs fit 2 x 8 in total and packed, but one TP group of 16 would cross nodes
     report = check_fit(_cfg(16, 1, actor_ranks=16, mode="colocated", gpus_per_rank=1), TWO_BY_8)
-    assert len(report.problems) == 1
-    assert report.problems[0].startswith("actor.tensor_parallel = 16 needs 16 GPUs")
+    assert len(report.problems) == 1 and report.layout == []
+    assert report.placement[0].startswith("actor.tensor_parallel = 16 needs 16 GPUs")
     assert "the largest has 8" in report.problems[0]
 
 
@@ -166,3 +166,12 @@ def test_cli_dry_run_exits_0_when_it_fits_and_1_when_it_does_not():
         "  - the layout asks for 17 GPUs (cluster.actor_ranks 8 x cluster.gpus_per_rank 1 + cluster.num_engines 9"
         " x cluster.gpus_per_engine 1), the cluster has 8 on 1 node(s): lower those keys or add nodes"
     )
+
+
+def test_build_ray_runtime_leaves_an_indivisible_layout_to_the_ranks_own_build(monkeypatch):
+    from lcot_mega.cluster import ray_runtime
+
+    monkeypatch.setattr(fit, "nodes_from_ray", lambda: uniform_nodes(1, cpus=8, gpus=0))
+    ray_runtime.check_cluster_fits(_cfg(2, 1, mode="colocated", actor_ranks=3))  # ActorSetupError says it later
+    with pytest.raises(ray_runtime.RayStartError, match=r"asks for 9 CPUs"):
+        ray_runtime.check_cluster_fits(_cfg(2, 1, mode="colocated", actor_ranks=3, cpus_per_rank=3))
