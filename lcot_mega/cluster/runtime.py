@@ -132,9 +132,14 @@ def is_served(cfg: Config) -> bool:
 def _local_runtime(cfg: Config) -> Runtime:
     if is_served(cfg):
         return _served_runtime(cfg)
-    from lcot_mega.rollout.embedded import EmbeddedEngine
+    if cfg.rollout.engine == "vllm":  # vLLM's in-process LLM; its engine core and worker are child processes
+        from lcot_mega.rollout.vllm_engine import VLLMEngine
 
-    engine = EmbeddedEngine(cfg.model.path, dtype=ROLLOUT_DTYPES[cfg.model.dtype], seed=cfg.trainer.seed)
+        engine = VLLMEngine(cfg.model.path, dtype=ROLLOUT_DTYPES[cfg.model.dtype], seed=cfg.trainer.seed)
+    else:
+        from lcot_mega.rollout.embedded import EmbeddedEngine
+
+        engine = EmbeddedEngine(cfg.model.path, dtype=ROLLOUT_DTYPES[cfg.model.dtype], seed=cfg.trainer.seed)
     runtime = Runtime(actor=None, engine=engine, tokenizer=engine.tokenizer or load_tokenizer(cfg))  # type: ignore[arg-type]
     runtime.closers.append(engine.shutdown)
     try:
