@@ -8,6 +8,7 @@ on torch 2.13.0+cpu); one engine start (about 25-50 s on 2 cores) serves the who
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -79,7 +80,9 @@ def test_greedy_tokens_equal_the_embedded_engines_on_the_same_fp32_model(engine,
     assert all(c.logprobs == [0.0] * 24 and c.finish is SampleStatus.TRUNCATED for cs in out for c in cs)
 
 
-@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7}, {"temperature": 0.9, "top_k": 5}])
+@pytest.mark.parametrize(
+    "sampling", [{}, {"temperature": 0.7}, {"temperature": 0.9, "top_k": 5}, {"top_p": 0.8}, {"min_p": 0.1}]
+)
 def test_sampled_logprobs_match_transformers_log_softmax_of_the_sampled_tokens(engine, hf_model, sampling):
     params = SamplingParams(max_new_tokens=16, n=2, seed=11, ignore_eos=True, **sampling)
     out = engine.generate(PROMPTS, params)
@@ -223,13 +226,21 @@ def test_engine_satisfies_the_protocol_and_refuses_bad_prompts(engine):
 
 def test_abort_from_another_thread_returns_aborted_samples_with_their_tokens(engine):
     params = SamplingParams(max_new_tokens=400, n=4, seed=0, ignore_eos=True)
-    timer = threading.Timer(1.0, engine.abort)
-    timer.start()
+    start = engine.tokens_generated
+
+    def abort_once_generating() -> None:
+        deadline = time.monotonic() + 60
+        while engine.tokens_generated - start < 64 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        engine.abort()
+
+    thread = threading.Thread(target=abort_once_generating)
+    thread.start()
     out = engine.generate(PROMPTS, params)
-    timer.join()
+    thread.join()
     flat = [c for cs in out for c in cs]
-    assert any(c.finish is SampleStatus.ABORTED for c in flat), [len(c.token_ids) for c in flat]
-    assert all(len(c.token_ids) == len(c.logprobs) < 400 for c in flat if c.finish is SampleStatus.ABORTED)
+    assert all(c.finish is SampleStatus.ABORTED for c in flat), [c.finish for c in flat]
+    assert all(len(c.token_ids) == len(c.logprobs) < 400 for c in flat) and any(c.token_ids for c in flat)
     after = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4, seed=0, ignore_eos=True))[0][0]
     assert after.finish is SampleStatus.TRUNCATED and len(after.token_ids) == 4  # the next call is unaffected
 
