@@ -17,10 +17,11 @@ docs/ROLLOUT_VLLM.md). Semantics follow `protocol.py` and the embedded engine:
   (`worker_extension_cls`, the mechanism of vLLM's `examples/offline_inference/rlhf_utils.py`) whose method calls
   the worker's `reload_weights(weights_iterator=..., is_checkpoint_format=True)`: vLLM's layer-wise in-place
   reload, which re-runs `process_weights_after_loading` (on CPU the linear layers are prepacked for oneDNN and
-  drop their plain `weight`, so a bare `model.load_weights` would not reach the kernels). vLLM processes a
-  fused layer (qkv_proj, gate_up_proj) from whatever parts one reload brought, so parts of a fused layer are
-  held back here until all of them have arrived (over any number of calls); `generate` refuses while any are
-  missing. The prefix cache is reset after every load.
+  drop their plain `weight`, so a bare `model.load_weights` would not reach the kernels). vLLM re-processes a
+  module from whatever parts one reload brought, so the parts of one vLLM module (q/k/v_proj weights and biases
+  fused into qkv_proj, gate/up_proj, a weight and its bias) are held back here until all of them have arrived
+  (over any number of calls); `generate` refuses while any are missing. The prefix cache is reset after every
+  load.
 - memory: `release_memory` / `resume_memory` are `LLM.sleep` / `LLM.wake_up`, which need `enable_sleep_mode`;
   vLLM's CPU platform has no sleep mode (`is_sleep_mode_available()` is False and `CPUWorker.sleep` only logs
   a warning), so on CPU both raise NotImplementedError.
@@ -139,8 +140,8 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.vocab_size = int(self._llm.llm_engine.model_config.get_vocab_size())
         self._shapes = _checkpoint_shapes(self.model_dir)
-        self._groups = _fused_groups(self._shapes, self._llm.collective_rpc("lcot_packed_modules")[0])
-        self._pending: dict[str, torch.Tensor] = {}  # parts of fused modules whose siblings have not arrived
+        self._groups = _module_groups(self._shapes, self._llm.collective_rpc("lcot_packed_modules")[0])
+        self._pending: dict[str, torch.Tensor] = {}  # parts of vLLM modules whose siblings have not arrived
         self._unloaded: set[str] = set()  # names released and not loaded since (GPU sleep level 2)
         self._version = 0
         self._ids = itertools.count()
@@ -295,7 +296,7 @@ class VLLMEngine:
         if self._pending:
             raise RuntimeError(
                 f"update_weights sent parts of fused modules without the rest: {sorted(self._pending)[:4]}; send"
-                " q/k/v_proj (and gate/up_proj) of a layer completely before generating"
+                " every part of a vLLM module (q/k/v_proj, gate/up_proj, weight and bias) before generating"
             )
         if self._unloaded:
             raise RuntimeError(
@@ -355,8 +356,9 @@ class VLLMEngine:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
             self._llm.sleep(level=2 if "weights" in tags else 1)
-            if "weights" in tags:
-                self._unloaded = set(self._shapes)
+            if "weights" in tags:  # a tied lm_head is the embedding (vLLM skips it on load): not awaited
+                tied = json.loads((self.model_dir / "config.json").read_text()).get("tie_word_embeddings", False)
+                self._unloaded = set(self._shapes) - ({"lm_head.weight"} if tied else set())
         finally:
             self._lock.release()
 
@@ -416,18 +418,17 @@ def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _fused_groups(shapes: dict[str, tuple[int, ...]], packed: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
-    """HF name -> every HF name vLLM fuses it with (q/k/v_proj of one layer, gate/up_proj), for names in a group."""
-    groups: dict[str, tuple[str, ...]] = {}
+def _module_groups(shapes: dict[str, tuple[int, ...]], packed: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
+    """HF name -> every HF name of the same vLLM module: q/k/v_proj weights and biases of one layer (fused into
+    qkv_proj), gate/up_proj, a layer's weight and bias. vLLM re-processes a module once per reload from the parts
+    that reload brought, so a module's parts must be loaded together."""
+    fused_of = {part: fused for fused, parts in packed.items() for part in parts}
+    members: dict[str, list[str]] = {}
     for name in shapes:
-        module = name.rsplit(".", 2)
-        if len(module) < 3:
-            continue
-        for parts in packed.values():
-            if module[-2] in parts:
-                siblings = tuple(f"{module[0]}.{p}.{module[2]}" for p in parts)
-                groups[name] = tuple(s for s in siblings if s in shapes)
-    return groups
+        path = name.rsplit(".", 1)[0].split(".")
+        path[-1] = fused_of.get(path[-1], path[-1])
+        members.setdefault(".".join(path), []).append(name)
+    return {name: tuple(group) for group in members.values() for name in group}
 
 
 def _check_tensor(name: str, tensor: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> None:

