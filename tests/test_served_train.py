@@ -134,8 +134,8 @@ def test_served_engines_and_sglang_outside_local_mode_are_refused_naming_the_key
 
 
 def test_train_stops_on_a_refused_engine_before_any_work(tmp_path, model):
-    proc = _train(tmp_path / "run", model, "rollout.engine=vllm")
-    assert proc.returncode == 2 and "rollout.engine = 'vllm' is not supported yet" in proc.stderr
+    proc = _train(tmp_path / "run", model, "rollout.engine=vllm", "rollout.served=true")  # refused with or without vllm
+    assert proc.returncode == 2 and "rollout.engine = 'vllm' runs in process: drop rollout.served" in proc.stderr
     assert not (tmp_path / "run" / "logs").exists()
 
 

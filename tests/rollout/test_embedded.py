@@ -347,3 +347,17 @@ def test_shutdown_makes_the_engine_unhealthy(model_dir):
     assert not eng.health()
     with pytest.raises(RuntimeError, match="shut down"):
         eng.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+
+
+def test_the_kv_cache_keyword_follows_the_installed_transformers():
+    """transformers renamed forward's `past_key_values` to `cache`; both swallow unknown keywords, so the engine
+    must pick the name the model declares (a silently dropped cache decodes garbage)."""
+    from lcot_mega.rollout.embedded import _cache_keyword
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs): ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs): ...
+
+    assert _cache_keyword(Old()) == "past_key_values" and _cache_keyword(New()) == "cache"
