@@ -14,12 +14,15 @@ A second table times the transformers step with and without the TorchFunctionMod
 from other processes hits both alike), and counts the torch calls that go through that mode per step.
 
     python tools/bench_actor.py [--model smollm2|random135m|tiny] [--layouts] [--sequences 8
-        --prompt-len 64 --response-len 128 --steps 3 --threads 0]
+        --prompt-len 64 --response-len 128 --steps 3 --threads 0] [--json PATH]
+
+`--json PATH` also writes the tables' rows as JSON (read by tools/bench_all.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -228,6 +231,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median), after one warm-up step")
     ap.add_argument("--threads", type=int, default=0, help="cores to use in all (0: this process's affinity)")
     ap.add_argument("--no-shim-table", action="store_true", help="skip the cpu_compat overhead table")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     args = ap.parse_args()
     cores = args.threads or len(os.sched_getaffinity(0))
 
@@ -241,7 +245,7 @@ def main() -> None:
     hf = in_processes(hf_worker, 1, cores, str(hf_dir), batch, args.steps, False)[0]
     progress(f"transformers step: {statistics.median(hf['times']):.2f} s")
     hf_rate, hf_cell = fmt_rate(tokens, hf["times"])
-    rows = []
+    rows, records = [], []
     for name, world, tp, pp, budget in layouts_for(hf_dir, args.layouts, tokens, args.sequences):
         threads = max(1, cores // world)
         res = in_processes(megatron_worker, world, threads, str(hf_dir), batch, args.steps, tp, pp, budget)
@@ -251,6 +255,23 @@ def main() -> None:
         mbs = int(res[0]["micro_batches"])
         rows.append(f"| {name} | {world} x {threads} | {mbs} | {cell} | {hf_cell} | {rate / hf_rate:.2f} |")
         rows[-1] += f" {rss} | {hf['rss']:,.0f} | {res[0]['shim_calls']:,} |"
+        records.append(
+            dict(
+                layout=name,
+                procs=world,
+                threads=threads,
+                tp=tp,
+                pp=pp,
+                micro_batches=mbs,
+                megatron_tok_s=rate,
+                megatron_step_s=statistics.median(res[0]["times"]),
+                hf_tok_s=hf_rate,
+                hf_step_s=statistics.median(hf["times"]),
+                ratio=rate / hf_rate,
+                megatron_rss_mib=[r["rss"] for r in res],
+                hf_rss_mib=hf["rss"],
+            )
+        )
         progress(rows[-1])
     shim = None if args.no_shim_table else in_processes(hf_worker, 1, cores, str(hf_dir), batch, args.steps, True)[0]
     elapsed = time.perf_counter() - t0
@@ -274,6 +295,13 @@ def main() -> None:
         ratio = shim_rate / plain_rate
         print(f"| under cpu_compat's TorchFunctionMode | {shim_cell} | {ratio:.2f} | {shim['shim_calls']:,} |")
     print(f"\ntotal wall time {elapsed:.0f} s")
+    if args.json:
+        meta = dict(model=args.model, tokens_per_step=tokens, cores=cores, steps=args.steps, seconds=elapsed)
+        meta.update(sequences=args.sequences, prompt_len=args.prompt_len, response_len=args.response_len)
+        shim_row = None
+        if shim is not None:
+            shim_row = dict(plain_tok_s=plain_rate, shim_tok_s=shim_rate, ratio=ratio, calls=shim["shim_calls"])
+        args.json.write_text(json.dumps(dict(meta=meta, layouts=records, shim=shim_row), indent=1))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,17 @@ vocab 49152: the output layer dominates, as in SmolLM2-sized vocabularies). Both
 temperature 1 with no truncation, ignore EOS (every response has max_new_tokens tokens) and use a KV cache.
 
     python tools/bench_rollout.py [--prompts 8 --n 4 --prompt-len 32 --max-new 64 --repeats 3 --threads 0]
+        [--vllm] [--json PATH]
+
+`--vllm` adds SmolLM2-135M-Instruct (bench_models.py; vLLM needs its tokenizer, and refuses the tiny model's
+head_dim 16) with a third engine, `VLLMEngine`, on the same prompts and settings. `--json PATH` also writes
+the table's rows as JSON (read by tools/bench_all.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,8 +50,13 @@ def prompts_for(vocab: int, count: int, length: int) -> list[list[int]]:
     ]
 
 
-def engine_run(model_dir: Path, dtype: torch.dtype, prompts: list[list[int]], args) -> Callable[[], int]:
-    engine = EmbeddedEngine(model_dir, dtype=dtype)
+def engine_run(
+    model_dir: Path, dtype: torch.dtype, prompts: list[list[int]], args, engine_cls: type = EmbeddedEngine, opened=None
+) -> Callable[[], int]:
+    """A timed generate on a fresh engine; `opened` collects the engine for shutdown (vLLM's runs a process)."""
+    engine = engine_cls(model_dir, dtype=dtype)
+    if opened is not None:
+        opened.append(engine)
     params = SamplingParams(max_new_tokens=args.max_new, n=args.n, ignore_eos=True, seed=0)
     engine.generate(prompts[:1], SamplingParams(max_new_tokens=4))  # warm-up
 
@@ -97,6 +108,8 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--vllm", action="store_true", help="add SmolLM2-135M with a VLLMEngine column")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,18 +118,39 @@ def main() -> None:
         f" {args.max_new} new tokens, {torch.get_num_threads()} threads; best of {args.repeats}"
     )
     print("| model | dtype | embedded tok/s | HF generate tok/s | ratio |\n|---|---|---|---|---|")
+    records = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kw in MODELS.items():
-            model_dir = make_model(Path(tmp) / name.split()[0], **kw)
-            prompts = prompts_for(kw["vocab_size"], args.prompts, args.prompt_len)
+        models = [(n, make_model(Path(tmp) / n.split()[0], **kw), kw["vocab_size"]) for n, kw in MODELS.items()]
+        if args.vllm:
+            from bench_models import prepare_model
+
+            models.append(("smollm2 (SmolLM2-135M-Instruct)", prepare_model("smollm2"), 49152))
+        for name, model_dir, vocab in models:
+            prompts = prompts_for(vocab, args.prompts, args.prompt_len)
             for dtype in (torch.float32, torch.bfloat16):
+                opened: list = []
                 runs = {
                     "ours": engine_run(model_dir, dtype, prompts, args),
                     "hf": hf_generate_run(model_dir, dtype, prompts, args),
                 }
+                if name.startswith("smollm2"):
+                    from lcot_mega.rollout.vllm_engine import VLLMEngine
+
+                    runs["vllm"] = engine_run(model_dir, dtype, prompts, args, VLLMEngine, opened)
                 rate = best_rates(runs, args.repeats)
+                for engine in opened:
+                    engine.shutdown()
                 ours, ref = rate["ours"], rate["hf"]
-                print(f"| {name} | {str(dtype).removeprefix('torch.')} | {ours:,.0f} | {ref:,.0f} | {ours / ref:.2f} |")
+                line = f"| {name} | {str(dtype).removeprefix('torch.')} | {ours:,.0f} | {ref:,.0f} | {ours / ref:.2f} |"
+                if "vllm" in rate:
+                    line += f" vLLM {rate['vllm']:,.0f} tok/s, ours / vLLM {ours / rate['vllm']:.2f} |"
+                print(line)
+                records.append(dict(model=name, dtype=str(dtype).removeprefix("torch."), ours_tok_s=ours, hf_tok_s=ref))
+                records[-1].update(ratio=ours / ref, vllm_tok_s=rate.get("vllm"))
+    if args.json:
+        meta = dict(prompts=args.prompts, n=args.n, prompt_len=args.prompt_len, max_new=args.max_new)
+        meta.update(repeats=args.repeats, threads=torch.get_num_threads())
+        args.json.write_text(json.dumps(dict(meta=meta, rows=records), indent=1))
 
 
 if __name__ == "__main__":

@@ -22,12 +22,16 @@ heads so that TP=2 splits it), `random1b` (a 0.87B Llama: hidden 2048, 16 layers
 32000 vocabulary), `tiny`; all fp32, made from a config and saved once under runs/models/. No download.
 
     python tools/bench_sync.py [--model random120m-kv4|random1b|tiny] [--bucket-mb 64] [--repeats 3] [--threads 0]
+        [--json PATH]
+
+`--json PATH` also writes the table's rows as JSON (read by tools/bench_all.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import resource
 import statistics
@@ -168,6 +172,7 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=float, default=64.0, help="sync bucket size in MiB")
     ap.add_argument("--repeats", type=int, default=3, help="timed syncs per transport (median), after 1 warm-up")
     ap.add_argument("--threads", type=int, default=0, help="cores to use in all (0: this process's affinity)")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
@@ -197,6 +202,26 @@ def main() -> None:
     if synced != nbytes:  # memcpy copied the checkpoint's byte count: say so if the sync moved another
         progress(f"note: a sync moves {synced} bytes, the checkpoint holds {nbytes} (memcpy used the latter)")
     print(format_table(args, hf_dir, n_params, nbytes, res, world, cores, elapsed))
+    if args.json:
+        meta = dict(model=args.model, params=n_params, bytes=nbytes, bucket_mb=args.bucket_mb, repeats=args.repeats)
+        meta.update(procs=world, threads=res[0]["threads"], cores=cores, seconds=elapsed)
+        args.json.write_text(json.dumps(dict(meta=meta, rows=json_rows(nbytes, res[0])), indent=1))
+
+
+def json_rows(nbytes: int, rank0: dict) -> list[dict[str, Any]]:
+    """The table's rows as numbers: medians per transport, then the memcpy row (ratios against it)."""
+    mem_s = statistics.median(rank0["memcpy"])
+    mem_gbs = nbytes / mem_s / 1e9
+    rows = []
+    for key, name in TRANSPORTS:
+        reps = rank0[key]
+        gbs = statistics.median(r.gb_per_s for r in reps)
+        secs = statistics.median(r.seconds for r in reps)
+        rows.append(dict(transport=key, name=name, seconds=secs, gb_per_s=gbs, buckets=reps[0].buckets))
+        rows[-1].update(ratio=gbs / mem_gbs)
+    rows.append(dict(transport="memcpy", name="memcpy (torch `copy_`, same bytes, rank 0)", seconds=mem_s))
+    rows[-1].update(gb_per_s=mem_gbs, buckets=0, ratio=1.0)
+    return rows
 
 
 def format_table(

@@ -1,0 +1,125 @@
+"""tools/bench_all.py's pure parts: data efficiency from constructed runs (worked by hand), the markdown, the
+machine description. The benchmarks themselves are not run here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location("bench_all", Path(__file__).parents[1] / "tools" / "bench_all.py")
+bench_all = importlib.util.module_from_spec(_SPEC)
+sys.modules["bench_all"] = bench_all  # dataclasses look their module up there
+_SPEC.loader.exec_module(bench_all)
+
+
+def _kept(pos: int, neg: int, zero: int) -> dict[str, float]:
+    return {"polarity/kept_pos_count": pos, "polarity/kept_neg_count": neg, "polarity/kept_zero_count": zero}
+
+
+def _run(tmp: Path, name: str, mode_yaml: str, records: list[dict]) -> Path:
+    run = tmp / name
+    run.mkdir()
+    cfg = f"algo:\n  dynamic_sampling:\n    mode: {mode_yaml}\n    max_rounds: 1\nrollout:\n  n_samples: 4\n"
+    (run / "config.yaml").write_text(cfg)
+    lines = [json.dumps({"step": i, "time": 0.0, **r}) for i, r in enumerate(records)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> tuple[Path, Path]:
+    drop = [
+        {"eval/x/accuracy": 0.1},  # an evaluation-only line: not a step
+        {"rollout/groups_generated": 8, "rollout/groups_per_kept_group": 4, "rollout/zero_adv_frac": 0.75}
+        | _kept(3, 5, 0)
+        | {"actor/response_tokens": 100},
+        {"rollout/groups_generated": 4, "rollout/groups_per_kept_group": 2, "rollout/zero_adv_frac": 0.5}
+        | _kept(4, 2, 2)
+        | {"actor/response_tokens": 80},
+    ]
+    off = [
+        {"rollout/groups_generated": 4, "rollout/groups_per_kept_group": 1, "rollout/zero_adv_frac": 0.25}
+        | _kept(6, 6, 4)
+        | {"actor/response_tokens": 160},
+        # nothing trained (null written for a non-finite value): counts toward generation only
+        {"rollout/groups_generated": 4, "rollout/groups_per_kept_group": 1, "rollout/zero_adv_frac": 1.0}
+        | _kept(0, 0, 0)
+        | {"actor/skipped": 1, "actor/grad_norm": None},
+    ]
+    # `off` unquoted is YAML 1.1 false, as a hand-written config may have it; `drop` quoted as OmegaConf saves
+    return _run(tmp_path, "a", "'drop'", drop), _run(tmp_path, "b", "off", off)
+
+
+def test_efficiency_of_a_drop_run_matches_hand_worked_numbers(runs: tuple[Path, Path]) -> None:
+    e = bench_all.run_efficiency(runs[0])
+    assert (e.mode, e.steps) == ("drop", 2)
+    # 12 groups x 4 samples = 48 generated; 3 + 5 + 4 + 2 = 14 informative kept
+    assert e.samples_generated == 48 and e.informative_trained == 14
+    assert e.rollouts_per_informative == pytest.approx(48 / 14)
+    assert e.groups_per_kept_group == pytest.approx(12 / (8 / 4 + 4 / 2))  # 3.0
+    assert e.zero_generated_share == pytest.approx((0.75 * 8 + 0.5 * 4) / 12)  # 2/3
+    assert e.zero_token_share == pytest.approx((80 * 2 / 8) / 180)  # 20 of 180 tokens
+
+
+def test_efficiency_reads_unquoted_off_and_skips_untrained_steps(runs: tuple[Path, Path]) -> None:
+    e = bench_all.run_efficiency(runs[1])
+    assert (e.mode, e.steps) == ("off", 2)
+    assert e.rollouts_per_informative == pytest.approx(32 / 12)
+    assert e.groups_per_kept_group == pytest.approx(1.0)
+    assert e.zero_generated_share == pytest.approx((0.25 * 4 + 1.0 * 4) / 8)
+    assert e.actor_tokens == 160 and e.zero_token_share == pytest.approx(0.25)  # 160 x 4 / 16
+
+
+def test_rows_group_by_mode_and_pool_several_runs(runs: tuple[Path, Path]) -> None:
+    rows = bench_all.efficiency_rows([runs[1], runs[0], runs[0]])
+    assert [r.mode for r in rows] == ["drop", "drop", "drop", "off"]
+    pooled = rows[2]
+    assert pooled.name.startswith("all 2 `drop` runs")
+    assert pooled.steps == 4 and pooled.rollouts_per_informative == pytest.approx(48 / 14)
+
+
+def test_data_table_renders_the_worked_numbers(runs: tuple[Path, Path]) -> None:
+    table = bench_all.render_data(bench_all.efficiency_rows(list(runs)))
+    lines = table.splitlines()
+    assert lines[0].startswith("| dynamic sampling | run |") and lines[1] == "|" + "---|" * 10
+    assert lines[2] == f"| drop | {runs[0]} | 2 | 48 | 14 | 3.43 | 3.00 | 66.7% | 180 | 11.1% |"
+    assert lines[3] == f"| off | {runs[1]} | 2 | 32 | 12 | 2.67 | 1.00 | 62.5% | 160 | 25.0% |"
+
+
+def test_md_table_and_small_ratios() -> None:
+    assert bench_all.md_table(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
+    assert [bench_all._ratio(x) for x in (1.234, 0.0456, math.nan, math.inf)] == ["1.23", "0.046", "-", "inf"]
+
+
+def test_document_keeps_skipped_and_failed_sections_with_reason(runs: tuple[Path, Path]) -> None:
+    specs = bench_all.bench_specs(quick=True, vllm=False)
+    results = {"actor": {"error": "exit code 1"}}
+    data = bench_all.efficiency_rows(list(runs))
+    machine = {"CPU": "test cpu", "command": "python tools/bench_all.py --quick"}
+    doc = bench_all.render(machine, {"actor", "scaling", "data"}, specs, results, data, [str(r) for r in runs])
+    assert doc.count("\n## ") == 5 and doc.count("How to reproduce: `python tools/bench_") == 5
+    assert "`python tools/bench_actor.py --model tiny" in doc and "failed (exit code 1)" in doc
+    assert "Not measured in this run (`--skip sync`)." in doc and "Not measured in this run (`--skip rollout`)." in doc
+    assert "| CPU | test cpu |" in doc and "| command | `python tools/bench_all.py --quick` |" in doc
+    assert f"--runs {runs[0]} {runs[1]}`" in doc
+
+
+def test_needed_runs_follow_the_areas() -> None:
+    assert bench_all.needed_runs({"scaling", "sync"}, quick=False) == ["actor", "actor_tp", "sync"]
+    assert bench_all.needed_runs({"actor", "scaling", "rollout"}, quick=True) == ["actor", "rollout"]
+    assert bench_all.needed_runs({"data"}, quick=False) == []
+    assert bench_all.bench_specs(quick=False, vllm=True)["rollout"] == ("bench_rollout.py", ["--vllm"])
+
+
+def test_machine_description_has_every_field() -> None:
+    machine = bench_all.describe_machine("python tools/bench_all.py")
+    for key in ("CPU", "cores usable (sched_getaffinity) / online", "RAM total / available at start", "torch"):
+        assert key in machine
+    assert all(isinstance(v, str) and v.strip() for v in machine.values())
+    assert "nan" not in machine["RAM total / available at start"]
+    assert machine["command"] == "python tools/bench_all.py"
