@@ -75,7 +75,7 @@ def training_errors(cfg: Config) -> list[str]:
         )
     if cfg.cluster.mode == "local" and cfg.cluster.actor_ranks != 1:
         errors.append("cluster.mode = 'local' runs one actor rank; use colocated or disaggregated for more")
-    return errors + rollout_engine_errors(cfg)
+    return errors + rollout_engine_errors(cfg) + weight_dtype_errors(cfg)
 
 
 def rollout_engine_errors(cfg: Config) -> list[str]:
@@ -101,6 +101,16 @@ def rollout_engine_errors(cfg: Config) -> list[str]:
             f" cluster.mode = {mode!r} the engines are placed by Ray already: drop rollout.served"
         )
     return errors
+
+
+def weight_dtype_errors(cfg: Config) -> list[str]:
+    """rollout.weight_dtype=fp8 needs an engine that serves block-FP8 weights (SGLang or vLLM, docs/FP8.md)."""
+    if cfg.rollout.weight_dtype == "fp8" and cfg.rollout.engine not in ("sglang", "vllm"):
+        return [
+            f"rollout.weight_dtype = 'fp8' needs an engine that serves FP8 weights (rollout.engine = sglang or vllm);"
+            f" rollout.engine = {cfg.rollout.engine!r} computes in model.dtype: set rollout.weight_dtype=auto"
+        ]
+    return []
 
 
 def _vllm_errors(cfg: Config) -> list[str]:

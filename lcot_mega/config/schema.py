@@ -68,6 +68,10 @@ class RolloutConfig:
     request_timeout_s: float = opt(600.0, gt=0.0)
     """A served engine that does not answer a request within this time is treated as hung: its requests go to
     another engine and it is restarted and re-synced."""
+    weight_dtype: str = opt("auto", choices=("auto", "fp8"))
+    """Weights the engines receive on every sync: auto = the engine's dtype (model.dtype); fp8 = linear weights
+    block-quantized to float8_e4m3fn with a float32 `weight_scale_inv` per 128x128 block (DeepSeek-V3 convention,
+    docs/FP8.md), for sglang/vllm engines serving a block-FP8 checkpoint."""
 
 
 @dataclass

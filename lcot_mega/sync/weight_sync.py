@@ -4,7 +4,8 @@
 to the owner rank, which pushes each HF bucket into every engine as it arrives, so at most one bucket is held.
 Buckets go out under the engine's old version and a final empty update bumps it to the new one: a sync that
 fails half way leaves engines on their old version (the caller must sync again). `ProbeCheck` then scores one
-fixed sequence teacher-forced on both sides and stops training if they disagree.
+fixed sequence teacher-forced on both sides and stops training if they disagree. With `weight_dtype="fp8"` the
+linear weights are block-quantized on the owner rank on their way out (`engine_buckets`, docs/FP8.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import torch.distributed as dist
 from lcot_mega.bridge.arch import ArchSpec
 from lcot_mega.bridge.hf_export import DEFAULT_BUCKET_BYTES, Bucket, gather_hf_state
 from lcot_mega.rollout.protocol import RolloutEngine
+from lcot_mega.sync.fp8 import DEFAULT_BLOCK, fp8_named_tensors
+
+WEIGHT_DTYPES = ("auto", "fp8")
 
 
 class WeightSyncError(RuntimeError):
@@ -82,6 +86,19 @@ def _push(stream: Iterable[Bucket], engines: Sequence[RolloutEngine], version: i
     return nbytes, buckets
 
 
+def engine_buckets(
+    buckets: Iterable[Bucket], weight_dtype: str = "auto", block: tuple[int, int] = DEFAULT_BLOCK
+) -> Iterable[Bucket]:
+    """The HF buckets as the engines load them (`rollout.weight_dtype`): "auto" returns `buckets` itself; "fp8"
+    block-quantizes each bucket's linear weights (`fp8_named_tensors`). Quantizing bucket by bucket keeps the
+    byte bound: 1 byte per weight plus one float32 per block is less than the bf16/fp32 tensor it replaces."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    if weight_dtype == "auto":
+        return buckets
+    return (list(fp8_named_tensors(bucket, block=block)) for bucket in buckets)
+
+
 class WeightTransport(Protocol):
     """How buckets reach engines that do not live in the owner's process (e.g. `broadcast.BroadcastSync`)."""
 
@@ -106,6 +123,7 @@ def sync_weights(
     owner: int = 0,
     verify: ProbeCheck | None = None,
     transport: WeightTransport | None = None,
+    weight_dtype: str = "auto",
 ) -> SyncReport:
     """Load the actor's current weights into `engines` as `version`, then flush their caches.
 
@@ -113,14 +131,16 @@ def sync_weights(
     ranks may pass an empty list). Without `transport` the owner loads the buckets into `engines` in process
     (`update_weights`); with one (servers in other processes: `BroadcastSync`) the transport moves them and
     `engines` are only used by `verify`. If pushing fails on the owner, every rank raises WeightSyncError; so does a
-    `verify` probe that disagrees by more than its tolerance.
+    `verify` probe that disagrees by more than its tolerance. `weight_dtype` "fp8" sends block-FP8 linear weights
+    (`engine_buckets`) to engines serving an FP8 checkpoint.
     """
     start = time.perf_counter()
     stream = gather_hf_state(chunks, arch, bucket_bytes, dst=owner)
     outcome: tuple[int, int] | str = (0, 0)
     if dist.get_rank() == owner:
         try:
-            outcome = transport.push(stream, version) if transport else _push(stream, engines, version)
+            out = engine_buckets(stream, weight_dtype)  # "auto": `stream` itself
+            outcome = transport.push(out, version) if transport else _push(out, engines, version)
         except Exception as e:
             outcome = f"{type(e).__name__}: {e}"
     for _ in stream:  # the rest of the collectives (all of them on ranks other than the owner)
