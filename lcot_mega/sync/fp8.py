@@ -6,7 +6,8 @@ fmt: e4m3, activation_scheme: dynamic, weight_block_size: [128, 128]}`):
 - a linear layer's `weight` [out, in] is stored as float8_e4m3fn next to `weight_scale_inv`, float32
   [ceil(out / 128), ceil(in / 128)]: one scale per 128 x 128 block, rows (output features) first. SGLang's
   `Fp8LinearMethod.create_fp8_weight_` registers exactly these two parameters (sglang
-  `srt/layers/quantization/fp8.py`; partial edge blocks get their own scale, the grid is rounded up).
+  `srt/layers/quantization/fp8.py`; partial edge blocks get their own scale, the grid is rounded up), and so does
+  vLLM's `Fp8LinearMethod.create_weights` ("The weight_scale_inv name is intentional for deepseekv3").
 - quantize: `scale_inv = max(amax(block), 1e-10) / 448`, `q = clamp(w / scale_inv, -448, 448)` cast to e4m3
   (round to nearest even); 448 is `torch.finfo(torch.float8_e4m3fn).max`. DeepSeek-V3 `inference/kernel.py`
   `act_quant_kernel` (s = amax / 448., y = x / s) and slime `_blockwise_cast_to_fp8_triton` (the 1e-10 floor,

@@ -261,7 +261,7 @@ def test_sglang_serving_block_fp8_takes_synced_fp8_weights(tmp_path):
     with ServerSupervisor(command, 2, tmp_path / "logs", health_deadline_s=600) as sup:
         synced, fresh = sup.client(0, timeout_s=120), sup.client(1, timeout_s=120)
         before = [g[0].token_ids for g in synced.generate(prompts, greedy)]
-        weights = {n: t.to(torch.bfloat16).cuda() for n, t in load_file(str(a / "model.safetensors")).items()}
+        weights = {n: t.to(torch.bfloat16) for n, t in load_file(str(a / "model.safetensors")).items()}
         synced.update_weights(list(fp8_named_tensors(weights.items())), 1)
         after = [g[0].token_ids for g in synced.generate(prompts, greedy)]
         expected = [g[0].token_ids for g in fresh.generate(prompts, greedy)]
