@@ -110,6 +110,11 @@ def weight_dtype_errors(cfg: Config) -> list[str]:
             f"rollout.weight_dtype = 'fp8' needs an engine that serves FP8 weights (rollout.engine = sglang or vllm);"
             f" rollout.engine = {cfg.rollout.engine!r} computes in model.dtype: set rollout.weight_dtype=auto"
         ]
+    if cfg.rollout.weight_dtype == "fp8" and cfg.rollout.engine == "vllm":
+        return [
+            "rollout.weight_dtype = 'fp8' is wired for SGLang servers only: the in-process vLLM engine does not yet"
+            " start from a block-FP8 checkpoint; set rollout.engine=sglang or rollout.weight_dtype=auto"
+        ]
     return []
 
 

@@ -120,6 +120,7 @@ class ActorRank:
             bucket_bytes=self.bucket_bytes or DEFAULT_BUCKET_BYTES,
             verify=self.probe,
             transport=self.transport,
+            weight_dtype=self.cfg.rollout.weight_dtype,
         )
         return report.metrics()
 

@@ -186,21 +186,25 @@ def push_current_weights(actor: GuardedActorGroup, engine: RolloutEngine, versio
     """Load the actor's weights as they are now into `engine` as `version` (one engine, no collective: local mode
     has one rank, so tensor parallelism is 1 and the HF tensors are read straight from the parameters)."""
     from lcot_mega.bridge.hf_export import DEFAULT_BUCKET_BYTES, iter_hf_buckets
+    from lcot_mega.sync.weight_sync import engine_buckets
 
     with actor.lock:
         rank = actor.rank
-        for bucket in iter_hf_buckets(rank.actor.chunks, rank.actor.arch, rank.bucket_bytes or DEFAULT_BUCKET_BYTES):
+        buckets = iter_hf_buckets(rank.actor.chunks, rank.actor.arch, rank.bucket_bytes or DEFAULT_BUCKET_BYTES)
+        for bucket in engine_buckets(buckets, rank.cfg.rollout.weight_dtype):  # a restarted FP8 server wants FP8
             engine.update_weights(bucket, version)
         engine.update_weights((), version)
         engine.flush_cache()
 
 
-def server_command(cfg: Config) -> Callable[[int, int], list[str]]:
-    """(server index, port) -> the command line of rollout server i: SGLang, or `lcot-mega serve`."""
+def server_command(cfg: Config, model_path: str | Path | None = None) -> Callable[[int, int], list[str]]:
+    """(server index, port) -> the command line of rollout server i: SGLang, or `lcot-mega serve`, serving
+    `model_path` (default `cfg.model.path`; the block-FP8 copy with `rollout.weight_dtype: fp8`)."""
     from lcot_mega.rollout.launcher import embedded_command, sglang_command
 
+    model_path = model_path or cfg.model.path
     if cfg.rollout.engine != "sglang":
-        return lambda i, port: embedded_command(cfg.model.path, port, dtype=cfg.model.dtype)
+        return lambda i, port: embedded_command(model_path, port, dtype=cfg.model.dtype)
     tp = max(1, int(cfg.cluster.gpus_per_engine))
     gpus = max(1, torch.cuda.device_count())
     per_gpu = max(1, math.ceil(cfg.cluster.num_engines * tp / gpus))
@@ -210,7 +214,7 @@ def server_command(cfg: Config) -> Callable[[int, int], list[str]]:
         if cfg.model.trust_remote_code:
             extra.append("--trust-remote-code")
         return sglang_command(
-            cfg.model.path, port, tp_size=tp, mem_fraction_static=SGLANG_GPU_SHARE / per_gpu,
+            model_path, port, tp_size=tp, mem_fraction_static=SGLANG_GPU_SHARE / per_gpu,
             random_seed=cfg.trainer.seed + i, enable_memory_saver=True, extra_args=extra,
         )  # fmt: skip
 
@@ -236,8 +240,9 @@ def start_served_engines(
 
     timeout = cfg.rollout.request_timeout_s
     servers = ServerSupervisor(
-        server_command(cfg), cfg.cluster.num_engines, log_dir, SERVER_START_TIMEOUT_S, env=_server_env(cfg)
-    )
+        server_command(cfg, _served_model(cfg, log_dir)), cfg.cluster.num_engines, log_dir, SERVER_START_TIMEOUT_S,
+        env=_server_env(cfg),
+    )  # fmt: skip
     print(f"lcot-mega: {cfg.cluster.num_engines} rollout server(s) at {', '.join(servers.urls)}; logs in {log_dir}")
 
     def on_dead(i: int) -> RolloutEngine:
@@ -259,6 +264,19 @@ def start_served_engines(
         servers.shutdown()
         raise
     return servers, pool
+
+
+def _served_model(cfg: Config, log_dir: Path) -> Path:
+    """What the servers load: the model, or with `rollout.weight_dtype: fp8` a block-FP8 copy of it written once
+    beside the logs (SGLang builds block-FP8 layers only from an FP8-serialized checkpoint; docs/FP8.md)."""
+    if cfg.rollout.weight_dtype != "fp8":
+        return Path(cfg.model.path)
+    from lcot_mega.sync.fp8 import save_fp8_checkpoint
+
+    out = log_dir.parent / "fp8-model"
+    if not (out / "config.json").is_file():
+        save_fp8_checkpoint(cfg.model.path, out)
+    return out
 
 
 def _served_runtime(cfg: Config) -> Runtime:

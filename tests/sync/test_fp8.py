@@ -213,8 +213,26 @@ def test_weight_dtype_fp8_is_refused_for_the_embedded_engine_with_the_key_named(
     assert "rollout.weight_dtype" in error and "rollout.engine = 'embedded'" in error
     assert weight_dtype_errors(load_config(None, ["rollout.weight_dtype=fp8", "rollout.engine=sglang"])) == []
     assert weight_dtype_errors(load_config(None, [])) == []
+    (vllm,) = weight_dtype_errors(load_config(None, ["rollout.weight_dtype=fp8", "rollout.engine=vllm"]))
+    assert "SGLang servers only" in vllm
     with pytest.raises(ConfigError, match=r"rollout\.weight_dtype"):
         load_config(None, ["rollout.weight_dtype=int8"])
+
+
+def test_fp8_servers_start_from_a_block_fp8_copy_written_once(tmp_path):
+    from lcot_mega.cluster.runtime import _served_model, server_command
+
+    model = make_tiny_hf(tmp_path / "model", "llama")
+    cfg = load_config(None, [f"model.path={model}", "rollout.weight_dtype=fp8", "rollout.engine=sglang"])
+    copy = _served_model(cfg, tmp_path / "run" / "logs")
+    assert copy == tmp_path / "run" / "fp8-model"
+    assert json.loads((copy / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    written = (copy / "config.json").stat().st_mtime_ns
+    assert _served_model(cfg, tmp_path / "run" / "logs") == copy
+    assert (copy / "config.json").stat().st_mtime_ns == written  # reused, not rewritten
+    assert str(copy) in server_command(cfg, copy)(0, 30000)
+    auto = load_config(None, [f"model.path={model}"])
+    assert _served_model(auto, tmp_path / "run2" / "logs") == model and not (tmp_path / "run2").exists()
 
 
 # --------------------------------------------------------------------------------------------- GPU
