@@ -109,6 +109,22 @@ def test_document_keeps_skipped_and_failed_sections_with_reason(runs: tuple[Path
     assert f"--runs {runs[0]} {runs[1]}`" in doc
 
 
+def test_keep_carries_measured_sections_of_skipped_areas_only(runs: tuple[Path, Path]) -> None:
+    specs = bench_all.bench_specs(quick=True, vllm=False)
+    data = bench_all.efficiency_rows(list(runs))
+    earlier = {"CPU": "old cpu", "date (UTC)": "2026-01-02 03:04", "command": "python tools/bench_all.py"}
+    old = bench_all.render(earlier, {"data"}, specs, {}, data, [str(r) for r in runs])
+    now = bench_all.render({"CPU": "new cpu"}, {"sync"}, specs, {"sync": {"error": "exit code 9"}}, None, [])
+    doc = bench_all.keep_skipped(now, bench_all.kept_sections(old), bench_all._old_date(old))
+    data_section = doc.split("## Data efficiency: dynamic sampling\n", 1)[1]
+    assert data_section.startswith("\n_Kept from the earlier run of this file (2026-01-02 03:04; `--keep`)")
+    assert f"| drop | {runs[0]} | 2 | 48 | 14 |" in data_section
+    assert "| CPU | new cpu |" in doc and "old cpu" not in doc
+    assert "failed (exit code 9)" in doc  # this run's failure is reported, never replaced
+    assert "Not measured in this run (`--skip actor`)." in doc  # nothing measured earlier to keep
+    assert doc.count("\n## ") == 5
+
+
 def test_needed_runs_follow_the_areas() -> None:
     assert bench_all.needed_runs({"scaling", "sync"}, quick=False) == ["actor", "actor_tp", "sync"]
     assert bench_all.needed_runs({"actor", "scaling", "rollout"}, quick=True) == ["actor", "rollout"]

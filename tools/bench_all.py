@@ -277,6 +277,36 @@ def render_header(machine: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def kept_sections(old: str) -> dict[str, str]:
+    """Section title -> its whole text from an earlier PERFORMANCE.md, for the measured sections only (`--keep`)."""
+    found = {}
+    for chunk in old.split("\n## ")[1:]:
+        title = chunk.split("\n", 1)[0].strip()
+        if "Not measured in this run" not in chunk and "failed (" not in chunk:
+            found[title] = "## " + chunk.rstrip("\n")
+    return found
+
+
+def keep_skipped(doc: str, old: dict[str, str], when: str) -> str:
+    """Replace each section this run skipped by the earlier run's measured one, labelled with that run's date."""
+    out = []
+    for i, chunk in enumerate(doc.split("\n## ")):
+        title = chunk.split("\n", 1)[0].strip()
+        if i and "Not measured in this run (`--skip" in chunk and title in old:
+            kept = old[title][3:]
+            head, _, rest = kept.partition("\n")
+            chunk = f"{head}\n\n_Kept from the earlier run of this file ({when}; `--keep`), not measured now._\n{rest}"
+        out.append(chunk)
+    return "\n## ".join(out)
+
+
+def _old_date(old: str) -> str:
+    for line in old.splitlines():
+        if line.startswith("| date (UTC) |"):
+            return line.split("|")[2].strip()
+    return "date unknown"
+
+
 def render_section(title: str, what: str, body: str | None, how: str, status: str | None = None) -> str:
     """A table's section: what the ratio means, the table (or why there is none), how to reproduce it."""
     text = body if body is not None else status or "Not measured in this run."
@@ -452,7 +482,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny models, one repeat: tests the tool, not the code")
     ap.add_argument("--skip", action="append", choices=AREAS, default=[], help="leave an area out (repeatable)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "PERFORMANCE.md")
+    ap.add_argument("--keep", action="store_true", help="skipped areas keep their measured sections from --out")
     args = ap.parse_args()
+    old = args.out.read_text() if args.keep and args.out.is_file() else ""
     areas = set(AREAS) - set(args.skip)
     command = shlex.join(["python", "tools/bench_all.py", *sys.argv[1:]])
     machine = describe_machine(command)  # before the benchmarks: the load average is the one they started under
@@ -462,7 +494,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for key in needed_runs(areas, args.quick):
             results[key] = run_bench(specs[key], Path(tmp))
-    args.out.write_text(render(machine, areas, specs, results, data, [str(r) for r in args.runs]))
+    doc = render(machine, areas, specs, results, data, [str(r) for r in args.runs])
+    if old:
+        doc = keep_skipped(doc, kept_sections(old), _old_date(old))
+    args.out.write_text(doc)
     print(f"[bench_all] wrote {args.out}", file=sys.stderr)
 
 

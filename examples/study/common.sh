@@ -1,8 +1,12 @@
+# shellcheck shell=bash
 # Shared by the study scripts (sourced, not run): one training run and its final evaluation, resumable.
-# CONFIG, EVAL_K and EVAL_SEEDS may be set by the caller's environment.
+# CONFIG, EVAL_K, EVAL_SEEDS and EVAL_PROBLEMS may be set by the caller's environment. EVAL_PROBLEMS takes the first
+# N problems of each reasoning-gym eval set (the same N for every run, so comparisons are paired): 50 problems x 16
+# samples cost about as much as 100 x 8, and pass@16 needs the 16.
 CONFIG=${CONFIG:-configs/study/cpu_study.yaml}
 EVAL_K=${EVAL_K:-16}
 EVAL_SEEDS=${EVAL_SEEDS:-0}
+EVAL_PROBLEMS=${EVAL_PROBLEMS:-50}
 MODEL=runs/models/SmolLM2-135M-Instruct
 
 ensure_model() {
@@ -25,7 +29,7 @@ train_and_eval() {
     if [ ! -f "$run/eval-final/summary.json" ]; then
         # shellcheck disable=SC2086  # EVAL_SEEDS is a list of seeds
         lcot-mega eval "$run" --config "$CONFIG" --out "$run/eval-final" --k "$EVAL_K" --seeds $EVAL_SEEDS \
-            --greedy --overwrite
+            --greedy --overwrite data.gym_eval_size="$EVAL_PROBLEMS"
     fi
     lcot-mega plot "$run" > /dev/null
 }
@@ -35,6 +39,16 @@ eval_base() {
     local out=$1
     if [ ! -f "$out/summary.json" ]; then
         # shellcheck disable=SC2086
-        lcot-mega eval "$MODEL" --config "$CONFIG" --out "$out" --k "$EVAL_K" --seeds $EVAL_SEEDS --greedy --overwrite
+        lcot-mega eval "$MODEL" --config "$CONFIG" --out "$out" --k "$EVAL_K" --seeds $EVAL_SEEDS --greedy --overwrite \
+            data.gym_eval_size="$EVAL_PROBLEMS"
     fi
+}
+
+# same_run_as LINK TARGET: an arm that is, key for key and seed for seed, a run another experiment already makes
+# (e.g. relative length "off" = polarity "both") is linked to it instead of trained again; runs are deterministic
+# on one machine (docs/LOG.md), so a second run would repeat the first.
+same_run_as() {
+    local link=$1 target=$2
+    mkdir -p "$(dirname "$link")"
+    if [ ! -e "$link" ]; then ln -s "$(realpath --relative-to="$(dirname "$link")" "$target")" "$link"; fi
 }

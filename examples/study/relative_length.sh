@@ -9,7 +9,9 @@ ensure_model
 seeds=("$@")
 if [ ${#seeds[@]} -eq 0 ]; then seeds=(1 2 3); fi
 for seed in "${seeds[@]}"; do
-    train_and_eval "runs/study/length/off-seed$seed" trainer.seed="$seed"
+    # "off" is the polarity ablation's "both" run of the same seed (the same config and overrides)
+    train_and_eval "runs/study/polarity/both-seed$seed" algo.polarity=both trainer.seed="$seed"
+    same_run_as "runs/study/length/off-seed$seed" "runs/study/polarity/both-seed$seed"
     train_and_eval "runs/study/length/on-seed$seed" reward.relative_length.enabled=true \
         reward.relative_length.length_base=8 trainer.seed="$seed"
 done
