@@ -483,6 +483,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     except ImportError:
         print("lcot-mega plot: needs matplotlib: pip install 'lcot-mega[eval]' (or matplotlib)", file=sys.stderr)
         return 2
+    if args.compare:
+        return _cmd_compare(args)
     for directory in args.dirs:
         # Several directories into one --out would overwrite each other's overview.png: one folder each.
         out = Path(args.out) / Path(directory).resolve().name if args.out and len(args.dirs) > 1 else args.out
@@ -496,8 +498,24 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from lcot_mega.observe.compare import plot_compare
+
+    if not args.out:
+        print("lcot-mega plot --compare: give --out DIR for the comparison's PNGs", file=sys.stderr)
+        return 2
+    try:
+        written = plot_compare(args.dirs, args.out, title=args.title)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"lcot-mega plot: {e}", file=sys.stderr)
+        return 2
+    for png in written:
+        print(png)
+    return 0
+
+
 def add_plot_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `lcot-mega plot DIR [DIR ...] [--out OUT]` (needs matplotlib)."""
+    """Register `lcot-mega plot DIR [DIR ...] [--out OUT] [--compare --title T]` (needs matplotlib)."""
     p = subparsers.add_parser(
         "plot",
         help="PNG plots of run directories (metrics.jsonl) and eval directories (problems.jsonl)",
@@ -507,5 +525,11 @@ def add_plot_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument(
         "--out", default=None, help="write the PNGs here (one sub-folder per DIR when several); default DIR/plots"
     )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="overlay the run directories, one colour per variant (`<variant>-seed<N>` runs averaged); needs --out",
+    )
+    p.add_argument("--title", default="", help="title of the --compare plots")
     p.set_defaults(func=_cmd_plot)
     return p
