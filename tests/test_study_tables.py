@@ -28,6 +28,7 @@ def _run(root: Path, name: str, acc: float, entropy: list[float], zero: float) -
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 9, "torn')
     bench = {"avg@k": acc, "pass@k": {"1": acc, "2": min(1.0, 2 * acc)}, "greedy": {"accuracy": acc}}
+    bench["response_len_mean"] = 20.0
     (run / "eval-final" / "summary.json").write_text(json.dumps({"benchmarks": {"chain_sum": bench}}))
 
 
@@ -47,3 +48,33 @@ def test_polarity_table_averages_each_mode_over_its_seeds(tables, tmp_path):
     neg = next(line for line in text.splitlines() if line.startswith("| negative |"))
     assert "| 30 | 60 | 30 | 1 | 1.4 |" in neg  # avg, pass@2, greedy; entropy first 5 = 1, last 5 = 7/5
     assert "pass@k on chain_sum" in text
+
+
+def test_polarity_table_has_the_untrained_model_as_a_reference_row(tables, tmp_path):
+    _run(tmp_path, "both-seed1", 0.2, [1.0] * 6, 0.5)
+    base = {"avg@k": 0.1, "pass@k": {"1": 0.1, "2": 0.15}, "greedy": {"accuracy": 0.125}}
+    (tmp_path / "base-eval").mkdir()
+    (tmp_path / "base-eval" / "summary.json").write_text(json.dumps({"benchmarks": {"chain_sum": base}}))
+    lines = tables.polarity(tmp_path).splitlines()
+    assert "| untrained model | - | 10 | 15 | 12.5 | - | - |" in lines
+    assert "| untrained model | 10 | 15 |" in lines  # the pass@k table: pass@1, pass@2
+
+
+def test_export_copies_what_the_tables_read_and_rebuilds_the_same_tables(tables, tmp_path):
+    root, dest = tmp_path / "runs", tmp_path / "copy"
+    _run(root, "both-seed1", 0.2, [1.0] * 6, 0.5)
+    _run(root, "negative-seed1", 0.3, [2.0] * 6, 0.25)
+    both = root / "polarity" / "both-seed1"
+    (both / "checkpoints" / "step_6").mkdir(parents=True)
+    (both / "checkpoints" / "step_6" / "weights.bin").write_bytes(b"x" * 100)
+    (both / "eval-final" / "samples.jsonl").write_text("{}\n")
+    (root / "length").mkdir()
+    (root / "length" / "off-seed1").symlink_to("../polarity/both-seed1")
+    tables.export(root, dest)
+    assert (dest / "polarity" / "both-seed1" / "metrics.jsonl").read_bytes() == (both / "metrics.jsonl").read_bytes()
+    assert (dest / "polarity" / "both-seed1" / "eval-final" / "summary.json").is_file()
+    assert not (dest / "polarity" / "both-seed1" / "checkpoints").exists()
+    assert not (dest / "polarity" / "both-seed1" / "eval-final" / "samples.jsonl").exists()
+    assert (dest / "length" / "off-seed1").readlink() == Path("../polarity/both-seed1")
+    assert tables.polarity(dest) == tables.polarity(root)
+    assert tables.length(dest) == tables.length(root)

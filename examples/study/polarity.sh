@@ -17,3 +17,4 @@ for seed in "${seeds[@]}"; do
     done
 done
 python examples/study/tables.py polarity runs/study
+lcot-mega plot --compare runs/study/polarity/*-seed* --out runs/study/plots/polarity --title "polarity ablation" > /dev/null

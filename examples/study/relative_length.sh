@@ -16,3 +16,4 @@ for seed in "${seeds[@]}"; do
         reward.relative_length.length_base=8 trainer.seed="$seed"
 done
 python examples/study/tables.py length runs/study
+lcot-mega plot --compare runs/study/length/*-seed* --out runs/study/plots/length --title "relative length reward" > /dev/null

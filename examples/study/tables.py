@@ -1,6 +1,11 @@
 """Turn the study runs' own metrics.jsonl and `lcot-mega eval` outputs into the tables of docs/REPRODUCTION.md.
 
 python examples/study/tables.py polarity|zero_adv|length|uncertain|all [RUNS_ROOT=runs/study]
+python examples/study/tables.py export [RUNS_ROOT=runs/study] DEST
+
+`export` copies what the tables read (config.yaml, metrics.jsonl, each evaluation's summary.json and problems.jsonl;
+no checkpoints, no samples) into DEST with the same layout, so `tables.py all DEST` rebuilds every table from a copy
+small enough to keep beside the document (docs/study/runs).
 
 Runs are found as RUNS_ROOT/<experiment>/<variant>-seed<N>/ (what the scripts beside this one write). Every number
 is a mean over seeds with a 95% t-interval across seeds (none with one seed); eval numbers come from
@@ -145,6 +150,14 @@ def polarity(root: Path) -> str:
         tr = [training_row(r) for r in runs]
         row += [mean_ci([t["entropy_first5"] for t in tr]), mean_ci([t["entropy_last5"] for t in tr])]
         rows.append(row)
+    base = eval_summary(root, "base-eval")
+    if base:
+        row = ["untrained model", "-"]
+        for n in names:
+            b = base.get(n, {})
+            row += [pct_ci([b.get("avg@k", math.nan)]), pct_ci([b.get("pass@k", {}).get(str(k), math.nan)])]
+            row.append(pct_ci([b.get("greedy", {}).get("accuracy", math.nan)]))
+        rows.append([*row, "-", "-"])
     out = [table(head, rows)]
     ks = [j for j in (1, 2, 4, 8, 16) if j <= k]
     for i, n in enumerate(names):
@@ -152,6 +165,8 @@ def polarity(root: Path) -> str:
             [mode] + [pct_ci(_collect(runs, lambda r, i=i, j=j: _bench(r, i, "pass@k", str(j)))) for j in ks]
             for mode, runs in groups.items()
         ]
+        if n in base:
+            pk_rows.append(["untrained model"] + [pct_ci([base[n]["pass@k"].get(str(j), math.nan)]) for j in ks])
         out.append(f"pass@k on {n} (%)\n\n" + table(["mode"] + [f"pass@{j}" for j in ks], pk_rows))
     return "\n\n".join(out)
 
@@ -226,10 +241,44 @@ def uncertain(root: Path, small: int = 30) -> str:
     return table(head, rows) if rows else "no eval-uncertain results under " + str(root / "polarity")
 
 
+EXPORTED = ("config.yaml", "metrics.jsonl", "done")
+EXPORTED_EVAL = ("summary.json", "problems.jsonl")
+
+
+def export(root: Path, dest: Path) -> list[Path]:
+    """Copy the files the tables read from every run (and base-eval) under root into dest, same layout. A run
+    directory that is a symlink (an arm shared by two experiments) stays a symlink with the same target."""
+    written = []
+    for src in sorted(p for p in root.rglob("*") if p.is_dir() or p.is_symlink()):
+        rel = src.relative_to(root)
+        if rel.parts[0] in ("tables", "plots") or any(part in ("checkpoints", "logs") for part in rel.parts):
+            continue
+        out = dest / rel
+        if src.is_symlink():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if not out.is_symlink():
+                out.symlink_to(src.readlink())
+            written.append(out)
+            continue
+        if any(p.is_symlink() for p in src.parents if root in p.parents):
+            continue  # inside a linked run: its target is exported under its own name
+        names = EXPORTED_EVAL if (src / "summary.json").is_file() else EXPORTED
+        for name in names:
+            if (src / name).is_file():
+                out.mkdir(parents=True, exist_ok=True)
+                (out / name).write_bytes((src / name).read_bytes())
+                written.append(out / name)
+    return written
+
+
 EXPERIMENTS = {"polarity": polarity, "zero_adv": zero_adv, "length": length, "uncertain": uncertain}
 
 
 def main(argv: Sequence[str]) -> int:
+    if argv and argv[0] == "export" and len(argv) in (2, 3):
+        root, dest = (Path("runs/study"), Path(argv[1])) if len(argv) == 2 else (Path(argv[1]), Path(argv[2]))
+        print(f"exported {len(export(root, dest))} files and links into {dest}")
+        return 0
     if not argv or argv[0] not in (*EXPERIMENTS, "all"):
         print(__doc__, file=sys.stderr)
         return 2

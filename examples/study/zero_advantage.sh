@@ -20,3 +20,4 @@ for seed in "${seeds[@]}"; do
     fi
 done
 python examples/study/tables.py zero_adv runs/study
+lcot-mega plot --compare runs/study/zero_adv/*-seed* --out runs/study/plots/zero_adv --title "dynamic sampling" > /dev/null
