@@ -135,7 +135,8 @@ def polarity(root: Path) -> str:
     names = _bench_names(groups)
     if not names:
         return "no finished polarity runs under " + str(root / "polarity")
-    k = max((int(j) for r in next(iter(groups.values())) for j in eval_summary(r)[names[0]]["pass@k"]), default=1)
+    passes = [eval_summary(r).get(names[0], {}).get("pass@k", {}) for runs in groups.values() for r in runs]
+    k = max((int(j) for p in passes for j in p), default=1)  # a run still training has no evaluation yet
     head = ["mode", "seeds"]
     for n in names:
         head += [f"{n} avg@{k} %", f"{n} pass@{k} %", f"{n} greedy %"]
