@@ -4,11 +4,13 @@ colocated: `RemoteEngine` is the driver's `RolloutEngine` for the engine that li
 process (`ray_group.ActorWorker`), so a weight sync there is an in-place load; each call is one Ray call.
 disaggregated: `ServedEngineGroup` starts one `EngineServer` Ray actor per placement-group bundle, each serving
 an `EmbeddedEngine` over SGLang's HTTP subset (`RolloutServer`); the driver talks to them through HTTP clients
-in an `EnginePool`, and actor rank 0 broadcasts weights to them.
+in an `EnginePool`, and actor rank 0 broadcasts weights to them. A server that dies or hangs is replaced in its own
+bundle (`ServedEngineGroup.restart`) and re-synced (`cluster.served_recovery`).
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -96,6 +98,13 @@ class EngineServer:
     def url(self) -> str:
         return self.server.url
 
+    def pid(self) -> int:
+        return os.getpid()
+
+    def raise_signal(self, sig: int) -> None:
+        """Fault drills (`debug.inject`): SIGKILL or SIGSTOP this server's own process, wherever its node is."""
+        os.kill(os.getpid(), sig)
+
     def shutdown(self) -> None:
         self.server.shutdown()
         self.server.engine.shutdown()
@@ -120,16 +129,20 @@ class ServedEngineGroup:
         self._closed = False
         self.pg = placement_group([{"CPU": cpus, "GPU": gpus}] * num, "rollout engines")
         remote = ray.remote(EngineServer)
-        self.servers = [
-            remote.options(
+
+        def start(i: int) -> Any:
+            return remote.options(
                 num_cpus=cpus,
                 num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             ).remote(model_dir, dtype, seed + i, self.api_key, max(1, int(cpus)))
-            for i in range(num)
-        ]
+
+        self._start = start
+        self.servers = [start(i) for i in range(num)]
         self._url_refs = [s.url.remote() for s in self.servers]
         self.urls: list[str] = []
+        self.request_timeout_s = 600.0
+        """Of the clients handed out: a server that does not answer in this time is taken for hung."""
 
     def wait_ready(self, timeout_s: float = SERVER_START_TIMEOUT_S) -> list[str]:
         """Block until every server answers; their URLs. (Construction does not wait, so the actor ranks can
@@ -142,9 +155,29 @@ class ServedEngineGroup:
 
     def clients(self) -> list[Any]:
         """Fresh HTTP clients, without their own retries: failover is the pool's job (see `rollout.pool`)."""
+        return [self.client(i) for i in range(len(self.wait_ready()))]
+
+    def client(self, i: int) -> Any:
+        """A fresh HTTP client of server `i` (its current URL; a restarted server has a new port)."""
         from lcot_mega.rollout.http_client import SGLangHTTPEngine
 
-        return [SGLangHTTPEngine(url, self.api_key, retries=0) for url in self.wait_ready()]
+        return SGLangHTTPEngine(self.wait_ready()[i], self.api_key, timeout_s=self.request_timeout_s, retries=0)
+
+    def restart(self, i: int, timeout_s: float = SERVER_START_TIMEOUT_S) -> Any:
+        """Kill server `i` (dead, hung or stopped alike) and start a fresh one in the same bundle, serving the model
+        it started from; a client of the new one, which holds the model's own weights until it is re-synced."""
+        import ray
+
+        urls = self.wait_ready()
+        ray.kill(self.servers[i], no_restart=True)  # frees the bundle; a SIGSTOPped process is force-killed
+        self.servers[i] = self._start(i)
+        urls[i] = ray.get(self.servers[i].url.remote(), timeout=timeout_s)
+        return self.client(i)
+
+    @property
+    def processes(self) -> list[RayServerProcess]:
+        """One handle per server for fault drills (`Runtime.inject_engine_fault`), like `ServerSupervisor`'s."""
+        return [RayServerProcess(s) for s in self.servers]
 
     def shutdown(self) -> None:
         from lcot_mega.cluster.ray_group import stop_actors
@@ -153,3 +186,19 @@ class ServedEngineGroup:
             return
         self._closed = True
         stop_actors(self.servers, self.pg, "rollout servers")
+
+
+class RayServerProcess:
+    """A served engine's process, as fault drills see it: its pid and a way to signal it on any node."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    @property
+    def pid(self) -> int:
+        import ray
+
+        return ray.get(self.server.pid.remote(), timeout=60)
+
+    def signal(self, sig: int) -> None:
+        self.server.raise_signal.remote(sig)  # no reply to wait for: the process stops or dies

@@ -11,8 +11,9 @@ imported only when a group is built.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
-import socket
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ import torch
 from lcot_mega.actor.batching import TokenSequence
 from lcot_mega.actor.train_step import TrainBatch
 from lcot_mega.config import Config
+
+log = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 600.0
 """Model build, weight load and (disaggregated) the servers joining the weight group, per rank."""
@@ -54,13 +57,6 @@ def node_ip() -> str:
     import ray
 
     return ray.util.get_node_ip_address()
-
-
-def free_port_on(host: str) -> int:
-    """A TCP port free on `host` (the master port of a group whose rank 0 lives here)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def master_store(host: str, timeout_s: float) -> Any:
@@ -162,7 +158,23 @@ class ActorWorker:
 
         self._on_actor_thread(build)
 
-    def _build_targets(self, targets: RankTargets, host: str) -> tuple[list[Any], Any]:
+    def retarget(self, targets: ServedEngines, generation: int) -> None:
+        """Rank 0 of a disaggregated actor: leave the weight group and form a new one with `targets` (the live
+        servers, a replacement among them) under a name of its own, so a dead member never blocks a broadcast.
+        The old group's members are asked to leave it; a dead one cannot answer, which is expected."""
+
+        def rebuild() -> None:
+            old = self.rank_state.transport
+            if old is not None:
+                try:
+                    old.close(keep=targets.urls)
+                except Exception as e:  # the member that died cannot leave; the group is dropped anyway
+                    log.info("leaving the old weight group: %s", e)
+            self.rank_state.engines, self.rank_state.transport = self._build_targets(targets, node_ip(), generation)
+
+        self._on_actor_thread(rebuild)
+
+    def _build_targets(self, targets: RankTargets, host: str, generation: int = 0) -> tuple[list[Any], Any]:
         """(engines loaded in place or probed, transport) for `ActorRank`."""
         if isinstance(targets, ColocatedEngine):
             from lcot_mega.cluster.runtime import ROLLOUT_DTYPES
@@ -176,8 +188,8 @@ class ActorWorker:
         from lcot_mega.sync.broadcast import BroadcastSync
 
         clients = [SGLangHTTPEngine(url, targets.api_key) for url in targets.urls]
-        port = free_port_on(host)
-        transport = BroadcastSync(clients, host, port, group_name="lcot_actor_weights", backend=targets.backend)
+        name = "lcot_actor_weights" if generation == 0 else f"lcot_actor_weights_{generation}"
+        transport = BroadcastSync(clients, host, 0, group_name=name, backend=targets.backend)  # 0: bound at once
         return clients, transport  # the clients serve the probe check; tensors travel by broadcast
 
     # --------------------------------------------------------------------------------- ActorGroup calls
@@ -260,6 +272,9 @@ class RayActorGroup:
         c = cfg.cluster
         world = c.actor_ranks
         self._closed = False
+        # Every call reaches all ranks under one lock, held until they answer: two driver threads (the step and a
+        # server's recovery) must never interleave their collectives differently on different ranks.
+        self._lock = threading.RLock()
         self.pg = placement_group([{"CPU": c.cpus_per_rank, "GPU": c.gpus_per_rank}] * world, "actor ranks")
         remote = ray.remote(ActorWorker)
         self.workers = [
@@ -283,7 +298,15 @@ class RayActorGroup:
         """Rank 0 builds the engine (colocated) or joins the served engines' weight group (disaggregated)."""
         import ray
 
-        ray.get(self.workers[0].attach.remote(targets), timeout=SETUP_TIMEOUT_S)
+        with self._lock:
+            ray.get(self.workers[0].attach.remote(targets), timeout=SETUP_TIMEOUT_S)
+
+    def retarget(self, targets: ServedEngines, generation: int) -> None:
+        """Rank 0 re-forms its weight group with `targets` (disaggregated recovery; `cluster.served_recovery`)."""
+        import ray
+
+        with self._lock:
+            ray.get(self.workers[0].retarget.remote(targets, generation), timeout=SETUP_TIMEOUT_S)
 
     def _all(self, method: str, *args: Any) -> Any:
         """`method(*args)` on every rank at once; rank 0's result (every rank computes the same)."""
@@ -291,8 +314,9 @@ class RayActorGroup:
 
         if len(self.workers) > 1:  # serialize a batch once, not once per rank (Ray resolves top-level refs)
             args = tuple(ray.put(a) for a in args)
-        refs = [getattr(w, method).remote(*args) for w in self.workers]
-        return ray.get(refs, timeout=CALL_TIMEOUT_S)[0]
+        with self._lock:
+            refs = [getattr(w, method).remote(*args) for w in self.workers]
+            return ray.get(refs, timeout=CALL_TIMEOUT_S)[0]
 
     def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float) -> list[torch.Tensor]:
         return self._all("compute_logprobs", [(list(p), list(r)) for p, r in sequences], temperature)

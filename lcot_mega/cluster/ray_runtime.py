@@ -160,21 +160,30 @@ def _colocated(cfg: Config, runtime: Runtime) -> None:
 
 
 def _disaggregated(cfg: Config, runtime: Runtime) -> None:
-    from lcot_mega.cluster.ray_engines import ServedEngineGroup
-    from lcot_mega.cluster.ray_group import RayActorGroup, ServedEngines
+    """Served engines in their own bundles behind an `EnginePool`; a server that dies or hangs is restarted in its
+    bundle and re-synced by a re-formed weight group (`served_recovery`)."""
+    from lcot_mega.cluster.ray_engines import SERVER_START_TIMEOUT_S, ServedEngineGroup
+    from lcot_mega.cluster.ray_group import RayActorGroup
+    from lcot_mega.cluster.served_recovery import DisaggregatedActorGroup
     from lcot_mega.rollout.pool import EnginePool
 
     c = cfg.cluster
     servers = ServedEngineGroup(  # starts without waiting: the servers load while the actor ranks build
         str(cfg.model.path), cfg.model.dtype, cfg.trainer.seed, c.num_engines, c.cpus_per_engine, c.gpus_per_engine
     )
+    servers.request_timeout_s = cfg.rollout.request_timeout_s
+    runtime.servers = servers
     runtime.closers.append(servers.shutdown)
-    group = RayActorGroup(cfg)
+    backend = "nccl" if c.gpus_per_rank > 0 and c.gpus_per_engine > 0 else "gloo"
+    group = DisaggregatedActorGroup(RayActorGroup(cfg), servers, backend)
     runtime.actor = group
     runtime.closers.append(group.shutdown)  # runs before the servers go: rank 0 asks them to leave its group
-    backend = "nccl" if c.gpus_per_rank > 0 and c.gpus_per_engine > 0 else "gloo"
-    group.attach(ServedEngines(tuple(servers.wait_ready()), servers.api_key, backend))
-    # TODO(recovery): EnginePool(on_dead=..., resync=...) to restart a dead EngineServer in its bundle; its resync
-    # needs a new weight group with rank 0 (a collective sync on every actor rank), so a dead server stays out.
-    runtime.engine = EnginePool(servers.clients())
-    runtime.closers.append(runtime.engine.shutdown)
+
+    def on_dead(i: int) -> Any:
+        print(f"lcot-mega: rollout server {i} failed ({pool.last_errors[i]!r}); restarting it", flush=True)
+        return servers.restart(i)
+
+    pool = EnginePool(servers.clients(), on_dead=on_dead, resync=group.resync, recovery_wait_s=SERVER_START_TIMEOUT_S)
+    runtime.engine = pool
+    runtime.closers.append(pool.shutdown)  # popped first: no recovery starts once teardown began
+    group.attach(pool)

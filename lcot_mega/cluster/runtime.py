@@ -47,7 +47,8 @@ class Runtime:
     """The model's tokenizer (chat template, decoding), loaded in the driver process."""
     closers: list[Callable[[], None]] = field(default_factory=list)
     servers: Any = None
-    """The `ServerSupervisor` of served engines in local mode (`rollout.served` or SGLang); None otherwise."""
+    """The served engines' keeper: a `ServerSupervisor` in local mode (`rollout.served` or SGLang), a
+    `ServedEngineGroup` in disaggregated mode; None for in-process engines."""
     release_engine_memory: bool = False
     """The engines share the actor's GPU memory: release it (`engine.release_memory()`) while the actor trains
     and resume it before the weight sync."""
@@ -62,7 +63,8 @@ class Runtime:
             raise ValueError(f"fault kind must be one of {sorted(FAULTS)}, got {kind!r}")
         if self.servers is None:
             raise RuntimeError(
-                "engine faults need served engines: rollout.served=true or rollout.engine=sglang, cluster.mode=local"
+                "engine faults need served engines: rollout.served=true or rollout.engine=sglang in cluster.mode=local,"
+                " or cluster.mode=disaggregated"
             )
         proc, pool = self.servers.processes[engine], self.engine
 

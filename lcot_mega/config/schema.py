@@ -365,7 +365,8 @@ class InjectConfig:
     """After these steps' updates, multiply the final norm's weight by `collapse_scale` (a real, sharp policy)."""
     collapse_scale: float = opt(30.0, gt=1.0)
     kill_engine_at_step: list[int] = opt([])
-    """SIGKILL served engine 0 while these steps' rollouts run (needs rollout.served or sglang)."""
+    """SIGKILL served engine 0 while these steps' rollouts run (served engines: rollout.served or sglang in local
+    mode, or disaggregated mode)."""
     hang_engine_at_step: list[int] = opt([])
     """SIGSTOP served engine 0 while these steps' rollouts run (a hung server)."""
     sigterm_at_step: list[int] = opt([])

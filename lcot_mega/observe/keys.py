@@ -87,6 +87,7 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "sync/gb",
     "sync/gb_per_s",
     "sync/probe_max_diff",
+    "sync/servers",
     # wall time
     "perf/step_s",
     "perf/rollout_s",

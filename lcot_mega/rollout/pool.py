@@ -24,12 +24,13 @@ restart and resync, and engines that are not HTTP servers.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import threading
 import time
 import urllib.error
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import TypeVar
@@ -350,6 +351,23 @@ class EnginePool:
             self._fan_out(lambda e: e.update_weights(named, version), recovering_ok=True)
             with self._cond:
                 self._known_version = version
+
+    @contextlib.contextmanager
+    def loading_elsewhere(self, version: int) -> Iterator[None]:
+        """Hold the weight lock around a load that does not pass through the pool (the trainer broadcasting to the
+        servers itself, disaggregated mode); when the block completes, `version` is what a replacement is resynced
+        to. A block that raises records nothing."""
+        with self._weights_lock:
+            yield
+            with self._cond:
+                self._known_version = version
+
+    def mark_dead(self, i: int, error: BaseException) -> None:
+        """Take engine `i` out and start its recovery, as a failed request would (for failures found outside the
+        pool, e.g. a failed health check before a broadcast); a no-op for an engine already out."""
+        with self._cond:
+            generation = self._generation[i]
+        self._mark_dead(i, generation, error)
 
     def for_each_live(self, fn: Callable[[RolloutEngine], T]) -> dict[int, T]:
         """`fn(engine)` on every live engine under the weight lock (for loads outside the protocol, e.g.

@@ -29,7 +29,11 @@ def select_for_update(batch: Batch, algo: AlgoConfig, seed: int) -> tuple[Batch,
     metrics = batch_metrics(adv, t.correct, t.group_ids, keep)
     metrics.pop("reward/accuracy")  # the rollout stage reports accuracy over everything generated
     if algo.polarity == "weighted":
-        batch.set_advantages(positive_weight(adv, t.correct, algo.positive_weight))
+        weighted = positive_weight(adv, t.correct, algo.positive_weight)  # [N]
+        batch.set_advantages(weighted)
+        # the kept shares report what the update is made of: the reweighted |A| mass, not the group-normalized one
+        after = batch_metrics(weighted, t.correct, t.group_ids, keep)
+        metrics |= {k: v for k, v in after.items() if k.startswith("polarity/kept_") and k.endswith("_share")}
     return batch.filter(keep), metrics
 
 

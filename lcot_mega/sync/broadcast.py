@@ -16,7 +16,7 @@ import contextlib
 import datetime
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -55,14 +55,16 @@ class WeightGroup:
         group_name: str,
         backend: str = "gloo",
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        store: Any = None,
     ) -> None:
+        """`store`: rank 0's already listening `TCPStore` (see `listening_store`); None creates it here."""
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
         self.rank, self.world_size, self.group_name, self.backend = rank, world_size, group_name, backend
         timeout = datetime.timedelta(seconds=timeout_s)
-        self._store = dist.TCPStore(
+        self._store = store or dist.TCPStore(
             master_address, int(master_port), world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
         )
         store = dist.PrefixStore(f"lcot_weights/{group_name}", self._store)
@@ -100,6 +102,13 @@ class WeightGroup:
         self._store = None
 
 
+def listening_store(master_address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    """Rank 0's rendezvous store on a port the OS picks, listening at once: a port chosen first and bound later can
+    be taken in between by another process on a busy machine (EADDRINUSE, seen with Ray and study runs)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    return dist.TCPStore(master_address, 0, is_master=True, timeout=timeout, wait_for_workers=False)
+
+
 class BroadcastSync:
     """The trainer's side: rank 0 of a group with one rank per server (`SGLangHTTPEngine`s, ranks 1..N)."""
 
@@ -113,10 +122,13 @@ class BroadcastSync:
         backend: str = "gloo",
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
+        """`master_port` 0: listen on a port the OS picks before inviting the servers (`listening_store`)."""
         if not engines:
             raise ValueError("BroadcastSync needs at least one server")
         self.engines, self.group_name, self.backend = list(engines), group_name, backend
         world = len(self.engines) + 1
+        store = listening_store(master_address, timeout_s) if master_port == 0 else None
+        master_port = store.port if store is not None else master_port
 
         def join(i: int, engine: Any) -> Callable[[], None]:
             return lambda: engine.init_weights_update_group(
@@ -125,7 +137,7 @@ class BroadcastSync:
 
         threads = _start([join(i, e) for i, e in enumerate(self.engines)])
         try:
-            self.group = WeightGroup(master_address, master_port, 0, world, group_name, backend, timeout_s)
+            self.group = WeightGroup(master_address, master_port, 0, world, group_name, backend, timeout_s, store)
         except Exception as e:
             _join(threads, timeout_s)
             raise WeightSyncError(f"could not create weight group {group_name!r}: {e}") from e
@@ -168,9 +180,11 @@ class BroadcastSync:
         self._round([], version)  # an empty update: only the version moves, once all tensors are in
         return nbytes, buckets
 
-    def close(self) -> None:
-        """Ask every server to leave the group, then drop the trainer's side."""
-        errors = _join(_start([lambda e=e: e.destroy_weights_update_group(self.group_name) for e in self.engines]), 60)
+    def close(self, keep: Collection[str] | None = None) -> None:
+        """Ask every server (or only those whose `base_url` is in `keep`: the others are dead or being replaced) to
+        leave the group, then drop the trainer's side."""
+        leaving = [e for e in self.engines if keep is None or getattr(e, "base_url", None) in keep]
+        errors = _join(_start([lambda e=e: e.destroy_weights_update_group(self.group_name) for e in leaving]), 60)
         self.group.close()
         if errors:
             raise WeightSyncError(f"destroy_weights_update_group failed: {'; '.join(errors)}")

@@ -249,6 +249,32 @@ def test_with_its_only_engine_restarting_a_weight_sync_goes_to_the_replacement()
     assert pool.take_counters() == {"failures": 1, "failovers": 0, "restarts": 1}
 
 
+def test_a_load_elsewhere_records_its_version_only_when_it_completes_and_excludes_a_resync():
+    """A broadcast that bypasses the pool (disaggregated mode): a resync waits for it, then brings the replacement
+    to its version; a load that raised records nothing."""
+    a, b, replacement = FakeEngine(0), FakeEngine(1), FakeEngine(5)
+    order: list[str] = []
+
+    def resync(i: int, engine: FakeEngine) -> None:
+        order.append(f"resync to {pool.version}")
+        engine.update_weights([], pool.version)
+
+    pool = EnginePool([a, b], on_dead=lambda i: replacement, resync=resync)
+    with pytest.raises(RuntimeError), pool.loading_elsewhere(2):
+        raise RuntimeError("the broadcast failed")
+    assert pool.version == 0
+    with pool.loading_elsewhere(3):
+        pool.mark_dead(0, ConnectionError("failed its health check"))  # recovery starts, must wait for the load
+        time.sleep(0.3)
+        order.append("load")
+        a.version = b.version = 3
+    assert pool.wait_recovered(10)
+    assert order == ["load", "resync to 3"]
+    assert pool.engines[0] is replacement and pool.weight_version == 3
+    pool.mark_dead(0, ConnectionError("again"))  # the new engine: a second failure, a second recovery
+    assert pool.wait_recovered(10) and pool.take_counters()["failures"] == 2
+
+
 def test_without_a_recovery_a_weight_load_with_no_live_engine_fails():
     pool = EnginePool([GoneEngine(0)])
     with pytest.raises(NoLiveEngineError):

@@ -49,10 +49,16 @@ def test_polarity_keeps_exactly_its_samples(mode, expected):
 
 
 def test_weighted_mode_scales_only_positive_advantages():
-    plain, _ = select_for_update(_batch(), AlgoConfig(polarity="both"), seed=0)
-    weighted, _ = select_for_update(_batch(), AlgoConfig(polarity="weighted", positive_weight=0.25), seed=0)
+    plain, both = select_for_update(_batch(), AlgoConfig(polarity="both"), seed=0)
+    weighted, metrics = select_for_update(_batch(), AlgoConfig(polarity="weighted", positive_weight=0.25), seed=0)
     for a, b in zip(plain, weighted, strict=True):
         assert b.advantage == pytest.approx(a.advantage * (0.25 if a.correct else 1.0))
+    # GRPO centres each group, so positive and negative |A| mass are equal (share 0.5); the update's positive share
+    # is 0.25 / (0.25 + 1) = 0.2. The batch's own shares and the kept counts stay those of the data.
+    assert both["polarity/kept_pos_share"] == pytest.approx(0.5) and both["polarity/pos_share"] == pytest.approx(0.5)
+    assert metrics["polarity/kept_pos_share"] == pytest.approx(0.2)
+    assert metrics["polarity/kept_neg_share"] == pytest.approx(0.8)
+    assert metrics["polarity/pos_share"] == pytest.approx(0.5) and metrics["polarity/kept_pos_count"] == 3
 
 
 def test_reserve_keeps_a_seeded_share_of_the_dropped_polarity():

@@ -80,6 +80,23 @@ def test_broadcast_sync_matches_fresh_engine(dirs, servers):
     again.close()
 
 
+def test_port_0_listens_before_inviting_and_close_keep_asks_only_those_to_leave(dirs, servers):
+    a, _ = dirs
+    clients = [SGLangHTTPEngine(s.url, timeout_s=30) for s in servers]
+    sync = BroadcastSync(clients, "127.0.0.1", 0, group_name="g2", backend="gloo", timeout_s=30)
+    assert sync.group._store.port > 0  # chosen by the OS and bound before the servers were asked to join
+    sync.push(_buckets(a), 11)
+    assert [c.weight_version for c in clients] == [11, 11]
+    sync.close(keep=[clients[0].base_url])  # server 1 is taken for dead: it is not asked to leave
+    alone = BroadcastSync([clients[0]], "127.0.0.1", 0, group_name="g2", backend="gloo", timeout_s=30)
+    alone.push([], 12)
+    alone.close()
+    assert [c.weight_version for c in clients] == [12, 11]
+    with pytest.raises(WeightSyncError):  # server 1 still holds g2
+        BroadcastSync([clients[1]], "127.0.0.1", 0, group_name="g2", backend="gloo", timeout_s=5)
+    clients[1].destroy_weights_update_group("g2")
+
+
 def test_distributed_endpoints_disabled(dirs):
     _, b = dirs
     srv = RolloutServer(EmbeddedEngine(b), ServeConfig(port=0, allow_weight_updates=False)).start()
