@@ -484,28 +484,25 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         print("lcot-mega plot: needs matplotlib: pip install 'lcot-mega[eval]' (or matplotlib)", file=sys.stderr)
         return 2
     if args.compare:
-        return _cmd_compare(args)
+        if not args.out:
+            print("lcot-mega plot --compare: give --out DIR for the comparison's PNGs", file=sys.stderr)
+            return 2
+        from lcot_mega.observe.compare import plot_compare
+
+        return _print_pngs(lambda: plot_compare(args.dirs, args.out, title=args.title))
     for directory in args.dirs:
         # Several directories into one --out would overwrite each other's overview.png: one folder each.
         out = Path(args.out) / Path(directory).resolve().name if args.out and len(args.dirs) > 1 else args.out
-        try:
-            written = plot_dir(directory, out)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"lcot-mega plot: {e}", file=sys.stderr)
-            return 2
-        for png in written:
-            print(png)
+        status = _print_pngs(lambda d=directory, o=out: plot_dir(d, o))
+        if status:
+            return status
     return 0
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from lcot_mega.observe.compare import plot_compare
-
-    if not args.out:
-        print("lcot-mega plot --compare: give --out DIR for the comparison's PNGs", file=sys.stderr)
-        return 2
+def _print_pngs(plot: Callable[[], list[Path]]) -> int:
+    """Run `plot`, print the files it wrote; 2 with the reason when there was nothing (or nothing sound) to plot."""
     try:
-        written = plot_compare(args.dirs, args.out, title=args.title)
+        written = plot()
     except (ValueError, FileNotFoundError) as e:
         print(f"lcot-mega plot: {e}", file=sys.stderr)
         return 2

@@ -30,3 +30,15 @@ def ray_config(model_dir, tmp_path) -> Callable[..., Config]:
         )
 
     return make
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One local Ray instance for a module's tests, sized for two actor ranks and two served engines (a runtime
+    reuses it and leaves it running)."""
+    from lcot_mega.cluster.ray_runtime import start_ray
+
+    stop = start_ray(ClusterConfig(mode="disaggregated", actor_ranks=2, num_engines=2))
+    yield
+    if stop is not None:
+        stop()

@@ -24,17 +24,6 @@ PROBE = ([3, 14], [15, 92, 65, 35, 89, 79])
 TOL = 1e-4  # fp32 engines vs the Megatron actor
 
 
-@pytest.fixture(scope="module")
-def shared_ray():
-    from lcot_mega.cluster.ray_runtime import start_ray
-    from lcot_mega.config import ClusterConfig
-
-    stop = start_ray(ClusterConfig(mode="disaggregated", actor_ranks=1, num_engines=2))
-    yield
-    if stop is not None:
-        stop()
-
-
 def _train_once(rt) -> None:
     groups = rt.engine.generate(PROMPTS, GROUP)
     flat = [(p, c) for p, g in zip(PROMPTS, groups, strict=True) for c in g]

@@ -118,18 +118,6 @@ def _long_generation() -> SamplingParams:
     return SamplingParams(max_new_tokens=4000, n=2, seed=1, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def shared_ray():
-    """One local Ray instance for the remaining tests (a runtime reuses it and leaves it running)."""
-    from lcot_mega.cluster.ray_runtime import start_ray
-    from lcot_mega.config import ClusterConfig
-
-    stop = start_ray(ClusterConfig(mode="disaggregated", actor_ranks=2, num_engines=2))
-    yield
-    if stop is not None:
-        stop()
-
-
 def test_colocated_tensor_parallel_2_round_trip(ray_config, shared_ray):
     rt = build_runtime(ray_config(tensor_parallel=2, mode="colocated", actor_ranks=2))
     try:
