@@ -33,9 +33,9 @@ def _run(root: Path, name: str, acc: float, entropy: list[float], zero: float) -
 
 
 def test_mean_and_t_interval_across_seeds_by_hand(tables):
-    assert tables.mean_ci([1.0, 3.0]) == "2 ± 13"  # sd sqrt(2), 12.706 * sqrt(2) / sqrt(2) = 12.7
+    assert tables.mean_ci([1.0, 3.0]) == "2 ± 12.7"  # sd sqrt(2), 12.706 * sqrt(2) / sqrt(2) = 12.7
     assert tables.mean_ci([0.5]) == "0.5" and tables.mean_ci([]) == "-"
-    assert tables.pct_ci([0.1, 0.2, 0.3]) == "20 ± 25"  # sd 10, 4.303 * 10 / sqrt(3) = 24.8
+    assert tables.pct_ci([0.1, 0.2, 0.3]) == "20.0 ± 24.8"  # sd 10, 4.303 * 10 / sqrt(3) = 24.8
 
 
 def test_polarity_table_averages_each_mode_over_its_seeds(tables, tmp_path):
@@ -44,9 +44,9 @@ def test_polarity_table_averages_each_mode_over_its_seeds(tables, tmp_path):
     _run(tmp_path, "negative-seed1", 0.3, [1.0, 1.0, 1.0, 1.0, 1.0, 3.0], 0.25)
     text = tables.polarity(tmp_path)
     both = next(line for line in text.splitlines() if line.startswith("| both |"))
-    assert both.startswith("| both | 1,2 | 30 ± 1.3e+02 |")  # mean 30, sd 14.1 -> 12.706 * 10 = 127
+    assert both.startswith("| both | 1,2 | 30.0 ± 127.1 |")  # mean 30, sd 14.1 -> 12.706 * 10 = 127
     neg = next(line for line in text.splitlines() if line.startswith("| negative |"))
-    assert "| 30 | 60 | 30 | 1 | 1.4 |" in neg  # avg, pass@2, greedy; entropy first 5 = 1, last 5 = 7/5
+    assert "| 30.0 | 60.0 | 30.0 | 1 | 1.4 |" in neg  # avg, pass@2, greedy; entropy first 5 = 1, last 5 = 7/5
     assert "pass@k on chain_sum" in text
 
 
@@ -56,8 +56,8 @@ def test_polarity_table_has_the_untrained_model_as_a_reference_row(tables, tmp_p
     (tmp_path / "base-eval").mkdir()
     (tmp_path / "base-eval" / "summary.json").write_text(json.dumps({"benchmarks": {"chain_sum": base}}))
     lines = tables.polarity(tmp_path).splitlines()
-    assert "| untrained model | - | 10 | 15 | 12.5 | - | - |" in lines
-    assert "| untrained model | 10 | 15 |" in lines  # the pass@k table: pass@1, pass@2
+    assert "| untrained model | - | 10.0 | 15.0 | 12.5 | - | - |" in lines
+    assert "| untrained model | 10.0 | 15.0 |" in lines  # the pass@k table: pass@1, pass@2
 
 
 def test_export_copies_what_the_tables_read_and_rebuilds_the_same_tables(tables, tmp_path):

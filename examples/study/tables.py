@@ -30,20 +30,21 @@ RUN_NAME = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
 Row = dict[str, float]
 
 
-def mean_ci(values: Sequence[float]) -> str:
+def mean_ci(values: Sequence[float], fmt: str = ".3g") -> str:
     """'m ± h' with h the 95% t half-width across seeds ('m' alone for one seed; '-' for none)."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
         return "-"
     m = statistics.fmean(vals)
     if len(vals) < 2:
-        return f"{m:.3g}"
+        return f"{m:{fmt}}"
     h = T975.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / math.sqrt(len(vals))
-    return f"{m:.3g} ± {h:.2g}"
+    return f"{m:{fmt}} ± {h:{fmt}}"
 
 
 def pct_ci(values: Sequence[float]) -> str:
-    return mean_ci([100 * v for v in values])
+    """Percentages with one decimal: the tables' accuracies line up."""
+    return mean_ci([100 * v for v in values], ".1f")
 
 
 def read_metrics(path: Path) -> list[dict]:
