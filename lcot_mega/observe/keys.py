@@ -20,6 +20,7 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "reward/mean",
     "reward/accuracy",
     "reward/timeout_frac",
+    "reward/shaped_frac",
     # advantages and selection (lcot_mega/algo/metrics.py)
     "adv/zero_frac_samples",
     "adv/zero_frac_groups",

@@ -57,16 +57,26 @@ def step_seed(cfg: Config, step: int, salt: int = 0) -> int:
     return (base * 1_000_003 + step * 7_919 + salt * 104_729) % (2**31 - 1)
 
 
-def score_groups(groups: list[Group], grader: Grader, cfg: Config) -> int:
-    """Grade, shape and compute group-relative advantages in place (advantages are group-local); returns how
-    many grades ran out of reward.timeout_s (they score 0)."""
+@dataclass(frozen=True)
+class ScoreCounts:
+    """What grading a round's groups found beyond the rewards themselves."""
+
+    timeouts: int
+    """Grades that ran out of reward.timeout_s (they score 0)."""
+    shaped: int
+    """Samples whose reward a shaping term (relative length, overlong, repetition) moved off the grader's."""
+
+
+def score_groups(groups: list[Group], grader: Grader, cfg: Config) -> ScoreCounts:
+    """Grade, shape and compute group-relative advantages in place (advantages are group-local)."""
     if not groups:
-        return 0
+        return ScoreCounts(0, 0)
     batch = Batch(groups)
     grades = score_batch(batch, grader, cfg.reward, cfg.rollout.max_new_tokens)
     t = batch.tensors()
     batch.set_advantages(group_advantages(t.rewards, t.group_ids, cfg.algo.advantage, cfg.algo.adv_eps))
-    return sum(g.timed_out for g in grades)
+    shaped = sum(abs(s.reward - g.reward) > 1e-9 for s, g in zip(batch.samples, grades, strict=True))
+    return ScoreCounts(sum(g.timed_out for g in grades), shaped)
 
 
 def informative(group: Group, tol: float = 1e-8) -> bool:
@@ -86,6 +96,7 @@ class _Tally:
         self.correct = 0
         self.looping = 0  # responses whose tail is a repeated block (degenerate output)
         self.grade_timeouts = 0
+        self.shaped = 0
         self.reward_sum = 0.0
         self.rounds = 0
 
@@ -108,6 +119,7 @@ class _Tally:
             "reward/mean": self.reward_sum / n,
             "reward/accuracy": self.correct / n,
             "reward/timeout_frac": self.grade_timeouts / n,
+            "reward/shaped_frac": self.shaped / n,
             "rollout/groups_generated": float(self.groups),
             "rollout/groups_per_kept_group": self.groups / kept_groups if kept_groups else math.inf,
             "rollout/zero_adv_frac": self.zero_groups / max(self.groups, 1),
@@ -203,7 +215,9 @@ def _absorb(
     groups: list[Group], grader: Grader, cfg: Config, tally: _Tally, kept: list[Group], spare: list[Group], target: int
 ) -> bool:
     """Score a finished chunk and sort its groups into kept / spare; True when the batch is full."""
-    tally.grade_timeouts += score_groups(groups, grader, cfg)
+    counts = score_groups(groups, grader, cfg)
+    tally.grade_timeouts += counts.timeouts
+    tally.shaped += counts.shaped
     tally.add(groups)
     off = cfg.algo.dynamic_sampling.mode == "off"
     for g in groups:

@@ -141,6 +141,19 @@ def test_off_keeps_every_group_in_one_round(grader):
     assert got.metrics["rollout/zero_adv_frac"] == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize(("buffer_len", "shaped"), [(7, 1.0), (6, 0.0)])
+def test_shaped_frac_counts_samples_a_shaping_term_moved(grader, buffer_len, shaped):
+    # every response is 2 tokens, the limit 8: DAPO's overlong term starts at 8 - buffer_len tokens, so a buffer of 7
+    # costs each sample (1 - 2) / 7 and a buffer of 6 costs nothing (2 <= 8 - 6)
+    prompts, table = _prompts(["all", "mixed"])
+    cfg = _cfg("off", 2)
+    cfg.reward.overlong.enabled, cfg.reward.overlong.buffer_len = True, buffer_len
+    got = collect(ScriptedEngine(table), _feeder(prompts)[0], grader, cfg, step=1)
+    assert got.metrics["reward/shaped_frac"] == shaped
+    assert got.metrics["reward/mean"] == pytest.approx(6 / 8 - shaped / 7)  # 6 of 8 correct, minus the penalty
+    assert got.metrics["reward/accuracy"] == pytest.approx(6 / 8)
+
+
 def test_surplus_in_flight_generation_is_aborted_once_the_batch_is_full(grader):
     # two engines' worth of parallelism: the first chunk fills the batch, the second is still running
     prompts, table = _prompts(["mixed", "mixed", "none", "none"])
