@@ -97,6 +97,7 @@ def training_row(run: Path) -> Row:
         "train_minutes": sum(steps) / 60,
         "len_first10": statistics.fmean(length[:10]) if length else math.nan,
         "len_last10": statistics.fmean(length[-10:]) if length else math.nan,
+        "shaped": _mean(m, "reward/shaped_frac"),
     }
 
 
@@ -204,12 +205,13 @@ def zero_adv(root: Path) -> str:
 def length(root: Path) -> str:
     groups = runs_of(root, "length")
     names = _bench_names(groups)
-    head = ["relative length reward", "seeds", "response tokens, first 10 steps", "last 10 steps"]
+    head = ["relative length reward", "seeds", "samples shaped %", "response tokens, first 10 steps", "last 10 steps"]
     head += [f"{n} avg@k %" for n in names] + [f"{n} eval length" for n in names]
     rows = []
     for variant, runs in groups.items():
         tr = [training_row(r) for r in runs]
-        row = [variant, str(len(runs)), mean_ci([t["len_first10"] for t in tr]), mean_ci([t["len_last10"] for t in tr])]
+        row = [variant, str(len(runs)), pct_ci([t["shaped"] for t in tr])]
+        row += [mean_ci([t["len_first10"] for t in tr]), mean_ci([t["len_last10"] for t in tr])]
         row += [pct_ci(_collect(runs, lambda r, i=i: _bench(r, i, "avg@k"))) for i, _ in enumerate(names)]
         row += [mean_ci(_collect(runs, lambda r, i=i: _bench(r, i, "response_len_mean"))) for i, _ in enumerate(names)]
         rows.append(row)
