@@ -61,7 +61,7 @@ def two_nodes():
         cluster.shutdown()
 
 
-@pytest.mark.slow
+# In the default tier on purpose (about 50 s): CI must show a step running across two Ray nodes.
 def test_one_train_step_runs_its_actor_ranks_on_two_ray_nodes(two_nodes, model_dir, tmp_path):
     steps = ["trainer.steps=1", "trainer.eval_every=0", "eval.at_start=false", "trainer.save_every=0"]
     layout = ["cluster.mode=colocated", "cluster.actor_ranks=2", f"cluster.ray_address={two_nodes.address}"]
@@ -80,7 +80,6 @@ def test_one_train_step_runs_its_actor_ranks_on_two_ray_nodes(two_nodes, model_d
         ray.shutdown()
 
 
-@pytest.mark.slow
 def test_fit_check_and_job_submit_script_read_the_live_two_node_cluster(two_nodes, tmp_path):
     fit = [sys.executable, "-m", "lcot_mega.cluster.fit", str(TINY), "cluster.mode=colocated"]
     ok = subprocess.run([*fit, "cluster.actor_ranks=2", "--ray-address", two_nodes.address], **RUN)
