@@ -141,7 +141,10 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
         return _INVALID if any(v is _INVALID for v in items) else items
     if _scalar_ok(tp, value):
         return float(value) if tp is float else value
-    problems.append(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    hint = ""
+    if tp is str and isinstance(value, bool):  # YAML 1.1: off/on/no/yes/false/true are booleans unless quoted
+        hint = f"; YAML reads an unquoted off/on/no/yes as a boolean: quote it ({key}=\"'off'\" on a command line)"
+    problems.append(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
     return _INVALID
 
 

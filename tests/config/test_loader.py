@@ -62,12 +62,17 @@ def test_null_is_accepted_for_optional_fields():
         ("algo.loss_agg=seq-mean-token-sum-norm", "needs algo.loss_max_len"),
         ("reward.relative_length.lower=2", "reward.relative_length.lower = 2.0 must be <="),
         ("algo.positive_weight=0.5", "only applies with algo.polarity = 'weighted'"),
+        ("algo.dynamic_sampling.mode=off", "YAML reads an unquoted off/on/no/yes as a boolean: quote it"),
     ],
 )
 def test_bad_values_fail_naming_the_key_and_what_is_allowed(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert expected in str(err.value)
+
+
+def test_a_quoted_off_is_the_word():
+    assert load_config(None, ["algo.dynamic_sampling.mode='off'"]).algo.dynamic_sampling.mode == "off"
 
 
 def test_every_problem_is_reported_at_once():
