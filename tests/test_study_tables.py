@@ -78,3 +78,16 @@ def test_export_copies_what_the_tables_read_and_rebuilds_the_same_tables(tables,
     assert (dest / "length" / "off-seed1").readlink() == Path("../polarity/both-seed1")
     assert tables.polarity(dest) == tables.polarity(root)
     assert tables.length(dest) == tables.length(root)
+
+
+def test_paired_table_differences_each_mode_from_both_at_the_same_seed(tables, tmp_path):
+    _run(tmp_path, "both-seed1", 0.2, [1.0] * 6, 0.5)
+    _run(tmp_path, "both-seed2", 0.4, [1.0] * 6, 0.5)
+    _run(tmp_path, "negative-seed1", 0.3, [1.0] * 6, 0.5)
+    _run(tmp_path, "negative-seed2", 0.5, [1.0] * 6, 0.5)
+    _run(tmp_path, "positive-seed3", 0.5, [1.0] * 6, 0.5)  # no both run at seed 3: nothing to pair with
+    text = tables.polarity(tmp_path)
+    assert "Paired by seed, each mode minus both" in text
+    # avg: +10, +10 points -> 10.0 with no spread; pass@2 (2 * acc): +20, +20
+    assert "| negative | 1,2 | 10.0 ± 0.0 | 20.0 ± 0.0 |" in text
+    assert "| positive |" not in text.split("Paired by seed")[1]

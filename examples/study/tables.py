@@ -171,7 +171,28 @@ def polarity(root: Path) -> str:
         if n in base:
             pk_rows.append(["untrained model"] + [pct_ci([base[n]["pass@k"].get(str(j), math.nan)]) for j in ks])
         out.append(f"pass@k on {n} (%)\n\n" + table(["mode"] + [f"pass@{j}" for j in ks], pk_rows))
+    out.append(_paired_vs(groups, names, "both"))
     return "\n\n".join(out)
+
+
+def _paired_vs(groups: dict[str, list[Path]], names: list[str], ref: str) -> str:
+    """Each mode minus `ref` at the same seed (same prompts, same sampling seeds, same eval problems), in points,
+    with the t-interval of the per-seed differences: tighter than comparing two unpaired means."""
+    by_seed = {r.name.rsplit("seed", 1)[1]: r for r in groups.get(ref, [])}
+    head = ["mode minus " + ref, "seeds"] + [f"{n} {m} (points)" for n in names for m in ("avg@k", "pass@max k")]
+    rows = []
+    for mode, runs in groups.items():
+        pairs = [(r, by_seed[r.name.rsplit("seed", 1)[1]]) for r in runs if r.name.rsplit("seed", 1)[1] in by_seed]
+        if mode == ref or not pairs:
+            continue
+        row = [mode, ",".join(r.name.rsplit("seed", 1)[1] for r, _ in pairs)]
+        for i, name in enumerate(names):
+            ks = [int(j) for r, _ in pairs for j in eval_summary(r).get(name, {}).get("pass@k", {})]
+            k = str(max(ks, default=1))
+            row.append(pct_ci([_bench(a, i, "avg@k") - _bench(b, i, "avg@k") for a, b in pairs]))
+            row.append(pct_ci([_bench(a, i, "pass@k", k) - _bench(b, i, "pass@k", k) for a, b in pairs]))
+        rows.append(row)
+    return f"Paired by seed, each mode minus {ref}\n\n" + table(head, rows) if rows else ""
 
 
 def zero_adv(root: Path) -> str:
