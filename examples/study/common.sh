@@ -21,9 +21,9 @@ train_and_eval() {
     local run=$1
     shift
     if [ ! -f "$run/done" ]; then
-        local resume=()
-        if [ -d "$run/checkpoints" ]; then resume=(--resume); fi
-        lcot-mega train "$CONFIG" "$@" --run-dir "$run" "${resume[@]}"
+        # no --resume: train resumes by itself from a committed checkpoint, and starts afresh (setting aside the
+        # metrics of a run killed before its first checkpoint) when there is none
+        lcot-mega train "$CONFIG" "$@" --run-dir "$run"
         touch "$run/done"
     fi
     if [ ! -f "$run/eval-final/summary.json" ]; then

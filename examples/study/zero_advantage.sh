@@ -11,7 +11,10 @@ ensure_model
 seeds=("$@")
 if [ ${#seeds[@]} -eq 0 ]; then seeds=(1 2 3); fi
 for seed in "${seeds[@]}"; do
-    train_and_eval "runs/study/zero_adv/off-seed$seed" algo.dynamic_sampling.mode="'off'" trainer.seed="$seed"
+    # training on all 64 samples in one micro-batch needs more than 24 GiB (the full-vocabulary logits of every
+    # token): smaller micro-batches, the same update (one global loss denominator: lcot_mega/actor/train_step.py)
+    train_and_eval "runs/study/zero_adv/off-seed$seed" algo.dynamic_sampling.mode="'off'" \
+        actor.micro_batch_tokens=2048 trainer.seed="$seed"
     train_and_eval "runs/study/polarity/both-seed$seed" algo.polarity=both trainer.seed="$seed"
     same_run_as "runs/study/zero_adv/drop-seed$seed" "runs/study/polarity/both-seed$seed"
     if [ "${REFILL:-1}" = 1 ]; then
