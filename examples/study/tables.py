@@ -236,7 +236,7 @@ def length(root: Path) -> str:
         row += [pct_ci(_collect(runs, lambda r, i=i: _bench(r, i, "avg@k"))) for i, _ in enumerate(names)]
         row += [mean_ci(_collect(runs, lambda r, i=i: _bench(r, i, "response_len_mean"))) for i, _ in enumerate(names)]
         rows.append(row)
-    return table(head, rows)
+    return "\n\n".join(filter(None, [table(head, rows), _paired_vs(groups, names, "off")]))
 
 
 def uncertain(root: Path, small: int = 30) -> str:
