@@ -207,7 +207,10 @@ def zero_adv(root: Path) -> str:
     for variant, runs in groups.items():
         tr = [training_row(r) for r in runs]
         acc = _collect(runs, lambda r: _bench(r, 0, "avg@k"))
-        per_min = [100 * (a - base_acc) / t["train_minutes"] for a, t in zip(acc, tr, strict=True)]
+        per_min = [
+            100 * (a - base_acc) / t["train_minutes"] if t["train_minutes"] > 0 else math.nan  # a run still starting
+            for a, t in zip(acc, tr, strict=True)
+        ]
         rows.append(
             [
                 variant,
