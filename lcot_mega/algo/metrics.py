@@ -71,8 +71,12 @@ def batch_metrics(
     group_ids: torch.Tensor,
     keep: torch.Tensor | None = None,
     tol: float = 1e-8,
+    update_advantages: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Accuracy, zero-advantage fractions and polarity counts/shares of a batch (keys in the module docstring)."""
+    """Accuracy, zero-advantage fractions and polarity counts/shares of a batch (keys in the module docstring).
+
+    `update_advantages` [N]: the advantages the update trains with when they differ from the group-normalized
+    ones (`weighted` polarity); the kept samples' polarity is reported from them, what the update is made of."""
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
     tensors = {"advantages": advantages, "correct": correct}
@@ -96,6 +100,7 @@ def batch_metrics(
         out["adv/zero_frac_groups"] = float((signal_per_group == 0).double().mean())
     if keep is not None:
         keep = as_bool_mask("keep", keep)
-        out.update(_polarity(adv[keep], tol, "kept_"))
+        trained = adv if update_advantages is None else update_advantages.to(torch.float64)  # [N]
+        out.update(_polarity(trained[keep], tol, "kept_"))
         out["select/kept_frac"] = _mean(keep)
     return out

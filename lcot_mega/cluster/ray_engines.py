@@ -118,7 +118,17 @@ class ServedEngineGroup:
     `--api-key` this group's key) instead of `EngineServer`. Not wired yet: with gpus_per_engine > 0 this group
     still serves the embedded transformers engine (on the bundle's GPU), which is correct but slow."""
 
-    def __init__(self, model_dir: str, dtype: str, seed: int, num: int, cpus: float, gpus: float) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: str,
+        seed: int,
+        num: int,
+        cpus: float,
+        gpus: float,
+        request_timeout_s: float = 600.0,
+    ) -> None:
+        """`request_timeout_s`: of the clients handed out; a server that does not answer in this time is hung."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -141,8 +151,7 @@ class ServedEngineGroup:
         self.servers = [start(i) for i in range(num)]
         self._url_refs = [s.url.remote() for s in self.servers]
         self.urls: list[str] = []
-        self.request_timeout_s = 600.0
-        """Of the clients handed out: a server that does not answer in this time is taken for hung."""
+        self.request_timeout_s = request_timeout_s
 
     def wait_ready(self, timeout_s: float = SERVER_START_TIMEOUT_S) -> list[str]:
         """Block until every server answers; their URLs. (Construction does not wait, so the actor ranks can

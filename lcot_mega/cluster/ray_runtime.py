@@ -169,9 +169,9 @@ def _disaggregated(cfg: Config, runtime: Runtime) -> None:
 
     c = cfg.cluster
     servers = ServedEngineGroup(  # starts without waiting: the servers load while the actor ranks build
-        str(cfg.model.path), cfg.model.dtype, cfg.trainer.seed, c.num_engines, c.cpus_per_engine, c.gpus_per_engine
-    )
-    servers.request_timeout_s = cfg.rollout.request_timeout_s
+        str(cfg.model.path), cfg.model.dtype, cfg.trainer.seed, c.num_engines, c.cpus_per_engine, c.gpus_per_engine,
+        cfg.rollout.request_timeout_s,
+    )  # fmt: skip
     runtime.servers = servers
     runtime.closers.append(servers.shutdown)
     backend = "nccl" if c.gpus_per_rank > 0 and c.gpus_per_engine > 0 else "gloo"

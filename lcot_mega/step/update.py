@@ -26,14 +26,11 @@ def select_for_update(batch: Batch, algo: AlgoConfig, seed: int) -> tuple[Batch,
     keep = select_by_polarity(
         adv, t.correct, t.group_ids, algo.polarity, algo.reserve_ratio, algo.reserve_min, generator
     )  # [N] bool
-    metrics = batch_metrics(adv, t.correct, t.group_ids, keep)
+    trained = positive_weight(adv, t.correct, algo.positive_weight) if algo.polarity == "weighted" else adv  # [N]
+    metrics = batch_metrics(adv, t.correct, t.group_ids, keep, update_advantages=trained)
     metrics.pop("reward/accuracy")  # the rollout stage reports accuracy over everything generated
-    if algo.polarity == "weighted":
-        weighted = positive_weight(adv, t.correct, algo.positive_weight)  # [N]
-        batch.set_advantages(weighted)
-        # the kept shares report what the update is made of: the reweighted |A| mass, not the group-normalized one
-        after = batch_metrics(weighted, t.correct, t.group_ids, keep)
-        metrics |= {k: v for k, v in after.items() if k.startswith("polarity/kept_") and k.endswith("_share")}
+    if trained is not adv:
+        batch.set_advantages(trained)
     return batch.filter(keep), metrics
 
 

@@ -75,3 +75,12 @@ def test_rejections():
         batch_metrics(ADV, CORRECT[:3], GIDS)
     with pytest.raises(ValueError, match="tol"):
         batch_metrics(ADV, CORRECT, GIDS, tol=-1.0)
+
+
+def test_kept_polarity_is_read_from_the_advantages_the_update_uses():
+    # group-normalized +1 / -1 (shares 0.5 / 0.5); the update scales the positive by 0.25 -> 0.25 / 1.25 = 0.2
+    m = batch_metrics(t(1, -1), b(1, 0), ids(0, 0), keep=b(1, 1), update_advantages=t(0.25, -1))
+    assert m["polarity/pos_share"] == 0.5 and m["polarity/kept_pos_share"] == pytest.approx(0.2)
+    # a weight of 0 leaves the update no positive sample: it counts as zero, not positive
+    m = batch_metrics(t(1, -1), b(1, 0), ids(0, 0), keep=b(1, 1), update_advantages=t(0, -1))
+    assert (m["polarity/kept_pos_count"], m["polarity/kept_zero_count"], m["polarity/kept_neg_share"]) == (0, 1, 1)
