@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_hf
+from helpers.tiny_models import make_tiny_hf
 
 from lcot_mega.cli import main as cli_main
+from lcot_mega.cli.check import training_errors
 from lcot_mega.config import load_config
-from lcot_mega.doctor import training_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 _SPEC = importlib.util.spec_from_file_location("gpu_e2e", ROOT / "tools" / "gpu_e2e.py")

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from bench_models import prepare_model, progress
 
-from lcot_mega.distributed import run_local
+from lcot_mega.utils.distributed import run_local
 
 OPTIM = dict(lr=1e-6, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, grad_clip=1.0, weight_decay=0.0)
 

@@ -1,6 +1,6 @@
 """Rollout throughput: EmbeddedEngine vs `transformers.generate` with the same settings, measured in one run.
 
-Random models (no hub): a tiny one (tests/tiny_models.py shape) and a mid-size one (hidden 256, 4 layers,
+Random models (no hub): a tiny one (tests/helpers/tiny_models.py shape) and a mid-size one (hidden 256, 4 layers,
 vocab 49152: the output layer dominates, as in SmolLM2-sized vocabularies). Both engines sample at
 temperature 1 with no truncation, ignore EOS (every response has max_new_tokens tokens) and use a KV cache.
 

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from bench_models import prepare_model, progress
 
-from lcot_mega.distributed import free_port, run_local
+from lcot_mega.utils.distributed import free_port, run_local
 
 TRANSPORTS = (
     ("in_process", "in-process (EmbeddedEngine on rank 0, `update_weights`)"),
@@ -118,7 +118,7 @@ def sync_worker(
 
     from lcot_mega.actor import megatron_adapter as ma
     from lcot_mega.rollout import EmbeddedEngine
-    from lcot_mega.sync import BroadcastSync, sync_weights
+    from lcot_mega.weight_sync import BroadcastSync, sync_weights
 
     out: dict[str, Any] = dict(threads=torch.get_num_threads())
     if rank == 0:  # before any model exists, so that its two buffers do not add to the peak

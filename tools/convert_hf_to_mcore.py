@@ -2,12 +2,12 @@
 
     python tools/convert_hf_to_mcore.py --hf HF_DIR --out CKPT_DIR [--tp N --pp N]
 
-Same as `lcot-mega convert hf-to-mcore`; the work is in `lcot_mega.checkpoint.convert`.
+Same as `lcot-mega convert hf-to-mcore`; the work is in `lcot_mega.bridge.convert`.
 """
 
 import sys
 
-from lcot_mega.checkpoint.convert import main_hf_to_mcore
+from lcot_mega.bridge.convert import main_hf_to_mcore
 
 if __name__ == "__main__":  # the workers are spawned processes that import this file again
     sys.exit(main_hf_to_mcore())

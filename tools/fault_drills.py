@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lcot_mega.checkpoint.store import CheckpointStore, CheckpointStoreError, verify_checkpoint_dir
-from lcot_mega.models.tiny import make_tiny_model_dir
 from lcot_mega.observe import read_metrics
+from lcot_mega.utils.tiny_model import make_tiny_model_dir
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 STEPS = 6

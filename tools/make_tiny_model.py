@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from lcot_mega.models.tiny import FAMILIES, make_tiny_model_dir
+from lcot_mega.utils.tiny_model import FAMILIES, make_tiny_model_dir
 
 
 def main() -> None:

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
+from lcot_mega.actor import checkpoint as megatron_ckpt
 from lcot_mega.actor import megatron_adapter as ma
 from lcot_mega.actor.batching import TokenSequence
 from lcot_mega.actor.logprobs import TokenLogProbs, compute_logprobs
 from lcot_mega.actor.train_step import TrainBatch, train_step
 from lcot_mega.bridge.arch import ArchSpec
 from lcot_mega.bridge.hf_load import load_hf_weights
-from lcot_mega.checkpoint import megatron_ckpt
 from lcot_mega.checkpoint.store import CheckpointStore
 from lcot_mega.config import ActorConfig, AlgoConfig
 

@@ -1,7 +1,7 @@
-"""Checkpoints: the on-disk store (pure Python) and Megatron dist-checkpointing on top of it.
+"""The on-disk checkpoint store (pure Python): atomic step directories, a latest pointer, good marks.
 
-`lcot_mega.checkpoint.megatron_ckpt` (model, optimizer, scheduler, RNG) and `lcot_mega.checkpoint.convert`
-(HF <-> Megatron) import megatron-core and torch; import them explicitly.
+Megatron dist-checkpointing on top of it lives with the actor (`lcot_mega.actor.checkpoint`); the HF <->
+Megatron converter with the bridge (`lcot_mega.bridge.convert`).
 """
 
 from lcot_mega.checkpoint.store import (

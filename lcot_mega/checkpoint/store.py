@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lcot_mega.atomic_file import atomic_write
+from lcot_mega.utils.atomic_file import atomic_write
 
 MANIFEST = "COMPLETE"
 GOOD_MARK = "GOOD"

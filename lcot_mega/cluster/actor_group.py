@@ -19,7 +19,7 @@ from lcot_mega.actor.batching import TokenSequence
 from lcot_mega.actor.train_step import TrainBatch
 from lcot_mega.config import Config
 from lcot_mega.rollout.protocol import RolloutEngine
-from lcot_mega.sync.weight_sync import ProbeCheck, WeightTransport
+from lcot_mega.weight_sync.push import ProbeCheck, WeightTransport
 
 
 @runtime_checkable
@@ -81,8 +81,8 @@ class ActorRank:
         from transformers import AutoConfig
 
         from lcot_mega.actor.actor import MegatronActor
+        from lcot_mega.actor.checkpoint import dist_store
         from lcot_mega.bridge.arch import arch_from_hf_config
-        from lcot_mega.checkpoint.megatron_ckpt import dist_store
 
         self.cfg = cfg
         self.hf_dir = Path(cfg.model.path)
@@ -110,7 +110,7 @@ class ActorRank:
         self.store.before_commit = injected_save_fault(kind)
 
     def sync_weights(self, version: int) -> dict[str, float]:
-        from lcot_mega.sync.weight_sync import DEFAULT_BUCKET_BYTES, sync_weights
+        from lcot_mega.weight_sync.push import DEFAULT_BUCKET_BYTES, sync_weights
 
         report = sync_weights(
             self.actor.chunks,
@@ -147,7 +147,7 @@ class LocalActorGroup:
     def __init__(self, make_rank: Callable[[], ActorRank]) -> None:
         import torch.distributed as dist
 
-        from lcot_mega.distributed import free_port, init_process_group
+        from lcot_mega.utils.distributed import free_port, init_process_group
 
         self._owns_group = not dist.is_initialized()
         if self._owns_group:

@@ -72,7 +72,7 @@ def init_process_group_at(
     master_addr: str, port: int, rank: int, world_size: int, timeout_s: float, store: Any = None
 ) -> str:
     """Join the default group with rank 0 at `master_addr:port` (any node, unlike the loopback-only
-    `lcot_mega.distributed.init_process_group`); rank 0 passes its `master_store`. NCCL when this process sees
+    `lcot_mega.utils.distributed.init_process_group`); rank 0 passes its `master_store`. NCCL when this process sees
     a GPU, else gloo; returns the backend."""
     import torch.distributed as dist
 
@@ -185,7 +185,7 @@ class ActorWorker:
             self.engine = EmbeddedEngine(targets.model_dir, dtype=dtype, device=device, seed=targets.seed)
             return [self.engine], None
         from lcot_mega.rollout.http_client import SGLangHTTPEngine
-        from lcot_mega.sync.broadcast import BroadcastSync
+        from lcot_mega.weight_sync.broadcast import BroadcastSync
 
         clients = [SGLangHTTPEngine(url, targets.api_key) for url in targets.urls]
         name = "lcot_actor_weights" if generation == 0 else f"lcot_actor_weights_{generation}"

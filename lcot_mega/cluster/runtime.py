@@ -188,7 +188,7 @@ def push_current_weights(actor: GuardedActorGroup, engine: RolloutEngine, versio
     """Load the actor's weights as they are now into `engine` as `version` (one engine, no collective: local mode
     has one rank, so tensor parallelism is 1 and the HF tensors are read straight from the parameters)."""
     from lcot_mega.bridge.hf_export import DEFAULT_BUCKET_BYTES, iter_hf_buckets
-    from lcot_mega.sync.weight_sync import engine_buckets
+    from lcot_mega.weight_sync.push import engine_buckets
 
     with actor.lock:
         rank = actor.rank
@@ -273,7 +273,7 @@ def _served_model(cfg: Config, log_dir: Path) -> Path:
     beside the logs (SGLang builds block-FP8 layers only from an FP8-serialized checkpoint; docs/FP8.md)."""
     if cfg.rollout.weight_dtype != "fp8":
         return Path(cfg.model.path)
-    from lcot_mega.sync.fp8 import save_fp8_checkpoint
+    from lcot_mega.weight_sync.fp8 import save_fp8_checkpoint
 
     out = log_dir.parent / "fp8-model"
     if not (out / "config.json").is_file():

@@ -21,9 +21,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lcot_mega.atomic_file import atomic_write
 from lcot_mega.config.fields import constraint_errors
 from lcot_mega.config.schema import Config, cross_field_errors
+from lcot_mega.utils.atomic_file import atomic_write
 
 
 class ConfigError(ValueError):

@@ -1,7 +1,8 @@
 """`lcot-mega eval`: benchmarks through a rollout engine, graded, summarized with intervals (docs/EVAL.md).
 
-The estimators live in `lcot_mega.evaluate` (avg@k, pass@k, bootstrap) and `lcot_mega.uncertain`; the probe in
-`lcot_mega.robustness`. This package runs them over benchmarks and writes the report.
+`core` holds the estimators (avg@k, pass@k, bootstrap) and in-training evaluation, `uncertain` the
+uncertain-problem analysis, `robustness` the study's probe; `suite`, `report` and `command` run them over
+benchmarks and write the report.
 """
 
 from lcot_mega.evaluation.suite import BenchmarkRun, EvalSettings, run_benchmark, summarize

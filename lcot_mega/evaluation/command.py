@@ -15,8 +15,8 @@ from pathlib import Path
 from lcot_mega.config import Config, load_config
 from lcot_mega.evaluation.engines import ENGINES, ModelError, opened_engine, resolved_model
 from lcot_mega.evaluation.report import SUMMARY, SUMMARY_MD, write_report
+from lcot_mega.evaluation.robustness import MISLEADING, REPEATS, Probe
 from lcot_mega.evaluation.suite import EvalSettings, run_benchmark, summarize
-from lcot_mega.robustness import MISLEADING, REPEATS, Probe
 
 EXIT_USAGE = 2
 

@@ -37,7 +37,7 @@ def resolved_model(model: str | Path, work_dir: Path) -> Iterator[Path]:
         yield path
         return
     source = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    from lcot_mega.checkpoint.convert import ConversionError, mcore_to_hf
+    from lcot_mega.bridge.convert import ConversionError, mcore_to_hf
 
     try:
         say = lambda msg: print(f"lcot-mega eval: {msg}", file=sys.stderr)  # noqa: E731

@@ -17,12 +17,12 @@ from typing import Any
 
 from lcot_mega.data.problems import Problem
 from lcot_mega.data.templates import render_prompts
-from lcot_mega.evaluate import GradedSample, bootstrap_ci, pass_at_k, sample_and_grade
+from lcot_mega.evaluation.core import GradedSample, bootstrap_ci, pass_at_k, sample_and_grade
+from lcot_mega.evaluation.robustness import Probe, accuracy_drop, probed_problems
+from lcot_mega.evaluation.uncertain import UNCERTAIN_BAND, analyze, greedy_flip_rate
 from lcot_mega.reward.grader import Grader
-from lcot_mega.robustness import Probe, accuracy_drop, probed_problems
 from lcot_mega.rollout.protocol import RolloutEngine, SamplingParams
 from lcot_mega.types import Prompt
-from lcot_mega.uncertain import UNCERTAIN_BAND, analyze, greedy_flip_rate
 
 RUNS_FOR = (0.02, 0.05)
 """Half-widths (accuracy points / 100) for which the summary states the evaluation runs a 95% interval needs."""

@@ -83,7 +83,7 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "guard/lr_scale",
     # data
     "data/epoch",
-    # weight sync (lcot_mega/sync/weight_sync.py)
+    # weight sync (lcot_mega/weight_sync/push.py)
     "sync/seconds",
     "sync/gb",
     "sync/gb_per_s",

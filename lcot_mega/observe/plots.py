@@ -27,7 +27,7 @@ Series = list[tuple[int, float]]
 PROBLEMS_FILE = "problems.jsonl"
 SUMMARY_FILE = "summary.json"
 # Per-problem accuracy strictly inside this band: "uncertain", still carrying learning signal. The same band as
-# lcot_mega.uncertain.UNCERTAIN_BAND (problems.jsonl's "uncertain"), repeated: observe imports nothing else.
+# lcot_mega.evaluation.uncertain.UNCERTAIN_BAND (problems.jsonl's "uncertain"), repeated: observe imports nothing else.
 UNCERTAIN_BAND = (0.2, 0.8)
 _EVAL_ACCURACY = re.compile(r"^eval/(?P<source>[^/]+)/accuracy$")
 _GUARD_COLORS = {"log": "0.6", "warn": "tab:olive", "skip": "tab:purple", "rollback": "tab:red", "halt": "black"}

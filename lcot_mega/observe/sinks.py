@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from lcot_mega.atomic_file import atomic_write
+from lcot_mega.utils.atomic_file import atomic_write
 
 __all__ = ["METRICS_FILE", "WANDB_ID_FILE", "JsonlSink", "MetricSink", "TensorBoardSink", "WandbSink"]
 

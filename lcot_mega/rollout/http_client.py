@@ -216,7 +216,7 @@ class SGLangHTTPEngine:
     ) -> None:
         """Announce tensors the trainer is about to broadcast from rank 0 (`/update_weights_from_distributed`);
         `weight_version` None keeps the server's version. Returns only once the server has received and loaded
-        them, so call it from a thread and broadcast meanwhile (`lcot_mega.sync.broadcast.BroadcastSync`)."""
+        them, so call it from a thread and broadcast meanwhile (`lcot_mega.weight_sync.broadcast.BroadcastSync`)."""
         body = {
             "names": list(names),
             "dtypes": [str(d).removeprefix("torch.") for d in dtypes],

@@ -25,8 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lcot_mega.distributed import free_port
 from lcot_mega.rollout.http_client import SGLangHTTPEngine
+from lcot_mega.utils.distributed import free_port
 
 CommandFactory = Callable[[int, int], list[str]]
 """(server index, port) -> the command line that starts that server on that port."""

@@ -6,7 +6,7 @@ Endpoints: `POST /generate` (sampling, and teacher-forced scoring with `max_new_
 (`POST /update_weights_from_tensor`: tensors in the sender's shared memory, handles in the body, see
 `lcot_mega.rollout.tensor_ipc`; same host only) and the distributed update (`POST /init_weights_update_group`,
 `/update_weights_from_distributed`, `/destroy_weights_update_group`: the trainer broadcasts the tensors from rank 0
-of a process group, see `lcot_mega.sync.broadcast`). Contract
+of a process group, see `lcot_mega.weight_sync.broadcast`). Contract
 violations answer 400 `{"error": ...}`; engine state conflicts (released weights, busy engine) 409; a bug in
 the engine 500. The server keeps running after any of them.
 
@@ -455,7 +455,7 @@ class RolloutServer:
         return {"success": True, "message": f"loaded {len(named)} tensors; weight version {version}"}
 
     def _init_group(self, body: dict[str, Any]) -> Any:
-        from lcot_mega.sync.broadcast import WeightGroup
+        from lcot_mega.weight_sync.broadcast import WeightGroup
 
         addr, port, offset, world = (
             body.get(k) for k in ("master_address", "master_port", "rank_offset", "world_size")
@@ -495,7 +495,7 @@ class RolloutServer:
         return group
 
     def _update_from_distributed(self, body: dict[str, Any]) -> Any:
-        from lcot_mega.sync.broadcast import parse_dtype
+        from lcot_mega.weight_sync.broadcast import parse_dtype
 
         group = self._group(body)
         names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")

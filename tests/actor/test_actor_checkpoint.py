@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_harness import run_gloo
-from tiny_models import make_tiny_hf
-from train_batches import random_train_batch
+from helpers.distributed_harness import run_gloo
+from helpers.tiny_models import make_tiny_hf
+from helpers.train_batches import random_train_batch
 
 from lcot_mega.config import ActorConfig, AlgoConfig
 
@@ -62,8 +62,8 @@ def _params(chunks) -> dict[str, torch.Tensor]:
 
 def _max_param_diff(actor, reference_dir: str) -> float:
     """Largest |w - w_ref| over the actor's shards, w_ref loaded from a model-only checkpoint (any layout)."""
+    from lcot_mega.actor import checkpoint as mc
     from lcot_mega.actor import megatron_adapter as ma
-    from lcot_mega.checkpoint import megatron_ckpt as mc
 
     reference = ma.build_model(actor.arch, actor.cfg)
     mc.load(reference, reference_dir)
@@ -72,7 +72,7 @@ def _max_param_diff(actor, reference_dir: str) -> float:
 
 
 def _tp2_runs(rank: int, world: int, hf_dir: str, tmp: str) -> dict:
-    from lcot_mega.checkpoint import megatron_ckpt as mc
+    from lcot_mega.actor import checkpoint as mc
 
     torch.set_num_threads(1)  # tiny matrices: more threads only oversubscribe the cores
     out = {}
@@ -98,7 +98,7 @@ def _tp2_runs(rank: int, world: int, hf_dir: str, tmp: str) -> dict:
 
 
 def _tp1_resume(rank: int, world: int, hf_dir: str, other_hf_dir: str, tmp: str, source: str) -> dict:
-    from lcot_mega.checkpoint import megatron_ckpt as mc
+    from lcot_mega.actor import checkpoint as mc
 
     torch.set_num_threads(1)
     actor = _actor(hf_dir, tp=1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_harness import run_gloo
-from tiny_models import SHARP_LONG, hf_logits, make_tiny_hf
+from helpers.distributed_harness import run_gloo
+from helpers.tiny_models import SHARP_LONG, hf_logits, make_tiny_hf
 
 pytest.importorskip("megatron.core")
 

@@ -9,8 +9,8 @@ import importlib.util
 
 import pytest
 import torch
-from distributed_harness import free_port
-from tiny_models import FAMILIES, VOCAB, make_tiny_hf
+from helpers.distributed_harness import free_port
+from helpers.tiny_models import FAMILIES, VOCAB, make_tiny_hf
 
 pytestmark = [
     pytest.mark.gpu,

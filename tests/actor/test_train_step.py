@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from distributed_harness import run_gloo
-from tensor_helpers import one_thread
-from tiny_models import FAMILIES, make_tiny_hf
+from helpers.distributed_harness import run_gloo
+from helpers.tensor_helpers import one_thread
+from helpers.tiny_models import FAMILIES, make_tiny_hf
 
 from lcot_mega.actor.batching import plan_micro_batches
 from lcot_mega.actor.train_step import TrainBatch

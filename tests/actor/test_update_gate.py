@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
-from distributed_harness import run_gloo
-from tiny_models import VOCAB, make_tiny_hf
-from train_batches import random_train_batch
+from helpers.distributed_harness import run_gloo
+from helpers.tiny_models import VOCAB, make_tiny_hf
+from helpers.train_batches import random_train_batch
 
 from lcot_mega.actor.train_step import TrainBatch
 from lcot_mega.config import ActorConfig, AlgoConfig

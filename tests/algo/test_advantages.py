@@ -7,9 +7,9 @@ import statistics
 
 import pytest
 import torch
+from helpers.tensor_helpers import ids, t
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tensor_helpers import ids, t
 
 from lcot_mega.algo import advantages as adv_mod
 from lcot_mega.algo.advantages import (

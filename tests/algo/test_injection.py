@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tensor_helpers import b, bits, ids, t
+from helpers.tensor_helpers import b, bits, ids, t
 
 from lcot_mega.algo.advantages import group_advantages
 from lcot_mega.algo.groups import group_rank

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tensor_helpers import b, ids, t
+from helpers.tensor_helpers import b, ids, t
 
 from lcot_mega.algo.metrics import KEEP_METRIC_KEYS, METRIC_KEYS, batch_metrics
 

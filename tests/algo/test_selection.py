@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.tensor_helpers import b, bits, ids, t
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tensor_helpers import b, bits, ids, t
 
 from lcot_mega.algo.selection import (
     POLARITY_MODES,

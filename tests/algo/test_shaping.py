@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 import torch
+from helpers.tensor_helpers import b, ids, t
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tensor_helpers import b, ids, t
 
 from lcot_mega.algo.shaping import overlong_penalty, relative_length_reward
 

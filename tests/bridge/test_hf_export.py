@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_harness import run_gloo
+from helpers.distributed_harness import run_gloo
+from helpers.tiny_models import hf_logits, make_tiny_hf
 from safetensors.torch import load_file
-from tiny_models import hf_logits, make_tiny_hf
 
 from lcot_mega.bridge.arch import arch_from_hf_config
 from lcot_mega.bridge.mapping import hf_tensor_names

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_harness import run_gloo
-from tiny_models import FAMILIES, VOCAB, hf_logits, make_tiny_hf
+from helpers.distributed_harness import run_gloo
+from helpers.tiny_models import FAMILIES, VOCAB, hf_logits, make_tiny_hf
 
 from lcot_mega.bridge.arch import UnsupportedModelError, arch_from_hf_config
 from lcot_mega.bridge.hf_load import CheckpointError, safetensors_index

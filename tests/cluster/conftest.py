@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tiny_models import make_tiny_model_dir
+from helpers.tiny_models import make_tiny_model_dir
 
 from lcot_mega.config import ActorConfig, ClusterConfig, Config, ModelConfig, TrainerConfig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_harness import run_gloo
+from helpers.distributed_harness import run_gloo
 
 from lcot_mega.actor.train_step import TrainBatch
 

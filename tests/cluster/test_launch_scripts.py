@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lcot_mega.distributed import free_port
+from lcot_mega.utils.distributed import free_port
 
 MULTINODE = Path(__file__).resolve().parents[2] / "examples" / "multinode"
 SCRIPTS = [MULTINODE / "slurm_ray.sbatch", MULTINODE / "ray_job_submit.sh"]

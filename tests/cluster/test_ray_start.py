@@ -11,7 +11,7 @@ import pytest
 from lcot_mega.cluster.ray_runtime import RayStartError, import_ray, placement_group, reserved_cpus, start_ray
 from lcot_mega.cluster.runtime import build_runtime
 from lcot_mega.config import ClusterConfig
-from lcot_mega.distributed import free_port
+from lcot_mega.utils.distributed import free_port
 
 ray = pytest.importorskip("ray")
 

@@ -14,8 +14,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from lcot_mega.cli import build_parser
+from lcot_mega.cli.check import training_errors
 from lcot_mega.config import Config, load_config
-from lcot_mega.doctor import training_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(ROOT.glob("configs/**/*.yaml"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import save_char_tokenizer
+from helpers.tiny_models import save_char_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"

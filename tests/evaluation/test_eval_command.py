@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import GPU_TINY, make_tiny_hf, make_tiny_model_dir, save_char_tokenizer
+from helpers.tiny_models import GPU_TINY, make_tiny_hf, make_tiny_model_dir, save_char_tokenizer
 
 TESTS = Path(__file__).resolve().parents[1]
 K, SEEDS = 4, (0, 1)
 COMMON = (
     "--k", str(K), "--seeds", *map(str, SEEDS), "--max-tokens", "8",
-    "reward.fn=eval_reward:contains_answer", "reward.num_workers=1", "data.apply_chat_template=false",
+    "reward.fn=helpers.eval_reward:contains_answer", "reward.num_workers=1", "data.apply_chat_template=false",
 )  # fmt: skip
 
 
@@ -101,7 +101,7 @@ def test_the_report_files_and_plots_are_written(full):
 
 
 def test_a_megatron_checkpoint_and_a_served_engine_give_the_hf_directory_s_responses(full, model, data, tmp_path):
-    from lcot_mega.checkpoint.convert import hf_to_mcore
+    from lcot_mega.bridge.convert import hf_to_mcore
 
     ckpt = hf_to_mcore(model, tmp_path / "mcore", tp=2, pp=1)
     reference = [s for s in _jsonl(full / "samples.jsonl") if s["mode"] != "probe"]

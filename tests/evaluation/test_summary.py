@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from lcot_mega.data.problems import Problem
-from lcot_mega.evaluate import GradedSample
+from lcot_mega.evaluation.core import GradedSample
 from lcot_mega.evaluation.report import markdown_table
+from lcot_mega.evaluation.robustness import Probe
 from lcot_mega.evaluation.suite import BenchmarkRun, EvalSettings, problem_rows, sample_rows, summarize
-from lcot_mega.robustness import Probe
 
 
 def _g(correct: int, tokens: int = 10, truncated: bool = False) -> GradedSample:

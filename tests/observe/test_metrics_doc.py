@@ -14,8 +14,8 @@ from lcot_mega.algo.metrics import KEEP_METRIC_KEYS, METRIC_KEYS
 from lcot_mega.config import AlgoConfig
 from lcot_mega.guards import Verdict
 from lcot_mega.observe import DOCUMENTED_KEYS, KEY_PATTERN, LABEL_KEYS, check_key, is_documented, key_segment
-from lcot_mega.sync.consistency import logprob_gap
-from lcot_mega.sync.weight_sync import SyncReport
+from lcot_mega.weight_sync.consistency import logprob_gap
+from lcot_mega.weight_sync.push import SyncReport
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "METRICS.md"
 # train_step sets these after the reduction (see lcot_mega/actor/train_step.py); "tokens" is internal and popped

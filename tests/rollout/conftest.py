@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_models import SHARP_LONG as MODEL
-from tiny_models import make_tiny_hf, save_char_tokenizer
+from helpers.tiny_models import SHARP_LONG as MODEL
+from helpers.tiny_models import make_tiny_hf, save_char_tokenizer
 
 from lcot_mega.rollout.embedded import EmbeddedEngine
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
-from tiny_models import FAMILIES, VOCAB, make_tiny_hf
-from tiny_models import SHARP_LONG as MODEL
+from helpers.tiny_models import FAMILIES, VOCAB, make_tiny_hf
+from helpers.tiny_models import SHARP_LONG as MODEL
 
 from lcot_mega.rollout.embedded import EmbeddedEngine
 from lcot_mega.rollout.protocol import Completion, RolloutEngine, SamplingParams, to_samples

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from tiny_models import VOCAB
+from helpers.tiny_models import VOCAB
 
 from lcot_mega.cli import main as cli_main
 from lcot_mega.rollout.embedded import EmbeddedEngine

@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 import torch
-from tiny_models import make_tiny_hf, save_char_tokenizer
+from helpers.tiny_models import make_tiny_hf, save_char_tokenizer
 
 from lcot_mega.rollout.launcher import ServerSupervisor, sglang_command
 from lcot_mega.rollout.protocol import SamplingParams

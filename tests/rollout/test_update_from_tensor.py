@@ -16,8 +16,8 @@ import time
 
 import pytest
 import torch
-from distributed_harness import run_gloo
-from tiny_models import make_tiny_hf
+from helpers.distributed_harness import run_gloo
+from helpers.tiny_models import make_tiny_hf
 
 from lcot_mega.rollout.embedded import EmbeddedEngine
 from lcot_mega.rollout.http_client import EngineHTTPError, SGLangHTTPEngine
@@ -346,7 +346,7 @@ def _sync_into_http_engine(rank: int, world: int, actor_dir: str, engine_dir: st
     from lcot_mega.actor.actor import MegatronActor
     from lcot_mega.bridge.arch import arch_from_hf_config
     from lcot_mega.config import ActorConfig, AlgoConfig
-    from lcot_mega.sync import ProbeCheck, WeightSyncError, sync_weights, verify_weights
+    from lcot_mega.weight_sync import ProbeCheck, WeightSyncError, sync_weights, verify_weights
 
     torch.set_num_threads(1)
     arch = arch_from_hf_config(AutoConfig.from_pretrained(actor_dir))

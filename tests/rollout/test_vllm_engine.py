@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch
-from tiny_models import GPU_TINY, make_tiny_hf, save_char_tokenizer
+from helpers.tiny_models import GPU_TINY, make_tiny_hf, save_char_tokenizer
 
 from lcot_mega.rollout.embedded import EmbeddedEngine
 from lcot_mega.rollout.protocol import RolloutEngine, SamplingParams

@@ -1,1 +1,0 @@
-"""Model helpers that are not architecture mappings: tiny random models for smoke runs and tests."""

@@ -1,0 +1,221 @@
+"""The driver: `lcot-mega train CONFIG`. One RL step is a short sequence of plain calls (DESIGN.md, "The step").
+
+prompts -> rollout (+ reward, advantages, dynamic sampling) -> polarity selection -> guards -> actor update
+(gated by the guards' bounds) -> guards -> weight sync -> log -> checkpoint / eval on schedule. A guard verdict
+may skip the update, roll back to the last good checkpoint or halt the run (docs/STABILITY.md). Components
+never call each other; they meet here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from lcot_mega.cluster.runtime import Runtime, build_runtime
+from lcot_mega.config import Config, config_to_dict
+from lcot_mega.evaluation.core import EvalResult, eval_params, evaluate
+from lcot_mega.guards import Verdict
+from lcot_mega.reward.grader import Grader, grader_for
+from lcot_mega.trainer.collect import collect, step_seed
+from lcot_mega.trainer.recovery import StopSignals
+from lcot_mega.trainer.respond import Halted, Watch, passes, respond
+from lcot_mega.trainer.run_dir import RunDir
+from lcot_mega.trainer.update import select_for_update, to_train_batch
+from lcot_mega.types import Prompt
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    last_step: int
+    evals: dict[int, dict[str, EvalResult]]
+    """Evaluations done in this invocation, by step."""
+    stopped_by: str | None = None
+    """The signal (SIGTERM, SIGINT) that ended the run early, after a checkpoint; None when it ran to the end."""
+
+    def eval_summary(self) -> list[str]:
+        """One line per eval set: held-out accuracy at the first and last evaluation, with standard errors."""
+        if not self.evals:
+            return []
+        first, last = min(self.evals), max(self.evals)
+        lines = []
+        for name, a in self.evals[first].items():
+            b = self.evals[last][name]
+            change = f" -> step {last} {b.accuracy:.1%} +- {b.stderr:.1%}" if last != first else ""
+            size = f"{len(a.correct)} problems x {a.k}"
+            lines.append(f"held-out {name} ({size}): step {first} {a.accuracy:.1%} +- {a.stderr:.1%}{change}")
+        return lines
+
+
+def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
+    """Train `cfg.trainer.steps` steps; `resume` None continues a run directory that has a checkpoint."""
+    from lcot_mega.data import build_data
+    from lcot_mega.observe import MetricsLogger, Progress
+
+    run = RunDir.open(cfg, resume)
+    with ExitStack() as stack:
+        rt = stack.enter_context(build_runtime(cfg))
+        grader = stack.enter_context(grader_for(cfg.reward))
+        stream, eval_sets = build_data(cfg.data, rt.tokenizer, cfg.trainer.seed)
+        for report in stream.report:
+            print(f"lcot-mega: {report.summary()}", flush=True)
+        watch = Watch.open(cfg, run)
+        stack.callback(watch.log.close)
+        start = restore(rt, stream, run, watch)
+        signals = stack.enter_context(StopSignals())
+        log = stack.enter_context(
+            MetricsLogger(
+                run.path,
+                cfg.logging,
+                config_dict=config_to_dict(cfg),
+                resume_step=start or None,
+                extra_sinks=[Progress(cfg.trainer.steps, start)],
+            )
+        )
+        evals: dict[int, dict[str, EvalResult]] = {}
+        if start == 0 and cfg.eval.at_start and eval_sets:
+            evals[0] = run_evals(rt, grader, eval_sets, cfg, 0, run)
+            log.log(0, _eval_metrics(evals[0]))
+        step = start
+        while step < cfg.trainer.steps and not signals.received:
+            step += 1
+            metrics, verdict = run_step(rt, grader, stream.next_prompts, cfg, step, watch)
+            halt = respond(rt, watch, step, metrics, verdict)
+            if not halt and eval_sets and _due(step, cfg.trainer.eval_every, cfg.trainer.steps, off_when_zero=True):
+                evals[step] = run_evals(rt, grader, eval_sets, cfg, step, run)
+                metrics |= _eval_metrics(evals[step])
+            decision = verdict.metrics() | ({"guard/action": "halt", "guard/reason": halt} if halt else {})
+            log.log(step, metrics | decision | _watch_metrics(watch) | {"data/epoch": stream.progress})
+            if halt:
+                watch.log.event(step, f"halted: {halt}")
+                path = save(rt, stream, watch, step, cfg, passed=False)
+                raise Halted(f"{halt}. State saved in {path}; see {run.path / 'guards.log'}")
+            if _due(step, cfg.trainer.save_every, cfg.trainer.steps) or signals.received:
+                save(rt, stream, watch, step, cfg, passed=passes(verdict))
+        if signals.received:
+            print(f"lcot-mega: stopped by {signals.received} after step {step}; the same command resumes", flush=True)
+        return TrainResult(run.path, step, evals, signals.received)
+
+
+def run_step(rt: Runtime, grader: Grader, next_prompts, cfg: Config, step: int, watch: Watch) -> tuple[dict, Verdict]:
+    """One RL step; its metrics (keys in docs/METRICS.md) and the guards' verdict on it."""
+    inject = cfg.debug.inject
+    t0 = time.perf_counter()
+    _inject_rollout_faults(rt, inject, step)
+    collected = collect(
+        rt.engine, next_prompts, grader, cfg, step, parallelism=cfg.cluster.num_engines, reseed=watch.recovery.reseed
+    )
+    batch, metrics = select_for_update(collected.batch, cfg.algo, step_seed(cfg, step, salt=-1))
+    metrics |= collected.metrics | rt.engine_metrics()
+    verdict = watch.guard.check(step, metrics)  # rollout monitors first: a degenerate batch is never trained on
+    t1 = time.perf_counter()
+    updated = False
+    if len(batch) and verdict.keeps_update:
+        update = replace(
+            to_train_batch(batch, cfg.rollout.temperature),
+            update_bounds=watch.guard.update_bounds(),
+            nan_loss=step in inject.nan_grad_at_step,
+        )
+        metrics |= train_on(rt, update)
+        updated = bool(metrics.get("actor/update_ok", 1.0))
+        verdict = watch.guard.check(step, metrics)
+    metrics["actor/skipped"] = float(not updated)
+    t2 = time.perf_counter()
+    if step in inject.entropy_collapse_at_step:
+        rt.actor.sharpen(inject.collapse_scale)
+        updated = True
+    if updated:
+        metrics |= rt.actor.sync_weights(step)
+    metrics |= {
+        "perf/train_s": t2 - t1,
+        "perf/sync_s": time.perf_counter() - t2,
+        "perf/step_s": time.perf_counter() - t0,
+    }
+    return metrics, verdict
+
+
+def train_on(rt: Runtime, update) -> dict[str, float]:
+    """The actor update; engines that share the actor's devices hand their memory over meanwhile."""
+    if rt.release_engine_memory:  # SGLang's release_memory_occupation
+        rt.engine.release_memory()
+    try:
+        return rt.actor.train_step(update)
+    finally:
+        if rt.release_engine_memory:
+            rt.engine.resume_memory()
+
+
+def save(rt: Runtime, stream, watch: Watch, step: int, cfg: Config, *, passed: bool) -> str:
+    """Checkpoint the run at `step` (actor state, data position, guard state); it becomes good once confirmed."""
+    inject = cfg.debug.inject
+    for kind, steps in (("crash", inject.crash_in_save_at_step), ("disk_full", inject.disk_full_at_step)):
+        if step in steps:
+            rt.actor.arm_save_fault(kind)
+    extra = {"data": stream.state_dict(), "weight_version": step, "watch": watch.state_dict()}
+    path = rt.actor.save_checkpoint(step, extra)
+    if passed:
+        watch.mark_good(watch.recovery.saved(step))
+    return path
+
+
+def run_evals(
+    rt: Runtime, grader: Grader, eval_sets: dict[str, list[Prompt]], cfg: Config, step: int, run: RunDir
+) -> dict[str, EvalResult]:
+    """Evaluate every held-out set with the current weights; per-problem results go under `run/eval`."""
+    results = {}
+    for name, prompts in eval_sets.items():
+        result = evaluate(rt.engine, grader, name, prompts, eval_params(cfg, step_seed(cfg, step, salt=-2)))
+        result.save(run.eval_path(name, step))
+        results[name] = result
+    return results
+
+
+def restore(rt: Runtime, stream, run: RunDir, watch: Watch) -> int:
+    """Load the newest valid checkpoint when resuming (weights, optimizer, data position, guard state, LR scale);
+    the step to continue from. A corrupt newest checkpoint is skipped with a warning (the store falls back)."""
+    if not run.resuming:
+        return 0
+    step, extra = rt.actor.load_checkpoint()
+    stream.load_state_dict(extra["data"])
+    watch.load_state_dict(extra.get("watch", {}))
+    if watch.recovery.lr_scale != 1.0:
+        rt.actor.set_lr_scale(watch.recovery.lr_scale)
+    rt.actor.sync_weights(int(extra.get("weight_version", step)))
+    print(f"lcot-mega: resumed {run.path} at step {step}", flush=True)
+    return step
+
+
+def _inject_rollout_faults(rt: Runtime, inject, step: int) -> None:
+    """debug.inject faults that strike while the step's rollout runs (docs/STABILITY.md, "Fault injection")."""
+    if step in inject.kill_engine_at_step:
+        rt.inject_engine_fault("kill")
+    if step in inject.hang_engine_at_step:
+        rt.inject_engine_fault("hang")
+    if step in inject.sigterm_at_step:  # delivered at once: the handler sets the flag, the step runs to its end
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _watch_metrics(watch: Watch) -> dict[str, float]:
+    return {"guard/rollbacks": float(watch.recovery.rollbacks), "guard/lr_scale": watch.recovery.lr_scale}
+
+
+def _eval_metrics(results: dict[str, EvalResult]) -> dict[str, float]:
+    from lcot_mega.observe.keys import key_segment
+
+    out: dict[str, float] = {}
+    for name, result in results.items():
+        result.source = key_segment(name)
+        out |= result.metrics()
+    return out
+
+
+def _due(step: int, every: int, last: int, *, off_when_zero: bool = False) -> bool:
+    """Scheduled work (eval, checkpoint) runs every `every` steps and at the last step; `every` = 0 means only at
+    the last step, or never with `off_when_zero` (trainer.eval_every = 0)."""
+    if off_when_zero and every == 0:
+        return False
+    return step == last or (every > 0 and step % every == 0)

@@ -1,0 +1,218 @@
+"""Disaggregated weight sync: the trainer broadcasts HF tensors to remote rollout servers over a process group.
+
+SGLang's protocol: the trainer (rank 0) hosts a TCP store and asks each server to join a new group
+(`POST /init_weights_update_group`, server i at rank i); per bucket it posts `/update_weights_from_distributed`
+(names, dtypes, shapes) to every server in background threads, since each answer only comes once the tensors
+have arrived, then broadcasts every tensor from rank 0 in the same order and joins the requests.
+
+The group is built directly from a `TCPStore` + `PrefixStore` and `ProcessGroupGloo` (CPU) or `ProcessGroupNCCL`
+(GPU), without `init_process_group`: it does not touch the default group, so it works in a training job, in a
+server, and for several groups in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lcot_mega.weight_sync.push import WeightSyncError
+
+Bucket = Sequence[tuple[str, torch.Tensor]]
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """SGLang's wire name for a dtype ("bfloat16")."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: Any) -> torch.dtype:
+    """A torch dtype from its wire name ("bfloat16" or "torch.bfloat16"); ValueError otherwise."""
+    if not isinstance(name, str):
+        raise ValueError(f"dtype must be a string, got {name!r}")
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+class WeightGroup:
+    """One member of a weight-update process group (rank 0 is the trainer, the source of every broadcast)."""
+
+    def __init__(
+        self,
+        master_address: str,
+        master_port: int,
+        rank: int,
+        world_size: int,
+        group_name: str,
+        backend: str = "gloo",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        store: Any = None,
+    ) -> None:
+        """`store`: rank 0's already listening `TCPStore` (see `listening_store`); None creates it here."""
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.rank, self.world_size, self.group_name, self.backend = rank, world_size, group_name, backend
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self._store = store if store is not None else dist.TCPStore(
+            master_address, int(master_port), world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+        )
+        store = dist.PrefixStore(f"lcot_weights/{group_name}", self._store)
+        if backend == "gloo":
+            self.device = torch.device("cpu")
+            self._pg: Any = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        else:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self._pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """In place, from rank 0 (blocks until done on this rank)."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = 0, 0
+        self._pg.broadcast([tensor], opts).wait()
+
+    def receive(self, dtypes: Sequence[torch.dtype], shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Fresh tensors filled by rank 0's broadcasts, in order."""
+        out = []
+        for dtype, shape in zip(dtypes, shapes, strict=True):
+            t = torch.empty(tuple(shape), dtype=dtype, device=self.device)
+            self.broadcast(t)
+            out.append(t)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out
+
+    def close(self) -> None:
+        pg, self._pg = self._pg, None
+        if pg is not None and hasattr(pg, "shutdown"):
+            with contextlib.suppress(Exception):  # best effort: the group is being dropped anyway
+                pg.shutdown()
+        self._store = None
+
+
+def listening_store(master_address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    """Rank 0's rendezvous store on a port the OS picks, listening at once: a port chosen first and bound later can
+    be taken in between by another process on a busy machine (EADDRINUSE, seen with Ray and study runs)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    return dist.TCPStore(master_address, 0, is_master=True, timeout=timeout, wait_for_workers=False)
+
+
+class BroadcastSync:
+    """The trainer's side: rank 0 of a group with one rank per server (`SGLangHTTPEngine`s, ranks 1..N)."""
+
+    def __init__(
+        self,
+        engines: Sequence[Any],
+        master_address: str,
+        master_port: int,
+        *,
+        group_name: str = "lcot_weights",
+        backend: str = "gloo",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        """`master_port` 0: listen on a port the OS picks before inviting the servers (`listening_store`)."""
+        if not engines:
+            raise ValueError("BroadcastSync needs at least one server")
+        self.engines, self.group_name, self.backend = list(engines), group_name, backend
+        world = len(self.engines) + 1
+        store = listening_store(master_address, timeout_s) if master_port == 0 else None
+        master_port = store.port if store is not None else master_port
+
+        def join(i: int, engine: Any) -> Callable[[], None]:
+            return lambda: engine.init_weights_update_group(
+                master_address, master_port, i + 1, world, group_name, backend
+            )
+
+        threads = _start([join(i, e) for i, e in enumerate(self.engines)])
+        try:
+            self.group = WeightGroup(master_address, master_port, 0, world, group_name, backend, timeout_s, store)
+        except Exception as e:
+            _join(threads, timeout_s)
+            raise WeightSyncError(f"could not create weight group {group_name!r}: {e}") from e
+        errors = _join(threads, timeout_s)
+        if errors:
+            self.group.close()
+            raise WeightSyncError(f"servers failed to join weight group {group_name!r}: {'; '.join(errors)}")
+        self.timeout_s = timeout_s
+
+    def _round(self, bucket: Bucket, version: int | None) -> None:
+        names = [n for n, _ in bucket]
+        dtypes = [dtype_name(t.dtype) for _, t in bucket]
+        shapes = [list(t.shape) for _, t in bucket]
+
+        def post(engine: Any) -> Callable[[], None]:
+            return lambda: engine.update_weights_from_distributed(names, dtypes, shapes, self.group_name, version)
+
+        threads = _start([post(e) for e in self.engines])
+        failure = None
+        try:
+            for _, t in bucket:
+                self.group.broadcast(t.detach().to(self.group.device).contiguous())
+        except Exception as e:
+            failure = f"broadcast: {type(e).__name__}: {e}"
+        errors = _join(threads, self.timeout_s)
+        if failure:
+            errors.insert(0, failure)
+        if errors:
+            raise WeightSyncError(f"weight broadcast failed: {'; '.join(errors)}")
+
+    def push(self, named_tensor_buckets: Iterable[Bucket], version: int) -> tuple[int, int]:
+        """Every bucket to every server under its current version, then the bump to `version`; (bytes, buckets).
+        Raises WeightSyncError on any failure (servers stay on their old version: sync again)."""
+        nbytes = buckets = 0
+        for bucket in named_tensor_buckets:
+            bucket = list(bucket)
+            self._round(bucket, None)
+            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            buckets += 1
+        self._round([], version)  # an empty update: only the version moves, once all tensors are in
+        return nbytes, buckets
+
+    def close(self, keep: Collection[str] | None = None) -> None:
+        """Ask every server (or only those whose `base_url` is in `keep`: the others are dead or being replaced) to
+        leave the group, then drop the trainer's side."""
+        leaving = [e for e in self.engines if keep is None or getattr(e, "base_url", None) in keep]
+        errors = _join(_start([lambda e=e: e.destroy_weights_update_group(self.group_name) for e in leaving]), 60)
+        self.group.close()
+        if errors:
+            raise WeightSyncError(f"destroy_weights_update_group failed: {'; '.join(errors)}")
+
+
+def _start(fns: Sequence[Callable[[], None]]) -> list[tuple[threading.Thread, list[str]]]:
+    out = []
+    for fn in fns:
+        errs: list[str] = []
+
+        def run(fn: Callable[[], None] = fn, errs: list[str] = errs) -> None:
+            try:
+                fn()
+            except Exception as e:  # reported by the caller
+                errs.append(f"{type(e).__name__}: {e}")
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        out.append((t, errs))
+    return out
+
+
+def _join(threads: list[tuple[threading.Thread, list[str]]], timeout_s: float) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    errors = []
+    for t, errs in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            errors.append(f"no answer in {timeout_s}s")
+        errors.extend(errs)
+    return errors

@@ -1,0 +1,180 @@
+"""Live weight sync, in-process transport: the actor's Megatron shards into every rollout engine, bucket by bucket.
+
+`sync_weights` streams `hf_export.gather_hf_state` (TP all-gathered, pipeline stages collected point to point)
+to the owner rank, which pushes each HF bucket into every engine as it arrives, so at most one bucket is held.
+Buckets go out under the engine's old version and a final empty update bumps it to the new one: a sync that
+fails half way leaves engines on their old version (the caller must sync again). `ProbeCheck` then scores one
+fixed sequence teacher-forced on both sides and stops training if they disagree. With `weight_dtype="fp8"` the
+linear weights are block-quantized on the owner rank on their way out (`engine_buckets`, docs/FP8.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from lcot_mega.bridge.arch import ArchSpec
+from lcot_mega.bridge.hf_export import DEFAULT_BUCKET_BYTES, Bucket, gather_hf_state
+from lcot_mega.rollout.protocol import RolloutEngine
+from lcot_mega.weight_sync.fp8 import DEFAULT_BLOCK, fp8_named_tensors
+
+WEIGHT_DTYPES = ("auto", "fp8")
+
+
+class WeightSyncError(RuntimeError):
+    """The engines did not receive the actor's weights (a failed push, or a probe mismatch); stop training."""
+
+
+@dataclass(frozen=True)
+class ProbeCheck:
+    """Verify a sync: the engines' teacher-forced log-probs of `probe_ids[1:]` after `probe_ids[0]` must match
+    the actor's (temperature 1) within `tolerance` (max absolute difference)."""
+
+    probe_ids: tuple[int, ...]
+    """A fixed token sequence of at least 2 ids, valid for the model's vocabulary."""
+    tolerance: float = 0.05
+    """fp32 engines agree to ~1e-5; bf16 engines differ by up to a few 1e-2 on a short probe."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "probe_ids", tuple(int(t) for t in self.probe_ids))
+        if len(self.probe_ids) < 2:
+            raise ValueError(f"probe_ids needs at least 2 tokens, got {len(self.probe_ids)}")
+        if not self.tolerance > 0:
+            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """One sync as measured on the owner rank (every rank returns the same report)."""
+
+    seconds: float
+    """Wall time from the first collective to the engines holding the new version (verification excluded)."""
+    bytes: int
+    """Tensor bytes pushed into each engine."""
+    buckets: int
+    probe_max_diff: float | None = None
+    """Max |engine - actor| probe log-prob over the engines; None without `verify`."""
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        out = {"sync/seconds": self.seconds, "sync/gb_per_s": self.gb_per_s, "sync/gb": self.bytes / 1e9}
+        if self.probe_max_diff is not None:
+            out["sync/probe_max_diff"] = self.probe_max_diff
+        return out
+
+
+def _push(stream: Iterable[Bucket], engines: Sequence[RolloutEngine], version: int) -> tuple[int, int]:
+    """Every bucket into every engine under its old version, then the version bump; (bytes, buckets)."""
+    old = [engine.weight_version for engine in engines]
+    nbytes = buckets = 0
+    for bucket in stream:
+        for engine, v in zip(engines, old, strict=True):
+            engine.update_weights(bucket, v)
+        nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        buckets += 1
+    for engine in engines:
+        engine.update_weights((), version)  # an empty update: only the version moves, once all tensors are in
+        engine.flush_cache()
+    return nbytes, buckets
+
+
+def engine_buckets(
+    buckets: Iterable[Bucket], weight_dtype: str = "auto", block: tuple[int, int] = DEFAULT_BLOCK
+) -> Iterable[Bucket]:
+    """The HF buckets as the engines load them (`rollout.weight_dtype`): "auto" returns `buckets` itself; "fp8"
+    block-quantizes each bucket's linear weights (`fp8_named_tensors`). Quantizing bucket by bucket keeps the
+    byte bound: 1 byte per weight plus one float32 per block is less than the bf16/fp32 tensor it replaces."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    if weight_dtype == "auto":
+        return buckets
+    return (list(fp8_named_tensors(bucket, block=block)) for bucket in buckets)
+
+
+class WeightTransport(Protocol):
+    """How buckets reach engines that do not live in the owner's process (e.g. `broadcast.BroadcastSync`)."""
+
+    def push(self, named_tensor_buckets: Iterable[Bucket], version: int) -> tuple[int, int]:
+        """Every bucket to every engine, then the version bump; returns (bytes, buckets)."""
+        ...
+
+
+def _broadcast(obj: object, src: int) -> object:
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def sync_weights(
+    chunks: list[torch.nn.Module],
+    arch: ArchSpec,
+    engines: Sequence[RolloutEngine],
+    version: int,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    owner: int = 0,
+    verify: ProbeCheck | None = None,
+    transport: WeightTransport | None = None,
+    weight_dtype: str = "auto",
+) -> SyncReport:
+    """Load the actor's current weights into `engines` as `version`, then flush their caches.
+
+    Collective: every rank calls it with the same arguments; only global rank `owner` touches `engines` (other
+    ranks may pass an empty list). Without `transport` the owner loads the buckets into `engines` in process
+    (`update_weights`); with one (servers in other processes: `BroadcastSync`) the transport moves them and
+    `engines` are only used by `verify`. If pushing fails on the owner, every rank raises WeightSyncError; so does a
+    `verify` probe that disagrees by more than its tolerance. `weight_dtype` "fp8" sends block-FP8 linear weights
+    (`engine_buckets`) to engines serving an FP8 checkpoint.
+    """
+    start = time.perf_counter()
+    stream = gather_hf_state(chunks, arch, bucket_bytes, dst=owner)
+    outcome: tuple[int, int] | str = (0, 0)
+    if dist.get_rank() == owner:
+        try:
+            out = engine_buckets(stream, weight_dtype)  # "auto": `stream` itself
+            outcome = transport.push(out, version) if transport else _push(out, engines, version)
+        except Exception as e:
+            outcome = f"{type(e).__name__}: {e}"
+    for _ in stream:  # the rest of the collectives (all of them on ranks other than the owner)
+        pass
+    seconds = time.perf_counter() - start
+    outcome, seconds = _broadcast((outcome, seconds), owner)  # every rank raises, or none does
+    if isinstance(outcome, str):
+        raise WeightSyncError(f"weight sync to version {version} failed on rank {owner}: {outcome}")
+    diff = None if verify is None else verify_weights(chunks, arch, engines, verify, owner=owner)
+    return SyncReport(seconds=seconds, bytes=outcome[0], buckets=outcome[1], probe_max_diff=diff)
+
+
+def verify_weights(
+    chunks: list[torch.nn.Module],
+    arch: ArchSpec,
+    engines: Sequence[RolloutEngine],
+    check: ProbeCheck,
+    *,
+    owner: int = 0,
+) -> float:
+    """Max |engine - actor| teacher-forced log-prob of the probe over `engines`; WeightSyncError on every rank
+    above `check.tolerance`. Collective, like `sync_weights` (the actor's forward runs on every rank)."""
+    from lcot_mega.actor.logprobs import compute_logprobs
+
+    prompt, response = check.probe_ids[:1], check.probe_ids[1:]
+    actor = compute_logprobs(chunks, [(prompt, response)], 1.0, arch.vocab_size, len(check.probe_ids)).logprobs[0]
+    diff = 0.0
+    if dist.get_rank() == owner:
+        for engine in engines:
+            diff = max(diff, float((engine.score(prompt, response) - actor).abs().max()))
+    diff = float(_broadcast(diff, owner))
+    if diff > check.tolerance:
+        raise WeightSyncError(
+            f"engine and actor disagree on the probe sequence after the sync: max |log-prob diff| {diff:.3g}"
+            f" > tolerance {check.tolerance:g}; the engine weights are stale or corrupted"
+        )
+    return diff

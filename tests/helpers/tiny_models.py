@@ -1,0 +1,23 @@
+"""The tiny random models and character tokenizer of the tests (they live in the package: the smoke config uses
+them too)."""
+
+from lcot_mega.utils.tiny_model import (  # noqa: F401
+    FAMILIES,
+    SHARP_LONG,
+    TINY_SHAPE,
+    VOCAB,
+    hf_logits,
+    make_tiny_hf,
+    make_tiny_model_dir,
+    save_char_tokenizer,
+)
+
+GPU_TINY = dict(  # the tiny model's shape for the GPU tests (SGLang, vLLM kernels)
+    hidden_size=256,
+    intermediate_size=512,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,  # SGLang's attention kernels do not take the 16 of the CPU tiny models
+    max_position_embeddings=2048,
+    initializer_range=0.1,
+)
