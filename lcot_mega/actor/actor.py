@@ -98,23 +98,6 @@ class MegatronActor:
         self.lr_scale = float(scale)
         ma.scale_schedule(self.scheduler, self.cfg, self.lr_scale)
 
-    @torch.no_grad()
-    def sharpen(self, scale: float) -> None:
-        """Multiply the policy's final norm weight by `scale` in place: its logits scale by `scale`, a real policy
-        whose per-token entropy collapses (fault injection, debug.inject.entropy_collapse_at_step).
-
-        The weight is replicated over TP and lives on the last pipeline stage; under bf16 the optimizer's fp32
-        copy is scaled too, or the next step would restore it. Call on every rank.
-        """
-        for chunk in self.chunks:
-            model = chunk.module
-            if model.post_process:
-                weight = model.decoder.final_layernorm.weight
-                weight.mul_(scale)
-                main = getattr(weight, "main_param", None)  # distributed optimizer: fp32 shard of a bf16 weight
-                if main is not None and main.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
-                    main.mul_(scale)
-
     def save_checkpoint(
         self,
         target: CheckpointStore | str | Path,

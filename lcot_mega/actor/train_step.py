@@ -69,9 +69,6 @@ class TrainBatch:
     """The update gate: anything with `rejects(metrics) -> list[str]` (`guards.bounds.UpdateBounds`), asked with
     this step's metrics and pre-clip grad norm; any answer skips the update. None: only a nonfinite gradient
     norm skips it (it always does)."""
-    nan_loss: bool = False
-    """Fault injection (debug.inject.nan_grad_at_step): every micro-batch loss is multiplied by NaN, so the
-    gradients really are NaN and the gate must skip the update."""
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
@@ -129,15 +126,13 @@ class _MicroBatchLoss:
     def __call__(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         stats = {k: 0.0 for keys in self.keys for k in keys}
         if mb.num_rows == 0:  # keeps the schedules aligned; a zero loss that still reaches every parameter
-            return logits.sum() * (float("nan") if self.batch.nan_loss else 0.0), _as_tensors(stats, logits.device)
+            return logits.sum() * 0.0, _as_tensors(stats, logits.device)
         z = scaled_logits(mb.rows(logits), self.batch.temperature, self.vocab_size)  # [n, s, V/tp]
         mask = mb.rows(mb.loss_mask)  # [n, s]
         entropy = self._entropy(z, mask, stats)  # [n, s]; before token_logprobs consumes z
         logp = token_logprobs(z, mb.rows(mb.labels))  # [n, s]
         pg = self._policy_term(mb, logp, mask, stats)
         loss = pg + self._regularizers(mb, logp, entropy, mask, stats)
-        if self.batch.nan_loss:
-            loss = loss * float("nan")
         n = mask.sum().float()
         for key in self.keys[1]:
             stats[key] = stats[key] * n  # token means -> sums, divided by all tokens after the reduction

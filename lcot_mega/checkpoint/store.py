@@ -355,12 +355,6 @@ class CheckpointStore:
             on_commit=self._after_commit,
         ) as tmp:
             yield tmp
-            hook, self.before_commit = self.before_commit, None
-            if hook is not None:
-                hook(tmp)
-
-    before_commit: Callable[[Path], None] | None = None
-    """One-shot fault injection (debug.inject): runs once the payload is written, before the commit."""
 
     def _after_commit(self, final: Path) -> None:
         atomic_write_text(self.root / LATEST, final.name + "\n")
@@ -444,20 +438,3 @@ class CheckpointStore:
         for s in deleted:
             _remove_tree(self.path_for(s))
         return deleted
-
-
-def injected_save_fault(kind: str) -> Callable[[Path], None]:
-    """A `CheckpointStore.before_commit` hook for debug.inject: "crash" ends the process with the payload written
-    and no manifest (a node lost mid-write); "disk_full" fails the write with ENOSPC (as a full disk would)."""
-
-    def crash(tmp: Path) -> None:
-        print(f"lcot-mega: debug.inject: crashing while writing {tmp}", flush=True)
-        os._exit(137)
-
-    def disk_full(tmp: Path) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
-
-    faults = {"crash": crash, "disk_full": disk_full}
-    if kind not in faults:
-        raise ValueError(f"unknown save fault {kind!r}; one of {sorted(faults)}")
-    return faults[kind]

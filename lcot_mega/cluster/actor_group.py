@@ -1,17 +1,19 @@
-"""The actor as the driver sees it: one object whose calls run on every actor rank.
+"""The actor as the driver sees it: one `ActorGroup` whose calls run on every actor rank.
 
 `ActorRank` is what one process of the actor holds: its `MegatronActor` shard, the run's checkpoint store
 and how its weights reach the rollout engines. Every rank makes the same calls with the same arguments
 (Megatron's collectives need it); results are the same on every rank, so a group returns rank 0's.
-`LocalActorGroup` is one rank in the driver's own process (world size 1 over gloo); the Ray group in
-`lcot_mega.cluster.ray_group` puts each rank in its own Ray actor. The driver only sees `ActorGroup`.
+Where the ranks run is a `RankSet`: `LocalRanks` is one rank in the driver's own process (world size 1 over
+gloo); `RayRanks` (`lcot_mega.cluster.ray_group`) puts each rank in its own Ray actor. `ActorGroup` is the one
+surface over either, in every cluster mode: a new rank method is one method on `ActorRank`, one here.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import torch
 
@@ -21,44 +23,95 @@ from lcot_mega.config import Config
 from lcot_mega.rollout.protocol import RolloutEngine
 from lcot_mega.weight_sync.push import ProbeCheck, WeightTransport
 
+RANK_CALLS = frozenset(
+    {
+        "compute_logprobs",
+        "train_step",
+        "sync_weights",
+        "push_weights",
+        "set_lr_scale",
+        "save_checkpoint",
+        "load_checkpoint",
+        "latest_checkpoint",
+        "apply",
+    }
+)
+"""The `ActorRank` methods a `RankSet` runs (what `ActorGroup` offers)."""
 
-@runtime_checkable
-class ActorGroup(Protocol):
-    """The policy being trained, wherever its ranks run."""
 
-    def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float) -> list[torch.Tensor]:
-        """Per-sequence [response_len] log-probs under the current weights."""
-        ...
+class RankSet(Protocol):
+    """Where the actor's ranks run."""
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on the whole batch; its metrics."""
-        ...
-
-    def sync_weights(self, version: int) -> dict[str, float]:
-        """Load the current weights into the rollout engines as `version`; sync metrics."""
-        ...
-
-    def set_lr_scale(self, scale: float) -> None:
-        """Peak and minimum LR := the configured ones times `scale` (absolute; kept across checkpoint loads)."""
-        ...
-
-    def sharpen(self, scale: float) -> None:
-        """Multiply the policy's final norm weight by `scale` (fault injection: an entropy collapse)."""
-        ...
-
-    def arm_save_fault(self, kind: str) -> None:
-        """Make the next checkpoint write fail ("crash" mid-write, "disk_full"): fault injection."""
-        ...
-
-    def save_checkpoint(self, step: int, extra: dict) -> str:
-        """Save model, optimizer, schedule and `extra` (the driver's state) as checkpoint `step`; its path."""
-        ...
-
-    def load_checkpoint(self, path: str | None = None) -> tuple[int, dict]:
-        """Restore checkpoint `path` (None: the run's newest valid one); its (step, extra)."""
+    def call(self, method: str, *args: Any) -> Any:
+        """`ActorRank.<method>(*args)` on every rank at once (one of `RANK_CALLS`); rank 0's result."""
         ...
 
     def shutdown(self) -> None: ...
+
+
+def call_rank(rank: ActorRank, method: str, *args: Any) -> Any:
+    """`rank.<method>(*args)` for a `RankSet`, refusing anything outside `RANK_CALLS`."""
+    if method not in RANK_CALLS:
+        raise ValueError(f"not an actor rank call: {method!r} (one of {sorted(RANK_CALLS)})")
+    return getattr(rank, method)(*args)
+
+
+class ActorGroup:
+    """The policy being trained, wherever its ranks run (see the module docstring).
+
+    Every call holds `lock` until all ranks answer: two driver threads (the step, and a served engine's recovery
+    reading the weights) never interleave their collectives differently on different ranks, and a recovery never
+    reads a half-applied optimizer step. Lock order, where both are taken: the engine pool's weight lock first,
+    then this one (`cluster.served`)."""
+
+    def __init__(self, ranks: RankSet) -> None:
+        self.ranks = ranks
+        self.lock = threading.RLock()
+
+    def _call(self, method: str, *args: Any) -> Any:
+        with self.lock:
+            return self.ranks.call(method, *args)
+
+    def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float) -> list[torch.Tensor]:
+        """Per-sequence [response_len] log-probs under the current weights."""
+        return self._call("compute_logprobs", [(list(p), list(r)) for p, r in sequences], temperature)
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step on the whole batch; its metrics."""
+        return self._call("train_step", batch)
+
+    def sync_weights(self, version: int) -> dict[str, float]:
+        """Load the current weights into the rollout engines the ranks hold as `version`; sync metrics. The driver
+        syncs through `Runtime.sync_weights`, which also keeps served engines' membership right."""
+        return self._call("sync_weights", version)
+
+    def push_weights(self, engine: RolloutEngine, version: int) -> None:
+        """Load the current weights into `engine` alone as `version` (a restarted server; one rank only)."""
+        self._call("push_weights", engine, version)
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Peak and minimum LR := the configured ones times `scale` (absolute; kept across checkpoint loads)."""
+        self._call("set_lr_scale", scale)
+
+    def save_checkpoint(self, step: int, extra: dict) -> str:
+        """Save model, optimizer, schedule and `extra` (the driver's state) as checkpoint `step`; its path."""
+        return self._call("save_checkpoint", step, extra)
+
+    def load_checkpoint(self, path: str | None = None) -> tuple[int, dict]:
+        """Restore checkpoint `path` (None: the run's newest valid one); its (step, extra)."""
+        return self._call("load_checkpoint", path)
+
+    def latest_checkpoint(self) -> str | None:
+        """The newest committed checkpoint of the run, or None on a fresh run."""
+        return self._call("latest_checkpoint")
+
+    def apply(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(rank, *args)` on every `ActorRank`; rank 0's result. For work no method names (drills,
+        diagnostics); `fn` must be a module-level function, so Ray can send it by reference."""
+        return self._call("apply", fn, *args)
+
+    def shutdown(self) -> None:
+        self.ranks.shutdown()
 
 
 class ActorRank:
@@ -101,14 +154,6 @@ class ActorRank:
     def set_lr_scale(self, scale: float) -> None:
         self.actor.set_lr_scale(scale)
 
-    def sharpen(self, scale: float) -> None:
-        self.actor.sharpen(scale)
-
-    def arm_save_fault(self, kind: str) -> None:
-        from lcot_mega.checkpoint.store import injected_save_fault
-
-        self.store.before_commit = injected_save_fault(kind)
-
     def sync_weights(self, version: int) -> dict[str, float]:
         from lcot_mega.weight_sync.push import DEFAULT_BUCKET_BYTES, sync_weights
 
@@ -123,6 +168,23 @@ class ActorRank:
             weight_dtype=self.cfg.rollout.weight_dtype,
         )
         return report.metrics()
+
+    def push_weights(self, engine: RolloutEngine, version: int) -> None:
+        """The weights as they are now into `engine` alone (no collective: only a one-rank actor may call it, so
+        tensor parallelism is 1 and the HF tensors are read straight from the parameters)."""
+        from lcot_mega.bridge.hf_export import DEFAULT_BUCKET_BYTES, iter_hf_buckets
+        from lcot_mega.weight_sync.push import engine_buckets
+
+        if torch.distributed.get_world_size() != 1:
+            raise RuntimeError("push_weights reads the full weights from one rank; this actor has several")
+        buckets = iter_hf_buckets(self.actor.chunks, self.actor.arch, self.bucket_bytes or DEFAULT_BUCKET_BYTES)
+        for bucket in engine_buckets(buckets, self.cfg.rollout.weight_dtype):  # a restarted FP8 server wants FP8
+            engine.update_weights(bucket, version)
+        engine.update_weights((), version)
+        engine.flush_cache()
+
+    def apply(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self, *args)
 
     def save_checkpoint(self, step: int, extra: dict) -> str:
         return str(self.actor.save_checkpoint(self.store, step, extra, hf_dir=self.hf_dir))
@@ -141,8 +203,8 @@ class ActorRank:
             self.transport.close()
 
 
-class LocalActorGroup:
-    """The actor as one rank in this process (world size 1, gloo on CPU): the quick start and the tests."""
+class LocalRanks:
+    """One actor rank in this process (world size 1, gloo on CPU): the quick start and the tests."""
 
     def __init__(self, make_rank: Callable[[], ActorRank]) -> None:
         import torch.distributed as dist
@@ -154,32 +216,8 @@ class LocalActorGroup:
             init_process_group(0, 1, free_port())
         self.rank = make_rank()
 
-    def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float) -> list[torch.Tensor]:
-        return self.rank.compute_logprobs(sequences, temperature)
-
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        return self.rank.train_step(batch)
-
-    def set_lr_scale(self, scale: float) -> None:
-        self.rank.set_lr_scale(scale)
-
-    def sharpen(self, scale: float) -> None:
-        self.rank.sharpen(scale)
-
-    def arm_save_fault(self, kind: str) -> None:
-        self.rank.arm_save_fault(kind)
-
-    def sync_weights(self, version: int) -> dict[str, float]:
-        return self.rank.sync_weights(version)
-
-    def save_checkpoint(self, step: int, extra: dict) -> str:
-        return self.rank.save_checkpoint(step, extra)
-
-    def load_checkpoint(self, path: str | None = None) -> tuple[int, dict]:
-        return self.rank.load_checkpoint(path)
-
-    def latest_checkpoint(self) -> str | None:
-        return self.rank.latest_checkpoint()
+    def call(self, method: str, *args: Any) -> Any:
+        return call_rank(self.rank, method, *args)
 
     def shutdown(self) -> None:
         import torch.distributed as dist
@@ -190,3 +228,8 @@ class LocalActorGroup:
         if self._owns_group and dist.is_initialized():
             ma.destroy_parallel()
             dist.destroy_process_group()
+
+
+def local_actor(make_rank: Callable[[], ActorRank]) -> ActorGroup:
+    """The actor as one rank in this process."""
+    return ActorGroup(LocalRanks(make_rank))

@@ -4,7 +4,7 @@ Ray answers a placement group that cannot be placed by waiting (`ray_runtime.PLA
 resource dict; this check names the config key to change at once. It mirrors what `ray_runtime` requests:
 disaggregated mode first reserves one PACK placement group of `num_engines` bundles {CPU: cpus_per_engine, GPU:
 gpus_per_engine} (`ray_engines.ServedEngineGroup`), then one of `actor_ranks` bundles {CPU: cpus_per_rank, GPU:
-gpus_per_rank} (`ray_group.RayActorGroup`); colocated mode reserves only the actor ranks' group (its engine lives
+gpus_per_rank} (`ray_group.RayRanks`); colocated mode reserves only the actor ranks' group (its engine lives
 in rank 0's process, on rank 0's devices). A bundle never spans nodes; zero GPU entries are dropped.
 
 Packing is first-fit decreasing per placement group, in creation order, on the nodes' total resources (not what

@@ -5,7 +5,7 @@ process (`ray_group.ActorWorker`), so a weight sync there is an in-place load; e
 disaggregated: `ServedEngineGroup` starts one `EngineServer` Ray actor per placement-group bundle, each serving
 an `EmbeddedEngine` over SGLang's HTTP subset (`RolloutServer`); the driver talks to them through HTTP clients
 in an `EnginePool`, and actor rank 0 broadcasts weights to them. A server that dies or hangs is replaced in its own
-bundle (`ServedEngineGroup.restart`) and re-synced (`cluster.served_recovery`).
+bundle (`ServedEngineGroup.restart`) and re-synced (`cluster.served`).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class EngineServer:
         return os.getpid()
 
     def raise_signal(self, sig: int) -> None:
-        """Fault drills (`debug.inject`): SIGKILL or SIGSTOP this server's own process, wherever its node is."""
+        """Send `sig` to this server's own process, wherever its node is (SIGKILL, SIGSTOP: the fault drills)."""
         os.kill(os.getpid(), sig)
 
     def shutdown(self) -> None:

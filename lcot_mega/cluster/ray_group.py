@@ -1,11 +1,11 @@
 """The actor's ranks as Ray actors: one placement-group bundle and one process per rank.
 
-`RayActorGroup` implements `ActorGroup`: every call goes to all ranks at once (Megatron's collectives need every
-rank in them) and returns rank 0's answer. Each `ActorWorker` joins the default torch.distributed group itself
-(gloo on CPU, NCCL on GPUs) at rank 0's node address, then builds its `ActorRank`. `attach` then gives rank 0
-what the weights sync into (`RankTargets`): in colocated mode the rollout engine itself, built in rank 0's
-process; in disaggregated mode HTTP clients of the served engines and a `BroadcastSync` towards them. Ray is
-imported only when a group is built.
+`RayRanks` is the `RankSet` an `ActorGroup` runs on here: every call goes to all ranks at once (Megatron's
+collectives need every rank in them) and returns rank 0's answer. Each `ActorWorker` joins the default
+torch.distributed group itself (gloo on CPU, NCCL on GPUs) at rank 0's node address, then builds its
+`ActorRank`. `attach` then gives rank 0 what the weights sync into (`RankTargets`): in colocated mode the
+rollout engine itself, built in rank 0's process; in disaggregated mode HTTP clients of the served engines and
+a `BroadcastSync` towards them. Ray is imported only when a group is built.
 """
 
 from __future__ import annotations
@@ -14,15 +14,13 @@ import datetime
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lcot_mega.actor.batching import TokenSequence
-from lcot_mega.actor.train_step import TrainBatch
 from lcot_mega.config import Config
 
 log = logging.getLogger(__name__)
@@ -98,7 +96,7 @@ class ColocatedEngine:
 
 
 @dataclass(frozen=True)
-class ServedEngines:
+class ServedTargets:
     """Rank 0 reaches served engines over HTTP and broadcasts each sync to them (`BroadcastSync`)."""
 
     urls: tuple[str, ...]
@@ -107,11 +105,11 @@ class ServedEngines:
     """Of the weight-update group: gloo (CPU) or nccl (GPU servers)."""
 
 
-RankTargets = ColocatedEngine | ServedEngines
+RankTargets = ColocatedEngine | ServedTargets
 
 
 class ActorWorker:
-    """One actor rank in its own process (wrapped by `ray.remote` in `RayActorGroup`).
+    """One actor rank in its own process (wrapped by `ray.remote` in `RayRanks`).
 
     Threaded (max_concurrency > 1) so that a colocated engine's `abort` reaches it while `generate` runs (the
     engine has its own locks). The rank's own calls all run on one dedicated thread, one at a time: they are
@@ -158,7 +156,7 @@ class ActorWorker:
 
         self._on_actor_thread(build)
 
-    def retarget(self, targets: ServedEngines, generation: int) -> None:
+    def retarget(self, targets: ServedTargets, generation: int) -> None:
         """Rank 0 of a disaggregated actor: leave the weight group and form a new one with `targets` (the live
         servers, a replacement among them) under a name of its own, so a dead member never blocks a broadcast.
         The old group's members are asked to leave it; a dead one cannot answer, which is expected."""
@@ -192,34 +190,13 @@ class ActorWorker:
         transport = BroadcastSync(clients, host, 0, group_name=name, backend=targets.backend)  # 0: bound at once
         return clients, transport  # the clients serve the probe check; tensors travel by broadcast
 
-    # --------------------------------------------------------------------------------- ActorGroup calls
+    # --------------------------------------------------------------------------------- rank calls
 
-    def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float) -> list[torch.Tensor]:
-        return self._on_actor_thread(self.rank_state.compute_logprobs, sequences, temperature)
+    def call(self, method: str, *args: Any) -> Any:
+        """`ActorRank.<method>(*args)` on the rank's own thread (`actor_group.RANK_CALLS`)."""
+        from lcot_mega.cluster.actor_group import call_rank
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        return self._on_actor_thread(self.rank_state.train_step, batch)
-
-    def set_lr_scale(self, scale: float) -> None:
-        self._on_actor_thread(self.rank_state.set_lr_scale, scale)
-
-    def sharpen(self, scale: float) -> None:
-        self._on_actor_thread(self.rank_state.sharpen, scale)
-
-    def arm_save_fault(self, kind: str) -> None:
-        self._on_actor_thread(self.rank_state.arm_save_fault, kind)
-
-    def sync_weights(self, version: int) -> dict[str, float]:
-        return self._on_actor_thread(self.rank_state.sync_weights, version)
-
-    def save_checkpoint(self, step: int, extra: dict) -> str:
-        return self._on_actor_thread(self.rank_state.save_checkpoint, step, extra)
-
-    def load_checkpoint(self, path: str | None = None) -> tuple[int, dict]:
-        return self._on_actor_thread(self.rank_state.load_checkpoint, path)
-
-    def latest_checkpoint(self) -> str | None:
-        return self._on_actor_thread(self.rank_state.latest_checkpoint)
+        return self._on_actor_thread(call_rank, self.rank_state, method, *args)
 
     def shutdown(self) -> None:
         """Leave the weight group and the default group (the process itself is killed by the driver)."""
@@ -260,8 +237,8 @@ class ActorWorker:
         return True
 
 
-class RayActorGroup:
-    """`ActorGroup` over `cluster.actor_ranks` Ray actors in one PACK placement group (see the module docstring)."""
+class RayRanks:
+    """The `RankSet` of `cluster.actor_ranks` Ray actors in one PACK placement group (see the module docstring)."""
 
     def __init__(self, cfg: Config, *, max_concurrency: int = 4) -> None:
         import ray
@@ -301,49 +278,22 @@ class RayActorGroup:
         with self._lock:
             ray.get(self.workers[0].attach.remote(targets), timeout=SETUP_TIMEOUT_S)
 
-    def retarget(self, targets: ServedEngines, generation: int) -> None:
-        """Rank 0 re-forms its weight group with `targets` (disaggregated recovery; `cluster.served_recovery`)."""
+    def retarget(self, targets: ServedTargets, generation: int) -> None:
+        """Rank 0 re-forms its weight group with `targets` (disaggregated recovery; `cluster.served`)."""
         import ray
 
         with self._lock:
             ray.get(self.workers[0].retarget.remote(targets, generation), timeout=SETUP_TIMEOUT_S)
 
-    def _all(self, method: str, *args: Any) -> Any:
-        """`method(*args)` on every rank at once; rank 0's result (every rank computes the same)."""
+    def call(self, method: str, *args: Any) -> Any:
+        """`ActorRank.<method>(*args)` on every rank at once; rank 0's result (every rank computes the same)."""
         import ray
 
         if len(self.workers) > 1:  # serialize a batch once, not once per rank (Ray resolves top-level refs)
             args = tuple(ray.put(a) for a in args)
         with self._lock:
-            refs = [getattr(w, method).remote(*args) for w in self.workers]
+            refs = [w.call.remote(method, *args) for w in self.workers]
             return ray.get(refs, timeout=CALL_TIMEOUT_S)[0]
-
-    def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float) -> list[torch.Tensor]:
-        return self._all("compute_logprobs", [(list(p), list(r)) for p, r in sequences], temperature)
-
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        return self._all("train_step", batch)
-
-    def set_lr_scale(self, scale: float) -> None:
-        self._all("set_lr_scale", scale)
-
-    def sharpen(self, scale: float) -> None:
-        self._all("sharpen", scale)
-
-    def arm_save_fault(self, kind: str) -> None:
-        self._all("arm_save_fault", kind)
-
-    def sync_weights(self, version: int) -> dict[str, float]:
-        return self._all("sync_weights", version)
-
-    def save_checkpoint(self, step: int, extra: dict) -> str:
-        return self._all("save_checkpoint", step, extra)
-
-    def load_checkpoint(self, path: str | None = None) -> tuple[int, dict]:
-        return self._all("load_checkpoint", path)
-
-    def latest_checkpoint(self) -> str | None:
-        return self._all("latest_checkpoint")
 
     def shutdown(self) -> None:
         """Ranks leave their groups (best effort, bounded), then their processes and the placement group go."""

@@ -1,7 +1,7 @@
 """The two Ray modes of `build_runtime`: colocated and disaggregated (see DESIGN.md, Ray).
 
-colocated: actor ranks are Ray actors (`RayActorGroup`); the rollout engine lives inside rank 0's process and is
-loaded in place after every step; the driver reaches it through `RemoteEngine`.
+colocated: actor ranks are Ray actors (`RayRanks` under an `ActorGroup`); the rollout engine lives inside rank 0's
+process and is loaded in place after every step; the driver reaches it through `RemoteEngine`.
 disaggregated: the same actor ranks, plus `cluster.num_engines` served engines in their own placement group; the
 driver spreads requests over them with an `EnginePool`, and rank 0 broadcasts weights to them (`BroadcastSync`).
 
@@ -148,42 +148,40 @@ def build_ray_runtime(cfg: Config) -> Runtime:
 
 
 def _colocated(cfg: Config, runtime: Runtime) -> None:
+    from lcot_mega.cluster.actor_group import ActorGroup
     from lcot_mega.cluster.ray_engines import RemoteEngine
-    from lcot_mega.cluster.ray_group import ColocatedEngine, RayActorGroup
+    from lcot_mega.cluster.ray_group import ColocatedEngine, RayRanks
 
-    group = RayActorGroup(cfg)
-    runtime.actor = group
-    runtime.closers.append(group.shutdown)
-    group.attach(ColocatedEngine(str(cfg.model.path), cfg.model.dtype, cfg.trainer.seed))
-    runtime.engine = RemoteEngine(group.workers[0])
+    ranks = RayRanks(cfg)
+    runtime.actor = ActorGroup(ranks)
+    runtime.closers.append(runtime.actor.shutdown)
+    ranks.attach(ColocatedEngine(str(cfg.model.path), cfg.model.dtype, cfg.trainer.seed))
+    runtime.engine = RemoteEngine(ranks.workers[0])
     runtime.closers.append(runtime.engine.shutdown)
 
 
 def _disaggregated(cfg: Config, runtime: Runtime) -> None:
-    """Served engines in their own bundles behind an `EnginePool`; a server that dies or hangs is restarted in its
-    bundle and re-synced by a re-formed weight group (`served_recovery`)."""
+    """Served engines in their own bundles, kept by `ServedEngines`: a server that dies or hangs is restarted in
+    its bundle and re-synced by a re-formed weight group (`cluster.served.BroadcastToLive`)."""
+    from lcot_mega.cluster.actor_group import ActorGroup
     from lcot_mega.cluster.ray_engines import SERVER_START_TIMEOUT_S, ServedEngineGroup
-    from lcot_mega.cluster.ray_group import RayActorGroup
-    from lcot_mega.cluster.served_recovery import DisaggregatedActorGroup
-    from lcot_mega.rollout.pool import EnginePool
+    from lcot_mega.cluster.ray_group import RayRanks
+    from lcot_mega.cluster.served import BroadcastToLive, ServedEngines
 
     c = cfg.cluster
     servers = ServedEngineGroup(  # starts without waiting: the servers load while the actor ranks build
         str(cfg.model.path), cfg.model.dtype, cfg.trainer.seed, c.num_engines, c.cpus_per_engine, c.gpus_per_engine,
         cfg.rollout.request_timeout_s,
     )  # fmt: skip
-    runtime.servers = servers
-    runtime.closers.append(servers.shutdown)
     backend = "nccl" if c.gpus_per_rank > 0 and c.gpus_per_engine > 0 else "gloo"
-    group = DisaggregatedActorGroup(RayActorGroup(cfg), servers, backend)
-    runtime.actor = group
-    runtime.closers.append(group.shutdown)  # runs before the servers go: rank 0 asks them to leave its group
-
-    def on_dead(i: int) -> Any:
-        print(f"lcot-mega: rollout server {i} failed ({pool.last_errors[i]!r}); restarting it", flush=True)
-        return servers.restart(i)
-
-    pool = EnginePool(servers.clients(), on_dead=on_dead, resync=group.resync, recovery_wait_s=SERVER_START_TIMEOUT_S)
-    runtime.engine = pool
-    runtime.closers.append(pool.shutdown)  # popped first: no recovery starts once teardown began
-    group.attach(pool)
+    served = ServedEngines(servers, servers.restart, None)
+    runtime.served = served
+    runtime.closers.append(servers.shutdown)
+    ranks = RayRanks(cfg)
+    runtime.actor = ActorGroup(ranks)
+    runtime.closers.append(runtime.actor.shutdown)  # runs before the servers go: rank 0 asks them to leave its group
+    route = BroadcastToLive(ranks, servers, backend)
+    runtime.engine = served.start_pool(servers.clients(), SERVER_START_TIMEOUT_S)
+    runtime.closers.append(runtime.engine.shutdown)  # popped first: no recovery starts once teardown began
+    route.attach()
+    served.route, served.actor = route, runtime.actor

@@ -8,8 +8,6 @@ never call each other; they meet here.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -21,6 +19,7 @@ from lcot_mega.evaluation.core import EvalResult, eval_params, evaluate
 from lcot_mega.guards import Verdict
 from lcot_mega.reward.grader import Grader, grader_for
 from lcot_mega.trainer.collect import collect, step_seed
+from lcot_mega.trainer.faults import inject_faults
 from lcot_mega.trainer.recovery import StopSignals
 from lcot_mega.trainer.respond import Halted, Watch, passes, respond
 from lcot_mega.trainer.run_dir import RunDir
@@ -59,6 +58,7 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
     run = RunDir.open(cfg, resume)
     with ExitStack() as stack:
         rt = stack.enter_context(build_runtime(cfg))
+        rt, step_fn = inject_faults(cfg, rt, run_step)  # unchanged unless the config asks for fault drills
         grader = stack.enter_context(grader_for(cfg.reward))
         stream, eval_sets = build_data(cfg.data, rt.tokenizer, cfg.trainer.seed)
         for report in stream.report:
@@ -83,7 +83,7 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
         step = start
         while step < cfg.trainer.steps and not signals.received:
             step += 1
-            metrics, verdict = run_step(rt, grader, stream.next_prompts, cfg, step, watch)
+            metrics, verdict = step_fn(rt, grader, stream.next_prompts, cfg, step, watch)
             halt = respond(rt, watch, step, metrics, verdict)
             if not halt and eval_sets and _due(step, cfg.trainer.eval_every, cfg.trainer.steps, off_when_zero=True):
                 evals[step] = run_evals(rt, grader, eval_sets, cfg, step, run)
@@ -103,9 +103,7 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
 
 def run_step(rt: Runtime, grader: Grader, next_prompts, cfg: Config, step: int, watch: Watch) -> tuple[dict, Verdict]:
     """One RL step; its metrics (keys in docs/METRICS.md) and the guards' verdict on it."""
-    inject = cfg.debug.inject
     t0 = time.perf_counter()
-    _inject_rollout_faults(rt, inject, step)
     collected = collect(
         rt.engine, next_prompts, grader, cfg, step, parallelism=cfg.cluster.num_engines, reseed=watch.recovery.reseed
     )
@@ -115,21 +113,14 @@ def run_step(rt: Runtime, grader: Grader, next_prompts, cfg: Config, step: int, 
     t1 = time.perf_counter()
     updated = False
     if len(batch) and verdict.keeps_update:
-        update = replace(
-            to_train_batch(batch, cfg.rollout.temperature),
-            update_bounds=watch.guard.update_bounds(),
-            nan_loss=step in inject.nan_grad_at_step,
-        )
+        update = replace(to_train_batch(batch, cfg.rollout.temperature), update_bounds=watch.guard.update_bounds())
         metrics |= train_on(rt, update)
         updated = bool(metrics.get("actor/update_ok", 1.0))
         verdict = watch.guard.check(step, metrics)
     metrics["actor/skipped"] = float(not updated)
     t2 = time.perf_counter()
-    if step in inject.entropy_collapse_at_step:
-        rt.actor.sharpen(inject.collapse_scale)
-        updated = True
     if updated:
-        metrics |= rt.actor.sync_weights(step)
+        metrics |= rt.sync_weights(step)
     metrics |= {
         "perf/train_s": t2 - t1,
         "perf/sync_s": time.perf_counter() - t2,
@@ -151,10 +142,6 @@ def train_on(rt: Runtime, update) -> dict[str, float]:
 
 def save(rt: Runtime, stream, watch: Watch, step: int, cfg: Config, *, passed: bool) -> str:
     """Checkpoint the run at `step` (actor state, data position, guard state); it becomes good once confirmed."""
-    inject = cfg.debug.inject
-    for kind, steps in (("crash", inject.crash_in_save_at_step), ("disk_full", inject.disk_full_at_step)):
-        if step in steps:
-            rt.actor.arm_save_fault(kind)
     extra = {"data": stream.state_dict(), "weight_version": step, "watch": watch.state_dict()}
     path = rt.actor.save_checkpoint(step, extra)
     if passed:
@@ -184,19 +171,9 @@ def restore(rt: Runtime, stream, run: RunDir, watch: Watch) -> int:
     watch.load_state_dict(extra.get("watch", {}))
     if watch.recovery.lr_scale != 1.0:
         rt.actor.set_lr_scale(watch.recovery.lr_scale)
-    rt.actor.sync_weights(int(extra.get("weight_version", step)))
+    rt.sync_weights(int(extra.get("weight_version", step)))
     print(f"lcot-mega: resumed {run.path} at step {step}", flush=True)
     return step
-
-
-def _inject_rollout_faults(rt: Runtime, inject, step: int) -> None:
-    """debug.inject faults that strike while the step's rollout runs (docs/STABILITY.md, "Fault injection")."""
-    if step in inject.kill_engine_at_step:
-        rt.inject_engine_fault("kill")
-    if step in inject.hang_engine_at_step:
-        rt.inject_engine_fault("hang")
-    if step in inject.sigterm_at_step:  # delivered at once: the handler sets the flag, the step runs to its end
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _watch_metrics(watch: Watch) -> dict[str, float]:

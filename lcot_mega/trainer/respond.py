@@ -92,7 +92,7 @@ def roll_back(rt: Runtime, watch: Watch, step: int) -> str | None:
     watch.guard.load_state_dict(extra.get("watch", {}).get("guard", {}))
     watch.recovery.rolled_back()
     rt.actor.set_lr_scale(watch.recovery.lr_scale)
-    rt.actor.sync_weights(step)
+    rt.sync_weights(step)
     watch.log.event(
         step,
         f"rolled back to good checkpoint step {good.step} (rollback {watch.recovery.rollbacks} of at most"

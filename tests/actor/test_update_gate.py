@@ -17,6 +17,7 @@ from helpers.train_batches import random_train_batch
 from lcot_mega.actor.train_step import TrainBatch
 from lcot_mega.config import ActorConfig, AlgoConfig
 from lcot_mega.guards.bounds import UpdateBounds
+from lcot_mega.trainer.faults import nan_gradients, set_nan_gradients, sharpen
 
 pytest.importorskip("megatron.core")
 
@@ -101,9 +102,11 @@ def _one_rank_gate(rank: int, world: int, hf_dir: str) -> dict:
     gated = _actor(hf_dir)
     out["m1"] = gated.train_step(random_train_batch(1))
     out["s1"] = _state(gated)
-    out["m_nan"] = gated.train_step(random_train_batch(2, nan_loss=True))
+    with nan_gradients(gated):
+        out["m_nan"] = gated.train_step(random_train_batch(2))
     out["s_nan"] = _state(gated)
-    out["m_nan_bounded"] = gated.train_step(random_train_batch(2, nan_loss=True, update_bounds=ENTROPY_ONLY))
+    with nan_gradients(gated):
+        out["m_nan_bounded"] = gated.train_step(random_train_batch(2, update_bounds=ENTROPY_ONLY))
     out["s_nan_bounded"] = _state(gated)
     out["m_rej"] = gated.train_step(random_train_batch(2, update_bounds=REJECT_NORM))
     out["s_rej"] = _state(gated)
@@ -130,9 +133,9 @@ def one_rank(tmp_path_factory) -> dict:
     return out
 
 
-def test_nan_loss_skips_the_update_and_leaves_weights_adam_and_schedule_untouched(one_rank):
+def test_nan_gradients_skip_the_update_and_leave_weights_adam_and_schedule_untouched(one_rank):
     m = one_rank["m_nan"]
-    assert math.isnan(m["actor/grad_norm"]) and math.isnan(m["actor/loss"])
+    assert math.isnan(m["actor/grad_norm"]) and math.isfinite(m["actor/loss"])  # the gate reads the gradients
     assert (m["actor/update_ok"], m["actor/gate_skipped"]) == (0.0, 1.0)
     assert m["actor/lr"] == one_rank["m1"]["actor/lr"] == OPTIM["lr"]
     assert _same(one_rank["s_nan"], one_rank["s1"])
@@ -180,13 +183,15 @@ def _two_rank_gate(rank: int, world: int, hf_dir: str, layouts: list) -> dict:
         before = _state(actor)
         metrics, unchanged = [], []
         for bounds, nan in ((REJECT_NORM, False), (None, True), (RejectOnRank(1), False), (RejectOnRank(0), False)):
-            metrics.append(actor.train_step(random_train_batch(2, update_bounds=bounds, nan_loss=nan)))
+            set_nan_gradients(actor, nan)
+            metrics.append(actor.train_step(random_train_batch(2, update_bounds=bounds)))
+            set_nan_gradients(actor, False)
             unchanged.append(_same(_state(actor), before))
         metrics.append(actor.train_step(random_train_batch(2, update_bounds=PASS)))
         unchanged.append(_same(_state(actor), before))
         sequences = random_train_batch(3).sequences
         cold = actor.compute_logprobs_and_entropy(sequences, temperature=1 / SHARPEN)
-        actor.sharpen(SHARPEN)
+        sharpen(actor, SHARPEN)
         sharp = actor.compute_logprobs_and_entropy(sequences, temperature=1.0)
         out[name] = dict(metrics=metrics, unchanged=unchanged, cold=cold, sharp=sharp)
         ma.destroy_parallel()
@@ -203,7 +208,7 @@ def test_the_gate_decides_the_same_on_every_rank_at_tp2_dp2_pp2(two_ranks):
     for rank, results in enumerate(two_ranks):
         for name, r in results.items():
             where = (rank, name)
-            # REJECT_NORM, NaN loss, rank 1 objects, rank 0 objects: skipped, bit for bit; then PASS: applied
+            # REJECT_NORM, NaN gradients, rank 1 objects, rank 0 objects: skipped, bit for bit; then PASS: applied
             assert [m["actor/gate_skipped"] for m in r["metrics"]] == [1.0, 1.0, 1.0, 1.0, 0.0], where
             assert [m["actor/update_ok"] for m in r["metrics"]] == [0.0, 0.0, 0.0, 0.0, 1.0], where
             assert r["unchanged"] == [True, True, True, True, False], where
@@ -298,7 +303,7 @@ def _sharpen_run(rank: int, world: int, hf_dir: str) -> dict:
     weight = actor.chunks[0].module.decoder.final_layernorm.weight
     w0 = weight.detach().clone()
     before = actor.compute_logprobs_and_entropy(sequences)
-    actor.sharpen(SHARPEN)
+    sharpen(actor, SHARPEN)
     w_sharp = weight.detach().clone()
     after = actor.compute_logprobs_and_entropy(sequences)
     actor.train_step(random_train_batch(2))  # the optimizer's copy of the weight was sharpened too: a step keeps it

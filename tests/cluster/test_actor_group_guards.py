@@ -1,5 +1,5 @@
-"""The guards' levers through the actor groups: `set_lr_scale` and `sharpen` reach every rank (`LocalActorGroup` in one
-process, `RayActorGroup` over two data-parallel Ray actors)."""
+"""The guards' levers through the actor group: `set_lr_scale`, and `apply` (here the entropy-collapse drill's
+`sharpen`), reach every rank (one rank in this process, or two data-parallel Ray actors)."""
 
 from __future__ import annotations
 
@@ -22,16 +22,17 @@ def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def _local_group_run(rank: int, world: int, cfg) -> dict:
-    from lcot_mega.cluster.actor_group import ActorGroup, ActorRank, LocalActorGroup
+    from lcot_mega.cluster.actor_group import ActorGroup, ActorRank, local_actor
+    from lcot_mega.trainer.faults import sharpen_rank
 
     torch.set_num_threads(1)
-    group = LocalActorGroup(lambda: ActorRank(cfg))
+    group = local_actor(lambda: ActorRank(cfg))
     out = {"is_actor_group": isinstance(group, ActorGroup)}
     out["lr"] = [group.train_step(BATCH)["actor/lr"]]
     group.set_lr_scale(0.5)
     out["lr"].append(group.train_step(BATCH)["actor/lr"])
     cold = group.compute_logprobs(SEQUENCES, 1 / SHARPEN)
-    group.sharpen(SHARPEN)
+    group.apply(sharpen_rank, SHARPEN)
     out["sharp_is_cold"] = _close(group.compute_logprobs(SEQUENCES, 1.0), cold)
     group.shutdown()
     return out
@@ -46,19 +47,21 @@ def test_local_group_scales_the_lr_and_sharpens(ray_config):
 
 def test_ray_group_scales_the_lr_and_sharpens_every_rank(ray_config):
     ray = pytest.importorskip("ray")
-    from lcot_mega.cluster.ray_group import RayActorGroup
+    from lcot_mega.cluster.actor_group import ActorGroup
+    from lcot_mega.cluster.ray_group import RayRanks
     from lcot_mega.cluster.ray_runtime import start_ray
+    from lcot_mega.trainer.faults import sharpen_rank
 
     cfg = ray_config(mode="colocated", actor_ranks=2)  # DP=2: each replica scores half of the sequences
     stop = start_ray(cfg.cluster)
-    group = RayActorGroup(cfg)
+    group = ActorGroup(RayRanks(cfg))
     try:
         cold = group.compute_logprobs(SEQUENCES, 1 / SHARPEN)
-        group.sharpen(SHARPEN)
+        group.apply(sharpen_rank, SHARPEN)
         sharp = group.compute_logprobs(SEQUENCES, 1.0)
         group.set_lr_scale(0.5)
         # every rank's own metrics: actor/lr is read from that rank's optimizer
-        per_rank = ray.get([w.train_step.remote(BATCH) for w in group.workers])
+        per_rank = ray.get([w.call.remote("train_step", BATCH) for w in group.ranks.workers])
     finally:
         group.shutdown()
         if stop is not None:

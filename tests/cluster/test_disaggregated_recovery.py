@@ -14,6 +14,7 @@ from lcot_mega.actor.train_step import TrainBatch
 from lcot_mega.cluster.runtime import build_runtime
 from lcot_mega.rollout.http_client import SGLangHTTPEngine
 from lcot_mega.rollout.protocol import SamplingParams
+from lcot_mega.trainer.faults import fire_engine_fault
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("megatron.core")
@@ -47,7 +48,7 @@ def test_a_server_killed_before_a_sync_is_restarted_and_resynced(ray_config, sha
     rt = build_runtime(ray_config(mode="disaggregated", actor_ranks=1, num_engines=2))
     try:
         _train_once(rt)
-        rt.actor.sync_weights(1)
+        rt.sync_weights(1)
         old_url = rt.engine.engines[0].base_url
         first_group = rt.actor.generation
         _train_once(rt)
@@ -56,7 +57,7 @@ def test_a_server_killed_before_a_sync_is_restarted_and_resynced(ray_config, sha
         while SGLangHTTPEngine(old_url, retries=0).health() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert rt.engine.live() == [0, 1]
-        metrics = rt.actor.sync_weights(2)  # its health check finds server 0 dead: server 1 alone, in a new group
+        metrics = rt.sync_weights(2)  # its health check finds server 0 dead: server 1 alone, in a new group
         assert metrics["sync/servers"] == 1.0
         assert rt.engine.wait_recovered(timeout_s=300)
         assert rt.engine.engines[0].base_url != old_url  # a new server in the same bundle
@@ -65,7 +66,7 @@ def test_a_server_killed_before_a_sync_is_restarted_and_resynced(ray_config, sha
         counts = rt.engine.take_counters()
         assert counts["failures"] == 1 and counts["restarts"] == 1
         _train_once(rt)
-        assert rt.actor.sync_weights(3)["sync/servers"] == 2.0  # the next sync reaches both again
+        assert rt.sync_weights(3)["sync/servers"] == 2.0  # the next sync reaches both again
         _assert_engines_match_actor(rt, version=3)
     finally:
         rt.close()
@@ -77,9 +78,9 @@ def test_a_server_hung_mid_generation_is_replaced_and_no_prompt_is_lost(ray_conf
     rt = build_runtime(cfg)
     try:
         _train_once(rt)
-        rt.actor.sync_weights(1)
+        rt.sync_weights(1)
         long = SamplingParams(max_new_tokens=300, n=2, seed=9, ignore_eos=True)
-        fault = rt.inject_engine_fault("hang", engine=1)  # SIGSTOP once server 1 has requests in flight
+        fault = fire_engine_fault(rt, "hang", engine=1)  # SIGSTOP once server 1 has requests in flight
         groups = rt.engine.generate(PROMPTS * 4, long)
         fault.join(timeout=30)
         assert all(len(g) == 2 and all(len(c.token_ids) == 300 for c in g) for g in groups)

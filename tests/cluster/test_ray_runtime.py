@@ -68,7 +68,7 @@ def _round_trip(rt: Runtime, *, release: bool = False) -> None:
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     probe_trained = _probe(rt)
     assert float((probe_trained - probe_before).abs().max()) > 1e-3  # the step moved the weights
-    assert "sync/seconds" in rt.actor.sync_weights(1)
+    assert "sync/seconds" in rt.sync_weights(1)
     assert set(_engine_versions(rt)) == {1}
     for engine in getattr(rt.engine, "engines", [rt.engine]):
         assert float((engine.score(*PROBE) - probe_trained).abs().max()) < TOL
@@ -121,7 +121,7 @@ def _long_generation() -> SamplingParams:
 def test_colocated_tensor_parallel_2_round_trip(ray_config, shared_ray):
     rt = build_runtime(ray_config(tensor_parallel=2, mode="colocated", actor_ranks=2))
     try:
-        assert rt.actor.backend == "gloo" and len(rt.actor.workers) == 2
+        assert rt.actor.ranks.backend == "gloo" and len(rt.actor.ranks.workers) == 2
         _round_trip(rt, release=True)
     finally:
         rt.close()

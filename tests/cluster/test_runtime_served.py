@@ -5,6 +5,7 @@ current weights (not the model directory's); a resync waits for a train step in 
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from lcot_mega.cluster.runtime import Runtime, build_runtime
 from lcot_mega.config import ActorConfig, ClusterConfig, Config, ModelConfig, RolloutConfig, TrainerConfig
 from lcot_mega.rollout.protocol import SamplingParams
+from lcot_mega.trainer.faults import fire_engine_fault
 from lcot_mega.types import SampleStatus
 
 pytest.importorskip("megatron.core")
@@ -57,7 +59,7 @@ def probes(rt: Runtime) -> list[torch.Tensor]:
 def generate_through(rt: Runtime, kind: str, victim: int) -> list:
     """Fire the fault right before a rollout, as the driver does for `debug.inject`; the rollout's answers."""
     rt.engine.take_counters()
-    fault = rt.inject_engine_fault(kind, victim)
+    fault = fire_engine_fault(rt, kind, victim)
     groups = rt.engine.generate(PROMPTS, PARAMS)
     fault.join(timeout=30)
     return groups
@@ -87,9 +89,9 @@ def test_a_server_killed_mid_generation_loses_no_prompt_and_rejoins_with_the_act
     initial = probes(rt)[0]
     with torch.no_grad():  # weights no server can load from the model directory
         gen = torch.Generator().manual_seed(0)
-        for p in rt.actor.rank.actor.chunks[0].parameters():
+        for p in rt.actor.ranks.rank.actor.chunks[0].parameters():
             p.add_(0.5 * p.std() * torch.randn(p.shape, generator=gen))
-    rt.actor.sync_weights(1)
+    rt.sync_weights(1)
     old_pid = rt.servers.processes[1].pid
 
     groups = generate_through(rt, "kill", 1)
@@ -135,20 +137,40 @@ def test_every_server_dead_between_rollout_and_sync_gets_the_sync_when_it_is_bac
     before = probes(rt)[0]
     with torch.no_grad():  # the next step's weights
         gen = torch.Generator().manual_seed(1)
-        for p in rt.actor.rank.actor.chunks[0].parameters():
+        for p in rt.actor.ranks.rank.actor.chunks[0].parameters():
             p.add_(0.5 * p.std() * torch.randn(p.shape, generator=gen))
     for proc in rt.servers.processes:
         proc.signal(signal.SIGKILL)
     assert rt.engine.live() == [0, 1]  # nobody asked them anything yet
-    rt.actor.sync_weights(2)  # finds both dead: kept for the replacements, not an error
+    rt.sync_weights(2)  # finds both dead: kept for the replacements, not an error
     assert_all_answered(rt.engine.generate(PROMPTS, PARAMS), 2)  # waits for a replacement
     assert_rejoined_in_sync(rt, 2)
     assert (probes(rt)[0] - before).abs().max() > 0.1
 
 
-def test_train_step_and_checkpoint_loads_hold_the_actor_lock_but_sync_does_not(rt):
-    assert rt.actor.sync_weights.__self__ is rt.actor.group  # unlocked: a resync under the pool lock waits for it
-    assert rt.actor.train_step.__name__ == rt.actor.load_checkpoint.__name__ == "locked"
+def test_a_sync_takes_the_pool_weight_lock_before_the_actor_lock(rt):
+    """A recovery holds the pool's weight lock, then reads the weights under the actor's: a sync must take the two
+    in the same order, or each waits for the other forever."""
+    held, release = threading.Event(), threading.Event()
+
+    def recovery_holding_the_pool_lock() -> None:
+        with rt.engine._weights_lock:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=recovery_holding_the_pool_lock)
+    holder.start()
+    held.wait(10)
+    sync = threading.Thread(target=rt.sync_weights, args=(1,))
+    sync.start()
+    time.sleep(0.5)
+    assert sync.is_alive()  # waits for the pool's lock...
+    assert rt.actor.lock.acquire(timeout=5)  # ...without holding the actor's meanwhile
+    rt.actor.lock.release()
+    release.set()
+    sync.join(120)
+    holder.join(10)
+    assert not sync.is_alive() and rt.engine.weight_version == 1
 
 
 def test_close_stops_every_server_process(rt):
@@ -161,7 +183,7 @@ def test_close_stops_every_server_process(rt):
 def test_faults_need_served_engines_and_name_their_kinds():
     plain = Runtime(actor=None, engine=None, tokenizer=None)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match=r"rollout\.served=true"):
-        plain.inject_engine_fault("kill")
+        fire_engine_fault(plain, "kill")
     with pytest.raises(ValueError, match="'hang', 'kill'"):
-        plain.inject_engine_fault("explode")
+        fire_engine_fault(plain, "explode")
     assert plain.engine_metrics() == {} and not plain.release_engine_memory

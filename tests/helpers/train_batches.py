@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-from helpers.tiny_models import VOCAB
 
+from helpers.tiny_models import VOCAB
 from lcot_mega.actor.train_step import TrainBatch
 
 SHAPES = [(3, 9), (1, 5), (6, 2), (2, 7), (4, 4), (5, 3)]
@@ -15,7 +15,7 @@ SHAPES = [(3, 9), (1, 5), (6, 2), (2, 7), (4, 4), (5, 3)]
 
 def random_train_batch(step: int, **kwargs) -> TrainBatch:
     """Step `step`'s batch: fixed prompts, responses, advantages and old log-probs (near a uniform policy's, so
-    some ratios leave the clip range); `kwargs` go to TrainBatch (update_bounds, nan_loss, ...)."""
+    some ratios leave the clip range); `kwargs` go to TrainBatch (update_bounds, ...)."""
     g = torch.Generator().manual_seed(100 + step)
     prompts = [torch.randint(0, VOCAB, (p,), generator=g).tolist() for p, _ in SHAPES]
     responses = [torch.randint(0, VOCAB, (r,), generator=g).tolist() for _, r in SHAPES]
