@@ -61,8 +61,8 @@ class ActorGroup:
 
     Every call holds `lock` until all ranks answer: two driver threads (the step, and a served engine's recovery
     reading the weights) never interleave their collectives differently on different ranks, and a recovery never
-    reads a half-applied optimizer step. Lock order, where both are taken: the engine pool's weight lock first,
-    then this one (`cluster.served`)."""
+    reads a half-applied optimizer step. Where both are taken, the engine pool's weight lock comes first
+    (`cluster.served`)."""
 
     def __init__(self, ranks: RankSet) -> None:
         self.ranks = ranks

@@ -6,8 +6,8 @@ processes under a `ServerSupervisor`; disaggregated mode runs them as Ray actors
 is their keeper:
 - a server that dies or hangs (the pool sees it fail) is restarted and brought to the pool's weight version
   before it takes requests again (the pool's `on_dead` and `resync` callbacks);
-- every weight sync holds the pool's weight lock, then the actor's: a sync and a recovery take the two locks
-  in the same order, so neither waits on the other forever;
+- a recovery holds the pool's weight lock, then reads the weights under the actor's lock; a sync never holds
+  the actor's lock while it waits for the pool's, so neither waits on the other forever;
 - how the weights travel is the mode's `WeightRoute`: `ThroughPool` (local: the actor is one rank in this
   process and pushes by `update_weights_from_tensor`), or `BroadcastToLive` (disaggregated: actor rank 0
   broadcasts over a weight group re-formed whenever the live servers change, as slime's fault tolerance does).
@@ -31,7 +31,7 @@ class UnhealthyServerError(ConnectionError):
 
 
 class WeightRoute(Protocol):
-    """How the actor's weights reach the served engines; both calls run under the pool's weight lock."""
+    """How the actor's weights reach the served engines. `resync` runs under the pool's weight lock."""
 
     def sync(self, actor: ActorGroup, pool: EnginePool, version: int) -> dict[str, float]:
         """Load the current weights into every live server as `version`; sync metrics."""
@@ -63,8 +63,7 @@ class ServedEngines:
         """Load the actor's current weights into the live servers as `version`."""
         if self.actor is None or self.route is None:
             raise RuntimeError("ServedEngines.sync needs an actor and a weight route")
-        with self.pool.loading_elsewhere(version):
-            return self.route.sync(self.actor, self.pool, version)
+        return self.route.sync(self.actor, self.pool, version)
 
     def metrics(self) -> dict[str, float]:
         """`rollout/engine_failures` (servers found dead or hung), `rollout/engine_failovers` (requests re-sent),
@@ -96,10 +95,14 @@ class ServedEngines:
 
 class ThroughPool:
     """Local served mode: the actor's one rank loads the pool like any engine (the pool sends each bucket to every
-    live server); a replacement gets the weights pushed to it alone."""
+    live server, under its weight lock); a replacement gets the weights pushed to it alone.
+
+    The sync runs without the actor's lock: the step's thread is the only one that changes the weights, and the
+    sync runs on it between updates. Holding the lock would make a sync wait for the pool while holding what a
+    recovery (pool lock held) waits for; and a sync while every server restarts must let a replacement join."""
 
     def sync(self, actor: ActorGroup, pool: EnginePool, version: int) -> dict[str, float]:
-        return actor.sync_weights(version)
+        return actor.ranks.call("sync_weights", version)
 
     def resync(self, actor: ActorGroup, pool: EnginePool, i: int, engine: RolloutEngine) -> None:
         actor.push_weights(engine, pool.version)
@@ -128,12 +131,15 @@ class BroadcastToLive:
         self.ranks.attach(Targets(self.members, self.servers.api_key, self.backend))
 
     def sync(self, actor: ActorGroup, pool: EnginePool, version: int) -> dict[str, float]:
-        self._take_out_unhealthy(pool)
-        live = pool.live()
-        if not live:  # every server is being restarted: the first replacement is resynced to `version`
-            return {"sync/servers": 0.0}
-        self._retarget(live)
-        return actor.sync_weights(version) | {"sync/servers": float(len(live))}
+        """Under the pool's weight lock (then the actor's, as in a recovery): a replacement joins before or after
+        the broadcast, never during it."""
+        with pool.loading_elsewhere(version):
+            self._take_out_unhealthy(pool)
+            live = pool.live()
+            if not live:  # every server is being restarted: the first replacement is resynced to `version`
+                return {"sync/servers": 0.0}
+            self._retarget(live)
+            return actor.sync_weights(version) | {"sync/servers": float(len(live))}
 
     def resync(self, actor: ActorGroup, pool: EnginePool, i: int, engine: RolloutEngine) -> None:
         self._retarget(sorted(set(pool.live()) | {i}))

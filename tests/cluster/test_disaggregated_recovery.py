@@ -50,7 +50,7 @@ def test_a_server_killed_before_a_sync_is_restarted_and_resynced(ray_config, sha
         _train_once(rt)
         rt.sync_weights(1)
         old_url = rt.engine.engines[0].base_url
-        first_group = rt.actor.generation
+        first_group = rt.served.route.generation
         _train_once(rt)
         rt.servers.processes[0].signal(signal.SIGKILL)  # after the rollout: the pool has not seen it die
         deadline = time.monotonic() + 30
@@ -61,7 +61,7 @@ def test_a_server_killed_before_a_sync_is_restarted_and_resynced(ray_config, sha
         assert metrics["sync/servers"] == 1.0
         assert rt.engine.wait_recovered(timeout_s=300)
         assert rt.engine.engines[0].base_url != old_url  # a new server in the same bundle
-        assert rt.actor.generation >= first_group + 2  # one group without it, one with its replacement
+        assert rt.served.route.generation >= first_group + 2  # one group without it, one with its replacement
         _assert_engines_match_actor(rt, version=2)
         counts = rt.engine.take_counters()
         assert counts["failures"] == 1 and counts["restarts"] == 1

@@ -148,9 +148,9 @@ def test_every_server_dead_between_rollout_and_sync_gets_the_sync_when_it_is_bac
     assert (probes(rt)[0] - before).abs().max() > 0.1
 
 
-def test_a_sync_takes_the_pool_weight_lock_before_the_actor_lock(rt):
-    """A recovery holds the pool's weight lock, then reads the weights under the actor's: a sync must take the two
-    in the same order, or each waits for the other forever."""
+def test_a_sync_waiting_for_the_pool_lock_does_not_hold_the_actor_lock(rt):
+    """A recovery holds the pool's weight lock, then reads the weights under the actor's: a sync that held the
+    actor's lock while it waits for the pool's would wait for the recovery forever, and the recovery for it."""
     held, release = threading.Event(), threading.Event()
 
     def recovery_holding_the_pool_lock() -> None:

@@ -1,0 +1,24 @@
+"""Test-run settings shared by every test directory.
+
+The default run spreads tests over worker processes (pytest-xdist, `-n auto` in pyproject.toml), one per core,
+but never more than memory allows: the heaviest tests (a Megatron actor plus an engine, or a Ray cluster) peak
+near 3 GiB each.
+"""
+
+from __future__ import annotations
+
+import os
+
+GIB_PER_WORKER = 3
+
+
+def _memory_gib() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return 8.0
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, int(_memory_gib() // GIB_PER_WORKER), 8))
