@@ -27,11 +27,13 @@ PATTERNS = {"all": "1111", "none": "0000", "mixed": "1100", "one": "1000"}
 
 class ScriptedEngine:
     """Answers prompt k with G responses whose correctness follows PATTERNS[prompt kind]; optional delay per call
-    (calls holding a `slow_kinds` prompt take 30 s) and an abort that makes in-flight calls return ABORTED samples,
+    (calls holding a `slow_kinds` prompt take `slow_s`) and an abort that makes in-flight calls return ABORTED samples,
     like the real engines."""
 
-    def __init__(self, kinds: dict[tuple[int, ...], str], slow_kinds: tuple[str, ...] = ()) -> None:
-        self.kinds, self.slow_kinds = kinds, slow_kinds
+    def __init__(
+        self, kinds: dict[tuple[int, ...], str], slow_kinds: tuple[str, ...] = (), slow_s: float = 30.0
+    ) -> None:
+        self.kinds, self.slow_kinds, self.slow_s = kinds, slow_kinds, slow_s
         self.calls: list[int] = []
         self.aborts = 0
         self._abort = threading.Event()
@@ -39,7 +41,7 @@ class ScriptedEngine:
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         self.calls.append(len(prompt_ids))
         slow = any(self.kinds[tuple(ids)] in self.slow_kinds for ids in prompt_ids)
-        deadline = time.monotonic() + (30.0 if slow else 0.0)
+        deadline = time.monotonic() + (self.slow_s if slow else 0.0)
         while time.monotonic() < deadline and not self._abort.is_set():
             time.sleep(0.01)
         status = SampleStatus.ABORTED if self._abort.is_set() else SampleStatus.COMPLETED
@@ -167,6 +169,17 @@ def test_surplus_in_flight_generation_is_aborted_once_the_batch_is_full(grader):
     assert time.monotonic() - start < 20, "the surplus chunk was waited for instead of aborted"
     assert engine.aborts == 1 and [g.prompt.uid for g in got.batch.groups] == ["p0", "p1"]
     assert got.metrics["rollout/aborted_groups"] == 2 and got.metrics["rollout/groups_generated"] == 2
+
+
+def test_chunks_are_scored_in_order_whichever_engine_finishes_first(grader):
+    # two chunks of one prompt each, both informative; the first is slower, yet it is the one kept, and the second
+    # (finished but surplus) counts as aborted without an abort call, since nothing was running any more
+    prompts, table = _prompts(["one", "mixed"])
+    engine = ScriptedEngine(table, slow_kinds=("one",), slow_s=0.5)
+    got = collect(engine, _feeder(prompts)[0], grader, _cfg("drop", 1, oversample=2.0), step=1, parallelism=2)
+    assert [g.prompt.uid for g in got.batch.groups] == ["p0"]
+    assert engine.aborts == 0 and got.metrics["rollout/aborted_groups"] == 1
+    assert got.metrics["rollout/groups_generated"] == 1
 
 
 class LoopingEngine(ScriptedEngine):
