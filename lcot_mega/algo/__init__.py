@@ -24,8 +24,7 @@ from lcot_mega.algo.losses import (
 from lcot_mega.algo.metrics import batch_metrics
 from lcot_mega.algo.selection import (
     POLARITY_MODES,
-    dynamic_sampling_keep,
-    informative_group_ids,
+    informative_groups,
     positive_weight,
     select_by_polarity,
     trim_to_multiple,
@@ -41,12 +40,11 @@ __all__ = [
     "available_advantages",
     "available_aggregations",
     "batch_metrics",
-    "dynamic_sampling_keep",
     "entropy_from_logits",
     "group_advantages",
     "group_stats",
     "importance_correction",
-    "informative_group_ids",
+    "informative_groups",
     "injected_rewards",
     "kl_penalty",
     "offline_injection_mask",

@@ -4,6 +4,12 @@ Every estimator maps per-sample rewards [N] and group ids [N] to per-sample adva
 actor broadcasts a sample's advantage to all its response tokens. Add one with
 `@register_advantage("name")` on a function `(rewards, group_ids, eps) -> advantages` that may assume
 validated, non-empty, finite 1-D inputs.
+
+Contract: an estimator gives a group all-zero advantages (|A| <= 1e-8) exactly when the group's rewards
+are all equal. Dynamic sampling relies on it to keep informative groups (`selection.informative_groups`)
+before advantages exist, then computes advantages once over the groups that train. The built-ins meet it:
+grpo, drgrpo and rloo centre on the group mean; reinforce_pp whitens group-centred rewards over the batch,
+whose mean is 0, so a constant group stays 0 (up to rounding) while its values depend on the whole batch.
 """
 
 from __future__ import annotations

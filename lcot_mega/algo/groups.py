@@ -17,6 +17,7 @@ __all__ = [
     "group_all",
     "group_any",
     "group_count",
+    "group_extremes",
     "group_index",
     "group_mean",
     "group_moments",
@@ -54,6 +55,15 @@ def segment_sum(values: torch.Tensor, inv: torch.Tensor, num_groups: int) -> tor
     return out.index_add(0, inv, values)
 
 
+def group_extremes(values: torch.Tensor, inv: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 min [G] and max [G] of `values` [N] per dense group index `inv` [N] (equal for a constant group)."""
+    v = values.to(torch.float64)  # [N]
+    zeros = torch.zeros(num_groups, dtype=torch.float64, device=v.device)  # [G]
+    lo = zeros.scatter_reduce(0, inv, v, "amin", include_self=False)
+    hi = zeros.scatter_reduce(0, inv, v, "amax", include_self=False)
+    return lo, hi
+
+
 def group_moments(
     values: torch.Tensor, inv: torch.Tensor, num_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,8 +76,7 @@ def group_moments(
     mean = segment_sum(v, inv, num_groups) / count  # [G]
     # sum/count of equal values can be off by one ulp (3 x 0.1); pin constant groups exactly so
     # their deviations are exactly 0 and normalization cannot blow rounding noise up to +-0.7.
-    lo = torch.zeros_like(mean).scatter_reduce(0, inv, v, "amin", include_self=False)
-    hi = torch.zeros_like(mean).scatter_reduce(0, inv, v, "amax", include_self=False)
+    lo, hi = group_extremes(v, inv, num_groups)
     constant = lo == hi
     mean = torch.where(constant, lo, mean)
     sq = segment_sum((v - mean[inv]) ** 2, inv, num_groups)  # [G]

@@ -1,7 +1,8 @@
 """Which samples train: DAPO dynamic sampling, the study's polarity selection, world-size trimming.
 
-All functions return keep-masks [N] bool (True = train on it) and never touch advantages, except
-`positive_weight`, which rescales them.
+The polarity and trimming functions return keep-masks [N] bool (True = train on it) and never touch
+advantages, except `positive_weight`, which rescales them. `informative_groups` names the groups
+dynamic sampling keeps, from rewards alone, so it can run before any advantage is computed.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import math
 import torch
 
 from lcot_mega.algo._checks import as_bool_mask, check_finite
-from lcot_mega.algo.groups import check_per_sample, group_any
+from lcot_mega.algo.groups import check_per_sample, group_any, group_extremes
 
 __all__ = [
     "POLARITY_MODES",
-    "dynamic_sampling_keep",
-    "informative_group_ids",
+    "informative_groups",
     "positive_weight",
     "select_by_polarity",
     "trim_to_multiple",
@@ -42,15 +42,20 @@ def zero_advantage_groups(advantages: torch.Tensor, group_ids: torch.Tensor, tol
     return ~group_any(advantages.abs() > tol, group_ids)
 
 
-def dynamic_sampling_keep(advantages: torch.Tensor, group_ids: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
-    """Keep-mask [N] of DAPO dynamic sampling (Yu et al. 2025, sec. 3.2, eq. 11): drop groups with no signal."""
-    return ~zero_advantage_groups(advantages, group_ids, tol)
+def informative_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Sorted unique ids [K] int64 of the groups whose rewards are not all equal: the groups DAPO dynamic
+    sampling keeps (Yu et al. 2025, sec. 3.2, eq. 11).
 
-
-def informative_group_ids(advantages: torch.Tensor, group_ids: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
-    """Sorted unique ids [K] int64 of the groups with some |advantage| > tol, for the driver's refill loop."""
-    keep = dynamic_sampling_keep(advantages, group_ids, tol)
-    return torch.unique(group_ids[keep]).long()
+    Every registered advantage estimator gives a group all-zero advantages exactly when its rewards are
+    all equal (the contract in advantages.py), so these are the groups with a learning signal under any of
+    them, batch-normalising REINFORCE++ included; a single-sample group is never informative.
+    """
+    n = check_per_sample(group_ids, rewards=rewards)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=group_ids.device)
+    uniq, inv = torch.unique(group_ids, return_inverse=True)  # uniq [G] sorted
+    lo, hi = group_extremes(rewards, inv, uniq.numel())  # [G], [G]
+    return uniq[lo != hi].long()
 
 
 def _random_subset(candidates: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:

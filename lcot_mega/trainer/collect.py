@@ -6,6 +6,11 @@ prompts are sampled until the batch holds `trainer.prompts_per_step` informative
 `algo.dynamic_sampling.max_rounds` rounds are spent. A round is split into chunks that run concurrently
 on the engine; once the batch is full the chunks not yet started are cancelled and the running ones
 aborted, so no surplus is generated for long.
+
+Which groups are informative is decided from rewards (`algo.selection.informative_groups`): every advantage
+estimator gives a group all-zero advantages exactly when its rewards are equal. Advantages are then computed
+once, over the groups that train, which is also what estimators that normalise over the batch (REINFORCE++)
+need. One `DynamicSampler` per step owns the kept and spare groups and the tally.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from lcot_mega.algo.advantages import group_advantages
+from lcot_mega.algo.selection import informative_groups
 from lcot_mega.config import Config
 from lcot_mega.reward.grader import Grader
 from lcot_mega.reward.repetition import ends_in_loop
@@ -68,24 +74,35 @@ class ScoreCounts:
 
 
 def score_groups(groups: list[Group], grader: Grader, cfg: Config) -> ScoreCounts:
-    """Grade, shape and compute group-relative advantages in place (advantages are group-local)."""
+    """Grade and shape the rewards of `groups` in place; advantages come later, once, over the final batch."""
     if not groups:
         return ScoreCounts(0, 0)
     batch = Batch(groups)
     grades = score_batch(batch, grader, cfg.reward, cfg.rollout.max_new_tokens)
-    t = batch.tensors()
-    batch.set_advantages(group_advantages(t.rewards, t.group_ids, cfg.algo.advantage, cfg.algo.adv_eps))
     shaped = sum(abs(s.reward - g.reward) > 1e-9 for s, g in zip(batch.samples, grades, strict=True))
     return ScoreCounts(sum(g.timed_out for g in grades), shaped)
 
 
-def informative(group: Group, tol: float = 1e-8) -> bool:
-    return any(abs(s.advantage) > tol for s in group.samples)
+def informative_flags(groups: list[Group]) -> list[bool]:
+    """Per group: whether its rewards differ, i.e. whether it carries any nonzero advantage (scored groups)."""
+    t = Batch(groups).tensors()
+    ids = set(informative_groups(t.rewards, t.group_ids).tolist())
+    return [i in ids for i in range(len(groups))]
+
+
+def set_advantages(batch: Batch, cfg: Config) -> None:
+    """The step's one advantage computation, over the groups that train (`algo.advantage`)."""
+    t = batch.tensors()
+    batch.set_advantages(group_advantages(t.rewards, t.group_ids, cfg.algo.advantage, cfg.algo.adv_eps))
 
 
 def _generate_groups(engine: RolloutEngine, prompts: Sequence[Prompt], params: SamplingParams) -> list[Group]:
     completions = engine.generate([p.token_ids for p in prompts], params)
     return [Group(p, to_samples(p, c)) for p, c in zip(prompts, completions, strict=True)]
+
+
+def _aborted(group: Group) -> bool:
+    return any(s.status is SampleStatus.ABORTED for s in group.samples)
 
 
 class _Tally:
@@ -100,10 +117,12 @@ class _Tally:
         self.reward_sum = 0.0
         self.rounds = 0
 
-    def add(self, groups: list[Group]) -> None:
-        for g in groups:
+    def add(self, groups: list[Group], informative: list[bool], counts: ScoreCounts) -> None:
+        self.grade_timeouts += counts.timeouts
+        self.shaped += counts.shaped
+        for g, flag in zip(groups, informative, strict=True):
             self.groups += 1
-            self.zero_groups += not informative(g)
+            self.zero_groups += not flag
             for s in g.samples:
                 self.samples += 1
                 self.tokens += s.response_len
@@ -134,6 +153,92 @@ class _Tally:
         }
 
 
+class DynamicSampler:
+    """One step of dynamic sampling: runs rounds until `trainer.prompts_per_step` groups are kept (see the module
+    docstring), owning the kept and spare groups and the tally.
+
+    Only generation runs on the worker threads; scoring, sorting and counting run on the caller's thread, chunk by
+    chunk in submission order, so the kept set does not depend on which engine finished first.
+    """
+
+    def __init__(
+        self, engine: RolloutEngine, grader: Grader, cfg: Config, step: int, *, reseed: int = 0, parallelism: int = 1
+    ) -> None:
+        self.engine, self.grader, self.cfg, self.step = engine, grader, cfg, step
+        self.reseed, self.parallelism = reseed, parallelism
+        self.ds, self.target = cfg.algo.dynamic_sampling, cfg.trainer.prompts_per_step
+        self.kept: list[Group] = []
+        self.spare: list[Group] = []  # scored groups without signal: the drop_with_fallback top-up
+        self.tally = _Tally()
+
+    @property
+    def full(self) -> bool:
+        return len(self.kept) >= self.target
+
+    def run(self, next_prompts: Callable[[int], list[Prompt]]) -> Collected:
+        """Generate, score and select the step's groups; advantages are set once, on the returned batch."""
+        start = time.perf_counter()
+        max_rounds = 1 if self.ds.mode == "off" else self.ds.max_rounds
+        with ThreadPoolExecutor(max_workers=self.parallelism, thread_name_prefix="rollout") as pool:
+            while not self.full and self.tally.rounds < max_rounds:
+                self._round(pool, next_prompts(self._prompts_wanted()))
+                self.tally.rounds += 1
+        batch = self._final_batch()
+        set_advantages(batch, self.cfg)
+        return Collected(batch, self.tally.metrics(batch, self.target, time.perf_counter() - start))
+
+    def _prompts_wanted(self) -> int:
+        need = self.target - len(self.kept)
+        return need if self.ds.mode == "off" else math.ceil(need * self.ds.oversample)
+
+    def _round(self, pool: ThreadPoolExecutor, prompts: list[Prompt]) -> None:
+        """One generation round, chunked over the engines; stops early (abort) once the batch is full."""
+        size = max(1, math.ceil(len(prompts) / self.parallelism))
+        chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+        salt0 = self.tally.rounds * 1000 + self.reseed * 1_000_003
+        seeds = [step_seed(self.cfg, self.step, salt0 + i) for i in range(len(chunks))]
+        futures = [
+            pool.submit(_generate_groups, self.engine, chunk, sampling_params(self.cfg, seed))
+            for chunk, seed in zip(chunks, seeds, strict=True)
+        ]
+        for i, future in enumerate(futures):
+            self._absorb([g for g in future.result() if not _aborted(g)])
+            if self.full:
+                self._stop(futures[i + 1 :])
+                return
+
+    def _absorb(self, groups: list[Group]) -> None:
+        """Score a finished chunk, count it and sort its groups into kept / spare."""
+        counts = score_groups(groups, self.grader, self.cfg)
+        flags = informative_flags(groups)
+        self.tally.add(groups, flags, counts)
+        for g, flag in zip(groups, flags, strict=True):
+            (self.kept if flag or self.ds.mode == "off" else self.spare).append(g)
+
+    def _stop(self, rest: list[Future]) -> None:
+        """The batch is full: cancel chunks not started, abort running ones and count what the rest returned."""
+        started = [f for f in rest if not f.cancel()]
+        if any(not f.done() for f in started):
+            self.engine.abort()
+        for f in started:
+            # an aborted request may fail on a server; its groups are surplus either way
+            with contextlib.suppress(Exception):
+                self.tally.aborted += len(f.result())
+
+    def _final_batch(self) -> Batch:
+        kept = self.kept
+        if not self.full and self.ds.mode == "drop_with_fallback":
+            kept = kept + self.spare[: self.target - len(kept)]
+        batch = Batch(kept[: self.target])
+        if len(batch.groups) < self.target and self.ds.on_shortfall == "stop":
+            raise ShortfallError(
+                f"dynamic sampling found {len(batch.groups)} informative groups of {self.target} in"
+                f" {self.tally.rounds} rounds (algo.dynamic_sampling.max_rounds); raise max_rounds/oversample"
+                " or set on_shortfall=train"
+            )
+        return batch
+
+
 def collect(
     engine: RolloutEngine,
     next_prompts: Callable[[int], list[Prompt]],
@@ -150,100 +255,5 @@ def collect(
     run at once (the number of engines behind `engine`); `reseed` > 0 draws other sampling seeds for the same
     step (after a guard rollback).
     """
-    ds, target = cfg.algo.dynamic_sampling, cfg.trainer.prompts_per_step
-    start = time.perf_counter()
-    tally, kept, spare = _Tally(), [], []
-    max_rounds = 1 if ds.mode == "off" else ds.max_rounds
-    with ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="rollout") as pool:
-        while len(kept) < target and tally.rounds < max_rounds:
-            need = target - len(kept)
-            prompts = next_prompts(need if ds.mode == "off" else math.ceil(need * ds.oversample))
-            _round(engine, prompts, grader, cfg, step, tally, kept, spare, pool, parallelism, target, reseed)
-            tally.rounds += 1
-    if len(kept) < target and ds.mode == "drop_with_fallback":
-        kept.extend(spare[: target - len(kept)])
-    batch = Batch(kept[:target])
-    if len(batch.groups) < target and ds.on_shortfall == "stop":
-        raise ShortfallError(
-            f"dynamic sampling found {len(batch.groups)} informative groups of {target} in {tally.rounds} rounds"
-            " (algo.dynamic_sampling.max_rounds); raise max_rounds/oversample or set on_shortfall=train"
-        )
-    _recompute_advantages(batch, cfg)
-    return Collected(batch, tally.metrics(batch, target, time.perf_counter() - start))
-
-
-def _round(
-    engine: RolloutEngine,
-    prompts: list[Prompt],
-    grader: Grader,
-    cfg: Config,
-    step: int,
-    tally: _Tally,
-    kept: list[Group],
-    spare: list[Group],
-    pool: ThreadPoolExecutor,
-    parallelism: int,
-    target: int,
-    reseed: int = 0,
-) -> None:
-    """One generation round, chunked over the engines; stops early (abort) once `kept` holds `target` groups."""
-    size = max(1, math.ceil(len(prompts) / parallelism))
-    chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
-    salt0 = tally.rounds * 1000 + reseed * 1_000_003
-    futures = [
-        pool.submit(_generate_groups, engine, chunk, sampling_params(cfg, step_seed(cfg, step, salt0 + i)))
-        for i, chunk in enumerate(chunks)
-    ]
-    order = {f: i for i, f in enumerate(futures)}
-    pending: set[Future] = set(futures)
-    ready: dict[int, list[Group]] = {}
-    next_index = 0  # chunks are scored in order, so the kept set does not depend on which engine was faster
-    while pending:
-        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-        for f in done:
-            ready[order[f]] = f.result()
-        while next_index in ready:
-            groups = [g for g in ready.pop(next_index) if not _aborted(g)]
-            next_index += 1
-            if _absorb(groups, grader, cfg, tally, kept, spare, target):
-                _stop(engine, pending, tally)
-                tally.aborted += sum(len(g) for g in ready.values())
-                return
-
-
-def _absorb(
-    groups: list[Group], grader: Grader, cfg: Config, tally: _Tally, kept: list[Group], spare: list[Group], target: int
-) -> bool:
-    """Score a finished chunk and sort its groups into kept / spare; True when the batch is full."""
-    counts = score_groups(groups, grader, cfg)
-    tally.grade_timeouts += counts.timeouts
-    tally.shaped += counts.shaped
-    tally.add(groups)
-    off = cfg.algo.dynamic_sampling.mode == "off"
-    for g in groups:
-        (kept if off or informative(g) else spare).append(g)
-    return len(kept) >= target
-
-
-def _aborted(group: Group) -> bool:
-    return any(s.status is SampleStatus.ABORTED for s in group.samples)
-
-
-def _stop(engine: RolloutEngine, pending: set[Future], tally: _Tally) -> None:
-    """The batch is full: cancel chunks not started, abort running ones and drop what they return."""
-    running = [f for f in pending if not f.cancel()]
-    if running:
-        engine.abort()
-    for f in running:
-        # an aborted request may fail on a server; its groups are surplus either way
-        with contextlib.suppress(Exception):
-            tally.aborted += len(f.result())
-
-
-def _recompute_advantages(batch: Batch, cfg: Config) -> None:
-    """Advantages over the final batch: equal to the per-chunk ones for group-local estimators, and correct for
-    estimators that normalise over the batch (REINFORCE++'s)."""
-    if not batch.groups:
-        return
-    t = batch.tensors()
-    batch.set_advantages(group_advantages(t.rewards, t.group_ids, cfg.algo.advantage, cfg.algo.adv_eps))
+    sampler = DynamicSampler(engine, grader, cfg, step, reseed=reseed, parallelism=parallelism)
+    return sampler.run(next_prompts)

@@ -8,10 +8,10 @@ from helpers.tensor_helpers import b, bits, ids, t
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lcot_mega.algo.advantages import group_advantages
 from lcot_mega.algo.selection import (
     POLARITY_MODES,
-    dynamic_sampling_keep,
-    informative_group_ids,
+    informative_groups,
     positive_weight,
     select_by_polarity,
     trim_to_multiple,
@@ -30,8 +30,6 @@ def test_zero_advantage_groups_interleaved_and_singleton():
     # group 4 = positions 0,2 -> has .5; group 9 = positions 1,3 -> all 0; group 0 = position 4 alone, 0
     a, g = t(0, 0, 0.5, 0, 0), ids(4, 9, 4, 9, 0)
     assert bits(zero_advantage_groups(a, g)) == [0, 1, 0, 1, 1]
-    assert bits(dynamic_sampling_keep(a, g)) == [1, 0, 1, 0, 0]
-    assert informative_group_ids(a, g).tolist() == [4]
 
 
 def test_zero_advantage_tolerance():
@@ -42,19 +40,71 @@ def test_zero_advantage_tolerance():
         zero_advantage_groups(a, g, tol=-1.0)
 
 
-def test_informative_group_ids_sorted_unique_int64():
-    a, g = t(1, -1, 0, 0, 2, -2), ids(9, 9, 5, 5, 4, 4)
-    out = informative_group_ids(a, g)
+def test_informative_groups_are_those_with_unequal_rewards_interleaved_and_singleton():
+    # group 4 = positions 0,2 -> rewards 1, 0; group 9 = positions 1,3 -> 1, 1; group 0 = position 4 alone
+    r, g = t(1, 1, 0, 1, 1), ids(4, 9, 4, 9, 0)
+    assert informative_groups(r, g).tolist() == [4]
+
+
+def test_informative_groups_sorted_unique_int64():
+    r, g = t(1, 0, 0.5, 0.5, 2, -2), ids(9, 9, 5, 5, 4, 4)
+    out = informative_groups(r, g)
     assert out.tolist() == [4, 9] and out.dtype == torch.long
 
 
-def test_dynamic_sampling_empty_nan_shape():
-    assert zero_advantage_groups(t(), ids()).shape == (0,)
-    assert informative_group_ids(t(), ids()).tolist() == []
-    with pytest.raises(ValueError, match=r"advantages contains 1 NaN/Inf"):
-        dynamic_sampling_keep(t(0, float("nan")), ids(0, 0))
+def test_informative_groups_equal_rewards_off_zero_and_a_one_ulp_difference():
+    # 0.1 three times is constant (a rule on the float64 std would see rounding noise); 1 vs 1 + 2^-23 (one float32
+    # ulp) is not, and GRPO gives that group a nonzero advantage
+    r = torch.tensor([0.1, 0.1, 0.1, 1.0, 1.0 + 2**-23])
+    g = ids(0, 0, 0, 1, 1)
+    assert informative_groups(r, g).tolist() == [1]
+    assert bits(zero_advantage_groups(group_advantages(r, g, "grpo"), g)) == [1, 1, 1, 0, 0]
+
+
+def test_informative_groups_empty_nan_shape():
+    assert informative_groups(t(), ids()).tolist() == []
+    with pytest.raises(ValueError, match=r"rewards contains 1 NaN/Inf"):
+        informative_groups(t(0, float("nan")), ids(0, 0))
     with pytest.raises(ValueError, match="shape mismatch"):
-        dynamic_sampling_keep(t(0, 1), ids(0, 0, 0))
+        informative_groups(t(0, 1), ids(0, 0, 0))
+
+
+# The rule each estimator implies, worked by hand on one batch: group 0 = [1, 0, 1, 1] (mean .75, x = r - mean =
+# [.25, -.75, .25, .25], sum sq .75, unbiased std .5), group 1 = [.5, .5] (constant), group 2 = [1] (alone),
+# group 3 = [.1, .1, .1] (constant). Only group 0 has unequal rewards, and only group 0 gets nonzero advantages.
+RULE_R = t(1, 0, 1, 1, 0.5, 0.5, 1, 0.1, 0.1, 0.1)
+RULE_G = ids(0, 0, 0, 0, 1, 1, 2, 3, 3, 3)
+ZERO6 = [0.0] * 6
+RULE_ADV = {
+    "grpo": [0.5, -1.5, 0.5, 0.5, *ZERO6],  # x / .5
+    "drgrpo": [0.25, -0.75, 0.25, 0.25, *ZERO6],  # x
+    "rloo": [1 / 3, -1.0, 1 / 3, 1 / 3, *ZERO6],  # x * 4 / 3
+    # x over the batch of 10: mean 0, unbiased std sqrt(.75 / 9) = 1 / sqrt(12); x * sqrt(12)
+    "reinforce_pp": [0.8660254, -2.5980762, 0.8660254, 0.8660254, *ZERO6],
+}
+
+
+@pytest.mark.parametrize("estimator", sorted(RULE_ADV))
+def test_informative_groups_match_each_estimators_nonzero_advantage_groups(estimator):
+    adv = group_advantages(RULE_R, RULE_G, estimator)
+    assert adv.tolist() == pytest.approx(RULE_ADV[estimator], abs=1e-5)
+    assert informative_groups(RULE_R, RULE_G).tolist() == [0]
+    assert bits(zero_advantage_groups(adv, RULE_G)) == [0] * 4 + [1] * 6
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.sampled_from([0.0, 0.1, 0.5, 1.0, -0.3]), min_size=1, max_size=5), min_size=1, max_size=6),
+    st.sampled_from(["grpo", "drgrpo", "rloo", "reinforce_pp"]),
+)
+def test_every_estimator_zeroes_exactly_the_groups_with_equal_rewards(groups, estimator):
+    # the contract dynamic sampling relies on (advantages.py): zero-advantage groups == equal-reward groups
+    r = torch.tensor([x for grp in groups for x in grp], dtype=torch.float32)
+    g = torch.tensor([i for i, grp in enumerate(groups) for _ in grp], dtype=torch.long)
+    zero = zero_advantage_groups(group_advantages(r, g, estimator), g)
+    expected = {i for i, grp in enumerate(groups) if len(set(grp)) > 1}
+    assert set(informative_groups(r, g).tolist()) == expected
+    assert {int(i) for i in g[~zero].tolist()} == expected
 
 
 # ---- polarity ----

@@ -11,7 +11,10 @@ import time
 from collections.abc import Sequence
 
 import pytest
+import torch
 
+from lcot_mega.algo import advantages
+from lcot_mega.algo.advantages import grpo_advantages
 from lcot_mega.config import Config, config_from_dict
 from lcot_mega.reward.grader import Grader
 from lcot_mega.rollout.protocol import Completion, SamplingParams
@@ -24,11 +27,13 @@ PATTERNS = {"all": "1111", "none": "0000", "mixed": "1100", "one": "1000"}
 
 class ScriptedEngine:
     """Answers prompt k with G responses whose correctness follows PATTERNS[prompt kind]; optional delay per call
-    (calls holding a `slow_kinds` prompt take 30 s) and an abort that makes in-flight calls return ABORTED samples,
+    (calls holding a `slow_kinds` prompt take `slow_s`) and an abort that makes in-flight calls return ABORTED samples,
     like the real engines."""
 
-    def __init__(self, kinds: dict[tuple[int, ...], str], slow_kinds: tuple[str, ...] = ()) -> None:
-        self.kinds, self.slow_kinds = kinds, slow_kinds
+    def __init__(
+        self, kinds: dict[tuple[int, ...], str], slow_kinds: tuple[str, ...] = (), slow_s: float = 30.0
+    ) -> None:
+        self.kinds, self.slow_kinds, self.slow_s = kinds, slow_kinds, slow_s
         self.calls: list[int] = []
         self.aborts = 0
         self._abort = threading.Event()
@@ -36,7 +41,7 @@ class ScriptedEngine:
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         self.calls.append(len(prompt_ids))
         slow = any(self.kinds[tuple(ids)] in self.slow_kinds for ids in prompt_ids)
-        deadline = time.monotonic() + (30.0 if slow else 0.0)
+        deadline = time.monotonic() + (self.slow_s if slow else 0.0)
         while time.monotonic() < deadline and not self._abort.is_set():
             time.sleep(0.01)
         status = SampleStatus.ABORTED if self._abort.is_set() else SampleStatus.COMPLETED
@@ -166,6 +171,17 @@ def test_surplus_in_flight_generation_is_aborted_once_the_batch_is_full(grader):
     assert got.metrics["rollout/aborted_groups"] == 2 and got.metrics["rollout/groups_generated"] == 2
 
 
+def test_chunks_are_scored_in_order_whichever_engine_finishes_first(grader):
+    # two chunks of one prompt each, both informative; the first is slower, yet it is the one kept, and the second
+    # (finished but surplus) counts as aborted without an abort call, since nothing was running any more
+    prompts, table = _prompts(["one", "mixed"])
+    engine = ScriptedEngine(table, slow_kinds=("one",), slow_s=0.5)
+    got = collect(engine, _feeder(prompts)[0], grader, _cfg("drop", 1, oversample=2.0), step=1, parallelism=2)
+    assert [g.prompt.uid for g in got.batch.groups] == ["p0"]
+    assert engine.aborts == 0 and got.metrics["rollout/aborted_groups"] == 1
+    assert got.metrics["rollout/groups_generated"] == 1
+
+
 class LoopingEngine(ScriptedEngine):
     """ScriptedEngine whose first sample per prompt is cut by the length limit inside a loop of [7, 8], and whose
     second sample loops too but ends on EOS (it got out)."""
@@ -195,3 +211,68 @@ def test_repetition_frac_is_zero_without_loops(grader):
     next_prompts, _ = _feeder(prompts)
     got = collect(ScriptedEngine(table), next_prompts, grader, _cfg("off", 2), step=1)
     assert got.metrics["rollout/repetition_frac"] == 0.0
+
+
+# ---- informative rule and advantages computed once ----
+
+
+@pytest.fixture
+def spy_estimator(monkeypatch):
+    """Registers `spy`: GRPO that records the rewards of every call (removed again after the test)."""
+    calls: list[list[float]] = []
+
+    def spy(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float) -> torch.Tensor:
+        calls.append(rewards.tolist())
+        return grpo_advantages(rewards, group_ids, eps)
+
+    monkeypatch.setitem(advantages._REGISTRY, "spy", spy)
+    return calls
+
+
+@pytest.mark.parametrize("parallelism", [1, 2])
+def test_advantages_are_computed_once_over_the_kept_groups(grader, spy_estimator, parallelism):
+    # same pattern as the refill test: 3 rounds, 7 groups scored, 4 kept ('mixed', 'one', 'mixed', 'mixed')
+    kinds = ["all", "mixed", "none", "one", "none", "mixed", "mixed", "all"]
+    prompts, table = _prompts(kinds)
+    cfg = _cfg("drop", 4, max_rounds=4)
+    cfg.algo.advantage = "spy"
+    got = collect(ScriptedEngine(table), _feeder(prompts)[0], grader, cfg, step=1, parallelism=parallelism)
+    mixed, one = [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]
+    assert spy_estimator == [mixed + one + mixed + mixed]
+    assert [s.advantage for s in got.batch.groups[0].samples] == pytest.approx(
+        [0.866025] * 2 + [-0.866025] * 2, abs=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "kinds", "expected"),
+    [
+        # drop: round 1 = ['all', 'mixed'] (one chunk), round 2 = ['none'], round 3 = ['one']; the batch is
+        # 'mixed' + 'one', x = r - mean_g = [.5, .5, -.5, -.5, .75, -.25, -.25, -.25], batch mean 0, sum sq 1.75,
+        # unbiased std sqrt(1.75 / 7) = .5 -> 2x. (Normalised over round 1's chunk alone, 'mixed' would get
+        # +-.5 / sqrt(1 / 7) = +-1.32.)
+        ("drop", ["all", "mixed", "none", "one"], [1, 1, -1, -1, 1.5, -0.5, -0.5, -0.5]),
+        # off: the batch is 'all' + 'mixed', x = [0] * 4 + [.5, .5, -.5, -.5], std sqrt(1 / 7): the constant group
+        # stays 0 under batch whitening, 'mixed' gets +-.5 * sqrt(7)
+        ("off", ["all", "mixed"], [0] * 4 + [0.5 * 7**0.5] * 2 + [-0.5 * 7**0.5] * 2),
+    ],
+)
+def test_reinforce_pp_advantages_are_normalised_over_the_final_batch(grader, mode, kinds, expected):
+    prompts, table = _prompts(kinds)
+    cfg = _cfg(mode, 2, max_rounds=4)
+    cfg.algo.advantage = "reinforce_pp"
+    got = collect(ScriptedEngine(table), _feeder(prompts)[0], grader, cfg, step=1)
+    assert [s.advantage for s in got.batch.samples] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "drgrpo", "rloo", "reinforce_pp"])
+def test_every_estimator_keeps_the_groups_with_unequal_rewards(grader, estimator):
+    # 'all' and 'none' are constant (dropped), 'mixed' and 'one' are not; each kept group trains on a nonzero
+    # advantage and the dropped ones count as zero-advantage groups under every estimator
+    prompts, table = _prompts(["all", "mixed", "none", "one", "all", "mixed"])
+    cfg = _cfg("drop", 3, max_rounds=1, oversample=2.0)
+    cfg.algo.advantage = estimator
+    got = collect(ScriptedEngine(table), _feeder(prompts)[0], grader, cfg, step=1)
+    assert [g.prompt.uid for g in got.batch.groups] == ["p1", "p3", "p5"]
+    assert all(max(abs(s.advantage) for s in g.samples) > 0.1 for g in got.batch.groups)
+    assert got.metrics["rollout/zero_adv_frac"] == pytest.approx(3 / 6)
