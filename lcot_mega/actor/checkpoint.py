@@ -52,6 +52,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lcot_mega.actor import megatron_adapter as ma
 from lcot_mega.checkpoint.store import (
     MANIFEST,
     CheckpointStore,
@@ -207,13 +208,12 @@ def _model_signature(chunks: Sequence[torch.nn.Module]) -> dict:
 
 
 def _layout(num_chunks: int) -> dict:
-    from megatron.core import parallel_state as ps
-
+    layout = ma.current_layout()
     return {
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-        "tp": ps.get_tensor_model_parallel_world_size(),
-        "pp": ps.get_pipeline_model_parallel_world_size(),
-        "dp": ps.get_data_parallel_world_size(),
+        "tp": layout.tp_size,
+        "pp": layout.pp_size,
+        "dp": layout.dp_size,
         "vpp": num_chunks if num_chunks > 1 else None,
     }
 

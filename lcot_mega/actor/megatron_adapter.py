@@ -392,6 +392,13 @@ def data_parallel_group() -> torch.distributed.ProcessGroup:
     return ps.get_data_parallel_group()
 
 
+def is_first_replica() -> bool:
+    """Data-parallel and context-parallel rank 0: the copy of the model that exports or writes once."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+
+
 def is_pipeline_last_stage() -> bool:
     """This rank runs the last pipeline stage (the one with the output layer), any virtual stage."""
     from megatron.core import parallel_state as ps

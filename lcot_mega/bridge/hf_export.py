@@ -58,9 +58,9 @@ class HFExportError(RuntimeError):
 
 
 def _tp_group() -> Any:
-    from megatron.core import parallel_state as ps
+    from lcot_mega.actor import megatron_adapter as ma  # the one reader of Megatron's parallel state
 
-    return ps.get_tensor_model_parallel_group()
+    return ma.tensor_parallel_group()
 
 
 def _gather_tp(param: torch.Tensor, layout: str, group: Any) -> list[torch.Tensor]:
@@ -137,13 +137,14 @@ class _Place:
 
 
 def _all_places() -> list[_Place]:
-    from megatron.core import parallel_state as ps
+    from lcot_mega.actor import megatron_adapter as ma
 
+    layout = ma.current_layout()
     me = _Place(
         rank=dist.get_rank(),
-        stage=ps.get_pipeline_model_parallel_rank(),
-        tp_rank=ps.get_tensor_model_parallel_rank(),
-        replica0=ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0,
+        stage=layout.pp_rank,
+        tp_rank=layout.tp_rank,
+        replica0=ma.is_first_replica(),
         tp_ranks=tuple(dist.get_process_group_ranks(_tp_group())),
     )
     places: list[Any] = [None] * dist.get_world_size()

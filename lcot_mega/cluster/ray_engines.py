@@ -185,7 +185,7 @@ class ServedEngineGroup:
 
     @property
     def processes(self) -> list[RayServerProcess]:
-        """One handle per server for fault drills (`Runtime.inject_engine_fault`), like `ServerSupervisor`'s."""
+        """One handle per server for fault drills (`trainer.faults.fire_engine_fault`), like `ServerSupervisor`'s."""
         return [RayServerProcess(s) for s in self.servers]
 
     def shutdown(self) -> None:

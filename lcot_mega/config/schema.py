@@ -360,7 +360,7 @@ class InjectConfig:
     """Faults injected on purpose (tests, drills); every list names trainer steps (docs/STABILITY.md)."""
 
     nan_grad_at_step: list[int] = opt([])
-    """Make the loss NaN in the update of these steps."""
+    """Make every gradient NaN in the update of these steps."""
     entropy_collapse_at_step: list[int] = opt([])
     """After these steps' updates, multiply the final norm's weight by `collapse_scale` (a real, sharp policy)."""
     collapse_scale: float = opt(30.0, gt=1.0)
