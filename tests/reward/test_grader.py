@@ -207,6 +207,38 @@ def test_grade_convenience():
     assert grade("so it is 3", "3", fallbacks=("last_number",)) is True
 
 
+PLAIN_SCRIPT = 'from lcot_mega.reward import grade\nprint(grade(r"\\boxed{\\frac{1}{2}}", "0.5"))\n'
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run_user_code(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_plain_script_without_main_guard_can_grade(tmp_path):
+    # multiprocessing's spawn would re-import plain.py in each worker and die on its top-level grade() call.
+    (tmp_path / "plain.py").write_text(PLAIN_SCRIPT)
+    out = _run_user_code(["plain.py"], tmp_path)
+    assert (out.returncode, out.stdout) == (0, "True\n"), out.stderr
+
+
+def test_python_dash_c_can_grade(tmp_path):
+    out = _run_user_code(["-c", PLAIN_SCRIPT], tmp_path)
+    assert (out.returncode, out.stdout) == (0, "True\n"), out.stderr
+
+
+def test_reward_function_from_the_main_script_is_refused(monkeypatch):
+    # A worker would have to run the caller's script to find it; say so before starting any worker.
+    def local_reward(response: str, answer: str) -> bool:
+        return True
+
+    local_reward.__module__ = "__main__"
+    monkeypatch.setattr(sys.modules["__main__"], "local_reward", local_reward, raising=False)
+    with pytest.raises(ValueError, match="main script"):
+        Grader("__main__:local_reward")
+
+
 def test_grader_workers_do_not_import_torch():
     # Workers import lcot_mega.reward; torch there would add about 1.5 s to every worker (re)start.
     code = "import sys, lcot_mega.reward.grader; print('torch' in sys.modules)"
