@@ -233,7 +233,7 @@ def test_reward_function_from_the_main_script_is_refused(monkeypatch):
     def local_reward(response: str, answer: str) -> bool:
         return True
 
-    local_reward.__module__ = "__main__"
+    local_reward.__module__, local_reward.__qualname__ = "__main__", "local_reward"
     monkeypatch.setattr(sys.modules["__main__"], "local_reward", local_reward, raising=False)
     with pytest.raises(ValueError, match="main script"):
         Grader("__main__:local_reward")
