@@ -1,4 +1,4 @@
-import multiprocessing
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,6 +32,15 @@ def _wait_dead(pid: int, timeout_s: float = 10.0) -> None:
             return
         time.sleep(0.01)
     raise AssertionError(f"process {pid} still running")
+
+
+def _children() -> set[int]:
+    """Process ids whose parent is this process (any thread), read from /proc."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found.update(int(p) for p in (task / "children").read_text().split())
+    return found
 
 
 def _correct(results: list[GradeResult]) -> list[bool]:
@@ -174,10 +183,11 @@ def test_workers_die_with_the_trainer_even_mid_grade():
 def test_close_leaves_no_child_processes():
     g = Grader(num_workers=2)
     pids = g.worker_pids()
+    assert set(pids) <= _children()  # the check below can see them
     g.close()
     g.close()  # idempotent
     assert g.closed
-    assert not set(pids) & {p.pid for p in multiprocessing.active_children()}
+    assert not set(pids) & _children()
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)  # reaped: no zombies
     with pytest.raises(RuntimeError, match="closed"):
         g.grade_batch(["x"], ["1"])
