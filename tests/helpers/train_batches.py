@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-from helpers.tiny_models import VOCAB
 
+from helpers.tiny_models import VOCAB
 from lcot_mega.actor.train_step import TrainBatch
 
 SHAPES = [(3, 9), (1, 5), (6, 2), (2, 7), (4, 4), (5, 3)]

@@ -175,7 +175,8 @@ def test_a_grader_that_hangs_times_out_scores_zero_and_the_run_goes_on(tmp_path,
     """The grader is isolated per process (tests/reward); here the loop around it: a reward function that hangs on
     every response of even length (tests/helpers/hanging_reward.py) costs reward.timeout_s per grade, never the run."""
     run = tmp_path / "run"
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
     args = [sys.executable, "-m", "lcot_mega.cli", "train", str(TINY), f"model.path={model}", *QUIET]
     args += ["trainer.steps=2", "trainer.prompts_per_step=2", "reward.fn=helpers.hanging_reward:hang_on_even_length"]
     args += ["reward.timeout_s=1"]
