@@ -3,23 +3,20 @@
 math-verify bounds its own time with `signal.alarm` (whole seconds, main thread only), and with that
 off a pathological answer such as `\\boxed{9^{9^{9^9}}}` holds the GIL forever. So each grade runs in
 a worker process that is SIGKILLed and replaced when it overruns its deadline or dies; the item
-scores 0 and the batch goes on. Workers are plain `multiprocessing.Process`es with a Pipe each (a
-`ProcessPoolExecutor` cannot kill one worker), started with "spawn" because the trainer holds torch
-threads and fork would copy their locks; "forkserver" is not offered: its server is process-global
-state shared with the rest of the trainer.
+scores 0 and the batch goes on (a `ProcessPoolExecutor` cannot kill one worker). Each worker is its
+own interpreter, `python -m lcot_mega.reward.worker`, talking over an inherited socket: fork would
+copy the locks of the trainer's torch threads, and multiprocessing's "spawn" re-imports the caller's
+main module, which kills a plain script (or runs its work twice) unless it guards with
+`if __name__ == "__main__":`; "forkserver" is process-global state shared with the rest of the trainer.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import itertools
-import logging
-import math
-import multiprocessing as mp
 import os
-import signal
+import subprocess
 import sys
 import threading
 import time
@@ -28,19 +25,21 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection, Pipe, wait
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lcot_mega.reward.extract import extract_answer, validate_fallbacks
-from lcot_mega.reward.registry import RewardFn, resolve_reward, reward_kwargs
+from lcot_mega.reward.extract import validate_fallbacks
+from lcot_mega.reward.registry import resolve_reward
 
 if TYPE_CHECKING:
     from lcot_mega.config.schema import RewardConfig
+    from lcot_mega.reward.worker import Options
 
 __all__ = ["GradeResult", "Grader", "grade"]
 
-_MAX_ERROR_CHARS = 500
 _JOIN_S = 5.0
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # holds the `lcot_mega` this process imported
 
 
 @dataclass(frozen=True)
@@ -58,74 +57,6 @@ class GradeResult:
     """Why the grade failed (reward function raised, worker died); None when it ran normally."""
 
 
-# Per-task extraction options sent to the worker: (require_think_close, fallbacks).
-_Options = tuple[bool, tuple[str, ...]]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Worker process side
-
-
-def _worker_main(conn: Connection, fn_path: str, parent_pid: int) -> None:
-    """Entry point of a grader process: warm up, report ready, then grade tasks until told to stop."""
-    _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes us
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns once that its timeouts are off
-    try:
-        fn = resolve_reward(fn_path)
-    except Exception as err:
-        conn.send(("error", _describe(err)))
-        return
-    _grade_one(fn, "\\boxed{1}", "1", (False, ()))  # first math-verify call is ~40 ms: pay it now
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        task_id, response, answer, options = msg
-        conn.send((task_id, *_grade_one(fn, response, answer, options)))
-
-
-def _grade_one(fn: RewardFn, response: str, answer: str, options: _Options) -> tuple[float, str | None, str | None]:
-    """(reward, extracted answer, error) of one response; never raises."""
-    require_think_close, fallbacks = options
-    try:
-        extracted = extract_answer(response, require_think_close=require_think_close, fallbacks=fallbacks)
-        kwargs = reward_kwargs(fn, require_think_close=require_think_close, fallbacks=fallbacks)
-        reward = float(fn(response, answer, **kwargs))
-        if not math.isfinite(reward):
-            raise ValueError(f"reward function returned {reward}")
-    except Exception as err:
-        return 0.0, None, _describe(err)
-    return reward, extracted, None
-
-
-def _describe(err: BaseException) -> str:
-    try:
-        text = str(err)
-    except Exception:  # str() of a sympy object can itself fail
-        text = "<unprintable>"
-    return f"{type(err).__name__}: {text}"[:_MAX_ERROR_CHARS]
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this worker when the trainer dies, even mid-grade while holding the GIL.
-
-    PR_SET_PDEATHSIG fires when the *thread* that started the worker ends, hence `_spawner`.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:  # the trainer died before prctl took effect
-        os._exit(0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Trainer process side
-
 _SPAWNER: tuple[int, ThreadPoolExecutor] | None = None
 _SPAWNER_LOCK = threading.Lock()
 
@@ -139,26 +70,66 @@ def _spawner() -> ThreadPoolExecutor:
         return _SPAWNER[1]
 
 
+def _start_process(fd: int) -> subprocess.Popen:
+    """`python -m lcot_mega.reward.worker` on descriptor `fd`, importing the same `lcot_mega` as this process.
+
+    `-P` keeps the working directory off the worker's path, so a `lcot_mega` folder there cannot shadow ours.
+    """
+    paths = [_PACKAGE_ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    argv = [sys.executable, "-P", "-m", "lcot_mega.reward.worker", str(fd), str(os.getpid())]
+    return subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env)
+
+
+def _exit_fd(pid: int) -> int | None:
+    """A descriptor that turns readable when `pid` exits (Linux pidfd); None where there is none.
+
+    EOF on the connection says the same unless a fork of the trainer holds a copy of the worker's end.
+    """
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
 class _Worker:
     """One grader process as the trainer sees it: starting, idle or busy with one task."""
 
-    def __init__(self, ctx: mp.context.SpawnContext, fn_path: str, slot: int, start_timeout_s: float) -> None:
-        self.conn, child_conn = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=_worker_main, args=(child_conn, fn_path, os.getpid()), name=f"lcot-grader-{slot}", daemon=True
-        )
-        _spawner().submit(self.proc.start).result()
-        child_conn.close()  # so the trainer sees EOF when the worker dies
+    def __init__(self, fn_path: str, start_timeout_s: float) -> None:
+        self.conn, child_conn = Pipe()
+        try:
+            self.proc = _spawner().submit(_start_process, child_conn.fileno()).result()
+        except BaseException:
+            self.conn.close()
+            raise
+        finally:
+            child_conn.close()  # so the trainer sees EOF when the worker dies
+        self.exit_fd = _exit_fd(self.proc.pid)
         self.ready = False
         self.index: int | None = None  # position in the batch of the task being graded
         self.task_id = -1
         self.deadline = time.monotonic() + start_timeout_s
         self.stopped = False
+        with contextlib.suppress(OSError):  # died already: the first wait() sees it
+            self.conn.send((list(sys.path), fn_path))
 
     @property
     def waiting(self) -> bool:
         """Starting up or grading: a message (or death) is expected."""
         return not self.ready or self.index is not None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        """The exit status (negative: killed by that signal), waiting a little for a worker seen dying."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=_JOIN_S)
+        return self.proc.returncode
+
+    def signals(self) -> list[Connection | int]:
+        """What `wait()` watches for this worker: its connection and, where there is one, its exit."""
+        return [self.conn] if self.exit_fd is None else [self.conn, self.exit_fd]
 
     def ask_exit(self) -> None:
         """Tell an idle worker to return from its loop (a clean exit, no SIGKILL)."""
@@ -168,13 +139,16 @@ class _Worker:
     def stop(self, grace_s: float = 0.0) -> None:
         """Reap the process, SIGKILLing it if it has not exited within `grace_s`; leaves no zombie."""
         self.stopped = True
-        self.proc.join(timeout=grace_s)
-        if self.proc.exitcode is None:
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.join(timeout=_JOIN_S)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=_JOIN_S)
         self.conn.close()
-        if self.proc.exitcode is not None:
-            self.proc.close()
+        if self.exit_fd is not None:
+            os.close(self.exit_fd)
+            self.exit_fd = None
 
 
 class Grader:
@@ -182,8 +156,8 @@ class Grader:
 
     `fn` is a registered reward name or a dotted path (see `registry`); it must be importable in a
     fresh interpreter. Use as a context manager or call `close()`; open graders are closed at exit.
-    Workers are spawned, so like any spawn child they run the trainer script's top level again: keep
-    the script's work under `if __name__ == "__main__":`.
+    Workers are fresh interpreters that never import the caller's main module, so a plain script,
+    `python -c` or a notebook can grade without an `if __name__ == "__main__":` guard.
     """
 
     def __init__(
@@ -200,10 +174,9 @@ class Grader:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         _check_timeout(timeout_s)
         self.timeout_s = float(timeout_s)
-        self._options: _Options = (bool(require_think_close), validate_fallbacks(fallbacks))
+        self._options: Options = (bool(require_think_close), validate_fallbacks(fallbacks))
         self._fn_path = _worker_path(fn)
         self._start_timeout_s = start_timeout_s
-        self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker | None] = [None] * num_workers
         self._task_ids = itertools.count()
         self._closed = False
@@ -255,7 +228,7 @@ class Grader:
         _OPEN.discard(self)
 
     def _run(
-        self, responses: Sequence[str], answers: Sequence[str], options: _Options, timeout_s: float
+        self, responses: Sequence[str], answers: Sequence[str], options: Options, timeout_s: float
     ) -> list[GradeResult]:
         if self._closed:
             raise RuntimeError("this Grader is closed")
@@ -282,14 +255,14 @@ class Grader:
     def _start_missing(self) -> None:
         """Start a worker in every empty slot and in place of any that died while idle."""
         for slot, w in enumerate(self._workers):
-            if w is not None and w.proc.is_alive():
+            if w is not None and w.alive():
                 continue
             if w is not None:
                 w.stop()
-            self._workers[slot] = _Worker(self._ctx, self._fn_path, slot, self._start_timeout_s)
+            self._workers[slot] = _Worker(self._fn_path, self._start_timeout_s)
 
     def _dispatch(
-        self, pending: deque[int], responses: Sequence[str], answers: Sequence[str], options: _Options, timeout_s: float
+        self, pending: deque[int], responses: Sequence[str], answers: Sequence[str], options: Options, timeout_s: float
     ) -> None:
         for w in self._live():
             if not pending:
@@ -313,9 +286,9 @@ class Grader:
         if not waiting:
             return
         timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
-        ready = set(wait([w.conn for w in waiting] + [w.proc.sentinel for w in waiting], timeout))
+        ready = set(wait([s for w in waiting for s in w.signals()], timeout))
         for w in waiting:
-            if w.conn in ready or w.proc.sentinel in ready:
+            if not ready.isdisjoint(w.signals()):
                 self._receive(w, results, pending, retried)
         now = time.monotonic()
         for w in waiting:
@@ -333,13 +306,12 @@ class Grader:
             msg = None
         if msg is None:  # died: crashed in the reward function, or killed from outside
             if not w.ready:
-                raise RuntimeError(f"grader worker died during start-up (exit code {w.proc.exitcode})")
+                raise RuntimeError(f"grader worker died during start-up (exit code {w.exit_code()})")
             if w.index is not None and w.index not in retried:
                 retried.add(w.index)  # maybe killed from outside, not this item's fault: one more try
                 pending.appendleft(w.index)
             elif w.index is not None:
-                w.proc.join(timeout=_JOIN_S)
-                error = f"grader worker died twice on this item (exit code {w.proc.exitcode})"
+                error = f"grader worker died twice on this item (exit code {w.exit_code()})"
                 results[w.index] = GradeResult(reward=0.0, correct=False, error=error)
             self._replace(w)
         elif not w.ready:
@@ -393,6 +365,8 @@ def _worker_path(fn: str) -> str:
     module, qualname = getattr(func, "__module__", None), getattr(func, "__qualname__", "")
     if not module or not qualname or "<" in qualname:
         raise ValueError(f"reward function {fn!r} must be defined at the top level of an importable module")
+    if module == "__main__":  # workers never import the caller's script: that would run its top level again
+        raise ValueError(f"reward function {fn!r} is defined in the main script; move it to an importable module")
     return f"{module}:{qualname}"
 
 
@@ -423,7 +397,7 @@ def grade(
     """Whether `response` answers `gold` (math reward), graded in a shared, lazily started worker."""
     global _SHARED
     _check_timeout(timeout_s)
-    options: _Options = (bool(require_think_close), validate_fallbacks(fallbacks))
+    options: Options = (bool(require_think_close), validate_fallbacks(fallbacks))
     _check_inputs([response], [gold])  # before the lock: a bad argument must not discard the worker
     with _SHARED_LOCK:
         if _SHARED is None or _SHARED.closed or _SHARED._owner_pid != os.getpid():

@@ -1,7 +1,7 @@
-"""Reward functions for the reward tests; the grader's spawned workers import this module by name.
+"""Reward functions for the reward tests; the grader's workers import this module by name.
 
 Not collected by pytest (no `test_` prefix). pytest's default "prepend" import mode puts this folder on
-sys.path, and spawned workers inherit sys.path, so `reward_fns_for_tests:<name>` resolves in both.
+sys.path, and the grader hands its sys.path to each worker, so `reward_fns_for_tests:<name>` resolves in both.
 """
 
 from __future__ import annotations

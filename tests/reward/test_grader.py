@@ -1,4 +1,4 @@
-import multiprocessing
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,6 +32,15 @@ def _wait_dead(pid: int, timeout_s: float = 10.0) -> None:
             return
         time.sleep(0.01)
     raise AssertionError(f"process {pid} still running")
+
+
+def _children() -> set[int]:
+    """Process ids whose parent is this process (any thread), read from /proc."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found.update(int(p) for p in (task / "children").read_text().split())
+    return found
 
 
 def _correct(results: list[GradeResult]) -> list[bool]:
@@ -174,10 +183,11 @@ def test_workers_die_with_the_trainer_even_mid_grade():
 def test_close_leaves_no_child_processes():
     g = Grader(num_workers=2)
     pids = g.worker_pids()
+    assert set(pids) <= _children()  # the check below can see them
     g.close()
     g.close()  # idempotent
     assert g.closed
-    assert not set(pids) & {p.pid for p in multiprocessing.active_children()}
+    assert not set(pids) & _children()
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)  # reaped: no zombies
     with pytest.raises(RuntimeError, match="closed"):
         g.grade_batch(["x"], ["1"])
@@ -205,6 +215,38 @@ def test_grade_convenience():
     assert grade(r"\boxed{3}", "0.5") is False
     assert grade(r"<think>\boxed{3}</think>", "3", require_think_close=True) is False
     assert grade("so it is 3", "3", fallbacks=("last_number",)) is True
+
+
+PLAIN_SCRIPT = 'from lcot_mega.reward import grade\nprint(grade(r"\\boxed{\\frac{1}{2}}", "0.5"))\n'
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run_user_code(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_plain_script_without_main_guard_can_grade(tmp_path):
+    # multiprocessing's spawn would re-import plain.py in each worker and die on its top-level grade() call.
+    (tmp_path / "plain.py").write_text(PLAIN_SCRIPT)
+    out = _run_user_code(["plain.py"], tmp_path)
+    assert (out.returncode, out.stdout) == (0, "True\n"), out.stderr
+
+
+def test_python_dash_c_can_grade(tmp_path):
+    out = _run_user_code(["-c", PLAIN_SCRIPT], tmp_path)
+    assert (out.returncode, out.stdout) == (0, "True\n"), out.stderr
+
+
+def test_reward_function_from_the_main_script_is_refused(monkeypatch):
+    # A worker would have to run the caller's script to find it; say so before starting any worker.
+    def local_reward(response: str, answer: str) -> bool:
+        return True
+
+    local_reward.__module__, local_reward.__qualname__ = "__main__", "local_reward"
+    monkeypatch.setattr(sys.modules["__main__"], "local_reward", local_reward, raising=False)
+    with pytest.raises(ValueError, match="main script"):
+        Grader("__main__:local_reward")
 
 
 def test_grader_workers_do_not_import_torch():
