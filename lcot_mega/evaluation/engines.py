@@ -87,9 +87,8 @@ def opened_engine(
     if kind not in ENGINES:
         raise ModelError(f"--engine must be one of {', '.join(ENGINES)}, got {kind!r}")
     cfg.rollout.engine = "sglang" if kind == "sglang" else "embedded"
-    servers, pool = start_served_engines(cfg, log_dir)
+    served = start_served_engines(cfg, log_dir)
     try:
-        yield pool
+        yield served.pool
     finally:
-        pool.shutdown()
-        servers.shutdown()
+        served.shutdown()

@@ -28,19 +28,30 @@ PATTERNS = {"all": "1111", "none": "0000", "mixed": "1100", "one": "1000"}
 class ScriptedEngine:
     """Answers prompt k with G responses whose correctness follows PATTERNS[prompt kind]; optional delay per call
     (calls holding a `slow_kinds` prompt take `slow_s`) and an abort that makes in-flight calls return ABORTED samples,
-    like the real engines."""
+    like the real engines. `fast_waits_for_slow`: a fast call returns only once a slow one is running (so a test
+    of aborting in-flight work does not depend on how soon a loaded machine starts the slow call's thread)."""
 
     def __init__(
-        self, kinds: dict[tuple[int, ...], str], slow_kinds: tuple[str, ...] = (), slow_s: float = 30.0
+        self,
+        kinds: dict[tuple[int, ...], str],
+        slow_kinds: tuple[str, ...] = (),
+        slow_s: float = 30.0,
+        fast_waits_for_slow: bool = False,
     ) -> None:
         self.kinds, self.slow_kinds, self.slow_s = kinds, slow_kinds, slow_s
+        self.fast_waits_for_slow = fast_waits_for_slow
         self.calls: list[int] = []
         self.aborts = 0
         self._abort = threading.Event()
+        self._slow_running = threading.Event()
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         self.calls.append(len(prompt_ids))
         slow = any(self.kinds[tuple(ids)] in self.slow_kinds for ids in prompt_ids)
+        if slow:
+            self._slow_running.set()
+        elif self.fast_waits_for_slow:
+            assert self._slow_running.wait(30), "the slow call never started"
         deadline = time.monotonic() + (self.slow_s if slow else 0.0)
         while time.monotonic() < deadline and not self._abort.is_set():
             time.sleep(0.01)
@@ -163,7 +174,7 @@ def test_surplus_in_flight_generation_is_aborted_once_the_batch_is_full(grader):
     # two engines' worth of parallelism: the first chunk fills the batch, the second is still running
     prompts, table = _prompts(["mixed", "mixed", "none", "none"])
     next_prompts, _ = _feeder(prompts)
-    engine = ScriptedEngine(table, slow_kinds=("none",))
+    engine = ScriptedEngine(table, slow_kinds=("none",), fast_waits_for_slow=True)
     start = time.monotonic()
     got = collect(engine, next_prompts, grader, _cfg("drop", 2, oversample=2.0), step=1, parallelism=2)
     assert time.monotonic() - start < 20, "the surplus chunk was waited for instead of aborted"
