@@ -13,6 +13,7 @@ import importlib.util
 from pathlib import Path
 
 from lcot_mega import algo
+from lcot_mega.actor.megatron_adapter import actor_config_errors
 from lcot_mega.cluster.fit import layout_errors
 from lcot_mega.config import Config, ConfigError, validation_errors
 from lcot_mega.data.templates import template_errors
@@ -78,8 +79,9 @@ def _input_errors(cfg: Config) -> list[str]:
 
 
 def _cluster_errors(cfg: Config) -> list[str]:
-    """Ranks and engines no cluster could hold (`fit.layout_errors`), and local mode's single rank."""
-    errors = layout_errors(cfg)
+    """Ranks and engines no cluster could hold (`fit.layout_errors`), local mode's single rank, and parallel
+    settings that contradict each other (the machine-dependent ones, such as Transformer Engine, are the ranks')."""
+    errors = layout_errors(cfg) + actor_config_errors(cfg.actor)
     if cfg.cluster.mode == "local" and cfg.cluster.actor_ranks != 1:
         errors.append("cluster.mode = 'local' runs one actor rank; use colocated or disaggregated for more")
     return errors

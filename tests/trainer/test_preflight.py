@@ -92,3 +92,11 @@ def test_colocated_mode_refuses_several_engines_in_the_preflight_and_the_fit_che
 def test_a_template_without_the_problem_is_refused_before_any_work(model_dir):
     cfg = load_config(TINY, [f"model.path={model_dir}", "data.prompt_template=Solve."])
     assert preflight_errors(cfg) == ["data.prompt_template = 'Solve.' must contain {problem} where the problem goes"]
+
+
+def test_contradicting_parallel_settings_are_refused_before_any_rank_starts(model_dir):
+    cfg = load_config(TINY, [f"model.path={model_dir}", "actor.virtual_pipeline=2", "actor.sequence_parallel=true"])
+    assert preflight_errors(cfg) == [
+        "actor.virtual_pipeline needs actor.pipeline_parallel >= 2",
+        "actor.sequence_parallel needs actor.tensor_parallel > 1",
+    ]
