@@ -14,8 +14,8 @@ import torch
 from helpers.tiny_models import make_tiny_hf
 
 from lcot_mega.cli import main as cli_main
-from lcot_mega.cli.check import training_errors
 from lcot_mega.config import load_config
+from lcot_mega.trainer.preflight import preflight_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 _SPEC = importlib.util.spec_from_file_location("gpu_e2e", ROOT / "tools" / "gpu_e2e.py")
@@ -38,7 +38,7 @@ def test_the_training_command_validates_and_would_train_but_for_the_engine_packa
         str(tmp_path / "work" / "prompts.jsonl")
     ]
     package_missing = f"rollout.engine = '{engine}' needs the {engine} package"
-    assert [e for e in training_errors(cfg) if not e.startswith(package_missing)] == []
+    assert [e for e in preflight_errors(cfg) if not e.startswith(package_missing)] == []
     assert len((tmp_path / "work" / "prompts.jsonl").read_text().splitlines()) == 10
 
 

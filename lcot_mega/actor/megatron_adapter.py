@@ -49,6 +49,16 @@ def params_dtype(cfg: ActorConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
+def actor_config_errors(cfg: ActorConfig) -> list[str]:
+    """Parallel settings that contradict each other on any machine (`trainer.preflight` runs these too)."""
+    errors = []
+    if cfg.virtual_pipeline is not None and cfg.pipeline_parallel < 2:
+        errors.append("actor.virtual_pipeline needs actor.pipeline_parallel >= 2")
+    if cfg.sequence_parallel and cfg.tensor_parallel == 1:
+        errors.append("actor.sequence_parallel needs actor.tensor_parallel > 1")
+    return errors
+
+
 def setup_errors(cfg: ActorConfig, world_size: int) -> list[str]:
     """What prevents `cfg` from running on this machine with `world_size` ranks (empty: it can run)."""
     errors = []
@@ -58,15 +68,11 @@ def setup_errors(cfg: ActorConfig, world_size: int) -> list[str]:
             f"world size {world_size} is not divisible by actor.tensor_parallel * actor.pipeline_parallel"
             f" = {cfg.tensor_parallel} * {cfg.pipeline_parallel}"
         )
-    if cfg.virtual_pipeline is not None and cfg.pipeline_parallel < 2:
-        errors.append("actor.virtual_pipeline needs actor.pipeline_parallel >= 2")
     if cfg.fp8 is not None and not te_available():
         errors.append(f"actor.fp8 = {cfg.fp8!r} needs Transformer Engine on a GPU; set actor.fp8=null here")
     if cfg.sequence_parallel and not te_available():
         errors.append("actor.sequence_parallel needs Transformer Engine (or apex) on a GPU; set it to false here")
-    if cfg.sequence_parallel and cfg.tensor_parallel == 1:
-        errors.append("actor.sequence_parallel needs actor.tensor_parallel > 1")
-    return errors
+    return errors + actor_config_errors(cfg)
 
 
 def init_parallel(cfg: ActorConfig, seed: int) -> ModelLayout:

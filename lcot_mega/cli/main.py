@@ -31,13 +31,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from lcot_mega.checkpoint.store import CheckpointWriteError
-    from lcot_mega.cli.check import check_trainable
-    from lcot_mega.trainer.driver import Halted, train
-    from lcot_mega.trainer.run_dir import RunDirError
+    from lcot_mega.trainer.preflight import check_before_training
 
     overrides = list(args.overrides) + ([f"trainer.run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = load_config(args.config, overrides)
-    check_trainable(cfg)
+    check_before_training(cfg)  # before importing the driver's components: a bad config answers in a second
+    from lcot_mega.trainer.driver import Halted, train
+    from lcot_mega.trainer.run_dir import RunDirError
+
     try:
         result = train(cfg, resume=args.resume)
     except RunDirError as e:

@@ -126,16 +126,24 @@ def first_unpacked(groups: Sequence[Sequence[Bundle]], nodes: Sequence[NodeResou
     return None
 
 
-def _layout_problems(cfg: Config) -> list[str]:
+def layout_errors(cfg: Config) -> list[str]:
+    """Layouts no cluster could hold: ranks that do not divide into model-parallel groups, several engines in
+    colocated mode (its one engine lives in actor rank 0's process). Also run by `trainer.preflight`."""
     c, a = cfg.cluster, cfg.actor
+    errors = []
     model_parallel = a.tensor_parallel * a.pipeline_parallel
-    if c.actor_ranks % model_parallel == 0:
-        return []
-    return [
-        f"cluster.actor_ranks = {c.actor_ranks} is not divisible by actor.tensor_parallel x"
-        f" actor.pipeline_parallel = {a.tensor_parallel} x {a.pipeline_parallel}: set cluster.actor_ranks to a"
-        f" multiple of {model_parallel}, or change actor.tensor_parallel / actor.pipeline_parallel"
-    ]
+    if c.actor_ranks % model_parallel:
+        errors.append(
+            f"cluster.actor_ranks = {c.actor_ranks} is not divisible by actor.tensor_parallel x"
+            f" actor.pipeline_parallel = {a.tensor_parallel} x {a.pipeline_parallel}: set cluster.actor_ranks to a"
+            f" multiple of {model_parallel}, or change actor.tensor_parallel / actor.pipeline_parallel"
+        )
+    if c.mode == "colocated" and c.num_engines != 1:
+        errors.append(
+            f"cluster.num_engines = {c.num_engines}: colocated mode runs one engine, inside actor rank 0;"
+            " set cluster.num_engines=1, or cluster.mode=disaggregated for several engines"
+        )
+    return errors
 
 
 def _tensor_parallel_problems(cfg: Config, nodes: Sequence[NodeResources]) -> list[str]:
@@ -222,7 +230,7 @@ def check_fit(cfg: Config, nodes: Sequence[NodeResources]) -> FitReport:
         mode = cfg.cluster.mode
         problem = f"cluster.mode = {mode!r} uses no cluster: set cluster.mode=colocated or disaggregated"
         return FitReport(f"cluster.mode = {mode!r}: one process, no Ray", layout=[problem])
-    layout = _layout_problems(cfg)
+    layout = layout_errors(cfg)
     resources = _resource_problems(cfg, nodes)
     placement = _tensor_parallel_problems(cfg, nodes) + resources
     if not resources:  # packing is only worth a word when the sizes alone do not already rule it out

@@ -114,8 +114,8 @@ def placement_group(bundles: Sequence[dict[str, float]], what: str, timeout_s: f
 
 def check_cluster_fits(cfg: Config) -> None:
     """RayStartError listing every reason `cfg`'s placement groups cannot be placed on the alive nodes (see
-    `fit`): at once, instead of after `PLACEMENT_TIMEOUT_S` with only a resource dict. A TP x PP that does not
-    divide the ranks is left to the ranks' own build (`ActorSetupError`, the same keys named)."""
+    `fit`): at once, instead of after `PLACEMENT_TIMEOUT_S` with only a resource dict. Layout errors
+    (`fit.layout_errors`) are `trainer.preflight`'s, refused before any work."""
     from lcot_mega.cluster.fit import check_fit, nodes_from_ray
 
     report = check_fit(cfg, nodes_from_ray())
@@ -129,11 +129,6 @@ def build_ray_runtime(cfg: Config) -> Runtime:
     mode = cfg.cluster.mode
     if mode not in ("colocated", "disaggregated"):
         raise ValueError(f"build_ray_runtime: cluster.mode must be 'colocated' or 'disaggregated', got {mode!r}")
-    if mode == "colocated" and cfg.cluster.num_engines != 1:
-        raise ValueError(
-            f"cluster.num_engines = {cfg.cluster.num_engines}: colocated mode runs one engine, inside actor rank 0;"
-            " set cluster.num_engines=1, or cluster.mode=disaggregated for several engines"
-        )
     runtime = Runtime(actor=None, engine=None, tokenizer=load_tokenizer(cfg))  # type: ignore[arg-type]
     stop_ray = start_ray(cfg.cluster)
     if stop_ray is not None:

@@ -1,6 +1,13 @@
 """Typed configuration: dataclass schemas, YAML + dotted overrides (OmegaConf), validation."""
 
-from lcot_mega.config.loader import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from lcot_mega.config.loader import (
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+    validation_errors,
+)
 from lcot_mega.config.schema import (
     ActorConfig,
     AlgoConfig,
@@ -50,4 +57,5 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "save_config",
+    "validation_errors",
 ]

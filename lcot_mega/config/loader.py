@@ -70,6 +70,15 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+def validation_errors(cfg: Config) -> list[str]:
+    """What `load_config` would refuse in `cfg`: a Config built or changed in Python skips the loader's checks."""
+    try:
+        config_from_dict(config_to_dict(cfg))
+    except ConfigError as e:
+        return e.problems
+    return []
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

@@ -148,6 +148,7 @@ class InjectionConfig:
     """Offline correct solutions injected into hard groups (Mu et al. 2025, data efficiency)."""
 
     enabled: bool = False
+    """Not wired into the train loop yet (the pure functions are in algo/injection.py): true is refused."""
     alpha: float = opt(0.125, ge=0.0, le=1.0)
     """Groups with accuracy <= alpha get incorrect samples replaced by offline solutions."""
     gamma: float = opt(0.1, gt=0.0)

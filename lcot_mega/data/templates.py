@@ -15,10 +15,17 @@ from lcot_mega.types import Prompt
 PLACEHOLDER = "{problem}"
 
 
-def check_template(template: str) -> None:
+def template_errors(template: str) -> list[str]:
     """data.prompt_template must say where the problem goes (a template without it would train on no problem)."""
     if PLACEHOLDER not in template:
-        raise ValueError(f"data.prompt_template = {template!r} must contain {PLACEHOLDER} where the problem goes")
+        return [f"data.prompt_template = {template!r} must contain {PLACEHOLDER} where the problem goes"]
+    return []
+
+
+def check_template(template: str) -> None:
+    """ValueError naming data.prompt_template when it has no placeholder (`template_errors`)."""
+    for error in template_errors(template):
+        raise ValueError(error)
 
 
 def fill_template(template: str, problem: str) -> str:

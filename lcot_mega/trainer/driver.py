@@ -54,7 +54,9 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
     """Train `cfg.trainer.steps` steps; `resume` None continues a run directory that has a checkpoint."""
     from lcot_mega.data import build_data
     from lcot_mega.observe import MetricsLogger, Progress
+    from lcot_mega.trainer.preflight import check_before_training
 
+    check_before_training(cfg)
     run = RunDir.open(cfg, resume)
     with ExitStack() as stack:
         rt = stack.enter_context(build_runtime(cfg))

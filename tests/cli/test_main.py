@@ -10,9 +10,9 @@ import yaml
 from lcot_mega import algo
 from lcot_mega.algo.divergence import KL_KINDS
 from lcot_mega.cli import main
-from lcot_mega.cli.check import check_config
 from lcot_mega.config import AlgoConfig, Config, ConfigError, RewardConfig, load_config
 from lcot_mega.reward.extract import FALLBACKS
+from lcot_mega.trainer.preflight import check_before_training
 
 
 def _choices(cls: type, name: str) -> set:
@@ -41,7 +41,9 @@ def test_a_bad_config_exits_2_naming_the_key(capsys):
 
 def test_unregistered_names_are_rejected_before_any_work():
     with pytest.raises(ConfigError) as err:
-        check_config(load_config(None, ["algo.advantage=grpoo", "algo.loss_agg=token_mean", "reward.fn=no.such:fn"]))
+        check_before_training(
+            load_config(None, ["algo.advantage=grpoo", "algo.loss_agg=token_mean", "reward.fn=no.such:fn"])
+        )
     text = str(err.value)
     assert "algo.advantage = 'grpoo' is not registered; did you mean 'grpo'?" in text
     assert "did you mean 'token-mean'?" in text
@@ -49,11 +51,15 @@ def test_unregistered_names_are_rejected_before_any_work():
 
 
 def test_check_writes_the_config_and_self_tests_the_components(tmp_path, capsys):
-    assert main(["check", "configs/quickstart.yaml", "--run-dir", str(tmp_path)]) == 0
+    model = tmp_path / "model"  # the preflight looks for config.json; the self-test loads no model
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    override = f"model.path={model}"
+    assert main(["check", "configs/quickstart.yaml", override, "--run-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "all components work" in out
     assert "1 overran and was killed" in out
-    assert load_config(tmp_path / "config.yaml") == load_config("configs/quickstart.yaml")
+    assert load_config(tmp_path / "config.yaml") == load_config("configs/quickstart.yaml", [override])
 
 
 def test_grade_command_exit_code_follows_correctness(capsys):

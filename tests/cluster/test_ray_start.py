@@ -49,11 +49,6 @@ def test_local_ray_is_bounded_and_a_placement_that_cannot_fit_names_the_resource
     assert not ray.is_initialized()
 
 
-def test_colocated_mode_refuses_several_engines(ray_config):
-    with pytest.raises(ValueError, match=r"cluster\.num_engines = 2"):
-        build_runtime(ray_config(mode="colocated", num_engines=2))
-
-
 def test_missing_ray_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(RayStartError, match="pip install ray"):

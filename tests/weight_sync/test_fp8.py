@@ -18,8 +18,8 @@ import pytest
 import torch
 from helpers.tiny_models import make_tiny_hf, save_char_tokenizer
 
-from lcot_mega.cli.check import weight_dtype_errors
 from lcot_mega.config import ConfigError, load_config
+from lcot_mega.trainer.preflight import weight_dtype_errors
 from lcot_mega.weight_sync.fp8 import (
     AMAX_EPS,
     FP8_MAX,

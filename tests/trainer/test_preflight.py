@@ -1,0 +1,102 @@
+"""The preflight: one list of config errors that `lcot-mega check`, `lcot-mega train` and `driver.train` all refuse
+with, before any work; a Config built in Python is held to the loader's checks; unwired options are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from lcot_mega.cli import main
+from lcot_mega.cluster.fit import check_fit, uniform_nodes
+from lcot_mega.config import ClusterConfig, Config, ConfigError, ModelConfig, TrainerConfig, load_config
+from lcot_mega.trainer.preflight import check_before_training, preflight_errors
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
+INJECTION = "algo.injection.enabled = true: offline-sample injection is not wired into the train loop yet"
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """A directory the preflight takes for a model (it only looks for config.json; nothing here loads it)."""
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def _cli_errors(capsys, *argv: str) -> tuple[int, list[str]]:
+    """Exit status and the `  - ` lines of the ConfigError the command printed."""
+    status = main(list(argv))
+    err = capsys.readouterr().err
+    return status, [line[4:] for line in err.splitlines() if line.startswith("  - ")]
+
+
+def test_check_and_train_refuse_a_bad_config_with_the_same_error_list(tmp_path, capsys):
+    bad = [f"model.path={tmp_path / 'none'}", "algo.advantage=grpoo", "rollout.temperature=0"]
+    bad += ["algo.injection.enabled=true", "data.prompt_template=Solve."]
+    expected = preflight_errors(load_config(TINY, bad))
+    assert len(expected) == 5, expected
+    check = _cli_errors(capsys, "check", TINY, *bad, "--run-dir", str(tmp_path / "check"))
+    train = _cli_errors(capsys, "train", TINY, *bad, "--run-dir", str(tmp_path / "train"))
+    assert check == train == (2, expected)
+    assert not (tmp_path / "check").exists() and not (tmp_path / "train").exists()  # nothing written
+
+
+def test_injection_is_refused_naming_the_key_by_check_and_train(tmp_path, model_dir, capsys):
+    args = (TINY, f"model.path={model_dir}", "algo.injection.enabled=true")
+    for command in ("check", "train"):
+        status, errors = _cli_errors(capsys, command, *args, "--run-dir", str(tmp_path / command))
+        assert status == 2 and len(errors) == 1 and errors[0].startswith(INJECTION), errors
+        assert "lcot_mega.algo.injection" in errors[0] and "algo.injection.enabled=false" in errors[0]
+    assert preflight_errors(load_config(TINY, [args[1]])) == []  # the same config without injection passes
+
+
+def test_train_from_python_runs_the_preflight_before_any_work(tmp_path, model_dir):
+    from lcot_mega.trainer.driver import train
+
+    cfg = Config(model=ModelConfig(path=str(model_dir)), trainer=TrainerConfig(run_dir=str(tmp_path / "run")))
+    cfg.data.train = ["reasoning_gym:chain_sum"]
+    assert preflight_errors(cfg) == []
+    cfg.algo.injection.enabled = True
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith(INJECTION)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_changed_in_python_is_held_to_the_loaders_checks():
+    with pytest.raises(ConfigError) as loaded:
+        load_config(None, ["algo.polarity=sideways", "actor.min_lr=1.0"])
+    cfg = Config()
+    cfg.algo.polarity = "sideways"
+    cfg.actor.min_lr = 1.0
+    assert preflight_errors(cfg) == loaded.value.problems
+    assert len(loaded.value.problems) == 1  # the cross-field check waits until every field is valid
+    cfg.algo.polarity = "both"
+    assert preflight_errors(cfg)[0] == f"actor.min_lr = 1.0 must be <= actor.lr = {Config().actor.lr}"
+
+
+def test_colocated_mode_refuses_several_engines_in_the_preflight_and_the_fit_check(model_dir):
+    cfg = Config(model=ModelConfig(path=str(model_dir)), cluster=ClusterConfig(mode="colocated", num_engines=2))
+    cfg.data.train = ["reasoning_gym:chain_sum"]
+    with pytest.raises(ConfigError, match=r"cluster\.num_engines = 2: colocated mode runs one engine"):
+        check_before_training(cfg)
+    assert check_fit(cfg, uniform_nodes(1, cpus=8, gpus=0)).layout == preflight_errors(cfg)
+    one = dataclasses.replace(cfg, cluster=ClusterConfig(mode="colocated", num_engines=1))
+    assert preflight_errors(one) == []
+
+
+def test_a_template_without_the_problem_is_refused_before_any_work(model_dir):
+    cfg = load_config(TINY, [f"model.path={model_dir}", "data.prompt_template=Solve."])
+    assert preflight_errors(cfg) == ["data.prompt_template = 'Solve.' must contain {problem} where the problem goes"]
+
+
+def test_contradicting_parallel_settings_are_refused_before_any_rank_starts(model_dir):
+    cfg = load_config(TINY, [f"model.path={model_dir}", "actor.virtual_pipeline=2", "actor.sequence_parallel=true"])
+    assert preflight_errors(cfg) == [
+        "actor.virtual_pipeline needs actor.pipeline_parallel >= 2",
+        "actor.sequence_parallel needs actor.tensor_parallel > 1",
+    ]
