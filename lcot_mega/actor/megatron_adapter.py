@@ -20,6 +20,32 @@ from lcot_mega.actor import cpu_compat
 from lcot_mega.bridge.arch import ArchSpec
 from lcot_mega.config import ActorConfig
 
+KNOWN_HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # (message regex, category, module regex). Each is printed on every run and needs no action from the user:
+    # without TE / apex megatron-core falls back to torch kernels we chose on purpose (the local layer spec).
+    (r"Transformer Engine and Apex are not installed", UserWarning, r"megatron\.core\."),
+    (r"Apex is not installed\. Falling back to Torch Norm", UserWarning, r"megatron\.core\."),
+    # megatron-core's own default for cuda_graph_scope; CUDA graphs are off in every recipe.
+    (r"full scope is deprecated", UserWarning, r"megatron\.core\.transformer\.transformer_config"),
+    # megatron-core's optimizer reads `.grad` of its views while the CPU shim forwards the call; the values it
+    # needs live in main_grad, so the empty `.grad` it reads is the one it expects.
+    (r"The \.grad attribute of a Tensor that is not a leaf Tensor", UserWarning, r"lcot_mega\.actor\.cpu_compat"),
+    # megatron-core 0.16 calls the torch 2.13 collectives under their old names; same operations.
+    (r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", FutureWarning, r""),
+)
+"""Library warnings a newcomer sees at every start and cannot act on (issue 16: one screen, only what the user can
+act on). Filtered once, here, by message and module; anything else still shows."""
+
+
+def quiet_known_warnings() -> None:
+    import warnings
+
+    for message, category, module in KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+quiet_known_warnings()  # before the first megatron import: most of them fire at import time
+
 
 class ActorSetupError(ValueError):
     """The requested actor layout or precision cannot run here; the message says what to change."""

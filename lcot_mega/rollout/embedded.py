@@ -25,6 +25,7 @@ engine's own generator, seeded once by `seed` at construction.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -83,6 +84,21 @@ class _Rows:
             self.keys = self.keys[keep.numpy()]
 
 
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """transformers draws a weight-loading bar on every load (a sub-second one for our models, and one per engine
+    reload): noise on the console a user reads; restored afterwards if it was on."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 class EmbeddedEngine:
     """`RolloutEngine` in-process on a transformers causal LM (see the module docstring for the semantics)."""
 
@@ -101,7 +117,8 @@ class EmbeddedEngine:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.model_dir = Path(model_dir)
         self.dtype, self.device, self.max_batch_tokens = dtype, torch.device(device), max_batch_tokens
-        self._model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
+        with _no_progress_bar():
+            self._model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
         self._cache_kw = _cache_keyword(self._model)
         has_tok = any((self.model_dir / f).exists() for f in _TOKENIZER_FILES)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir) if has_tok else None
@@ -411,7 +428,8 @@ class EmbeddedEngine:
         """Load the weights saved in `model_dir` again (after `release_memory`, or to undo updates)."""
         from transformers import AutoModelForCausalLM
 
-        fresh = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
+        with _no_progress_bar():
+            fresh = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
         self.update_weights(fresh.state_dict().items(), version)
 
     @staticmethod
