@@ -88,7 +88,11 @@ def start_ray(cluster: ClusterConfig) -> Callable[[], None] | None:
                 f"{type(e).__name__}: {e}"
             ) from e
     else:
-        ray.init(num_cpus=reserved_cpus(cluster), include_dashboard=False, logging_level=logging.WARNING)
+        # address="local": a new instance even when another Ray cluster runs on this machine (`ray start`, or a
+        # neighbouring run): without cluster.ray_address the run is meant to be self-contained.
+        ray.init(
+            address="local", num_cpus=reserved_cpus(cluster), include_dashboard=False, logging_level=logging.WARNING
+        )
     return ray.shutdown
 
 
