@@ -37,7 +37,7 @@ if [ -z "${RAY_AUTH_MODE:-}" ] && { [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -n "${RAY_
     export RAY_AUTH_MODE=token
 fi
 
-python -m lcot_mega.cluster.fit "$CONFIG" "$@" --ray-address "$RAY_GCS_ADDRESS"
+lcot-mega fit "$CONFIG" "$@" --ray-address "$RAY_GCS_ADDRESS"
 
 # Overrides are quoted one by one so that the job's shell gets them back unchanged.
 # `python -m` runs the uploaded code (the job's working directory is on its path), not an installed copy.

@@ -1,4 +1,4 @@
-"""`lcot-mega` command line: `config`, `check`, `train`, `eval`, `plot`, `grade`, `convert` and `serve`."""
+"""`lcot-mega` command line: `config`, `check`, `train`, `eval`, `plot`, `grade`, `convert`, `serve` and `fit`."""
 
 from __future__ import annotations
 
@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_serve)
 
+    p = sub.add_parser(
+        "fit", add_help=False, help="check that a config's actor ranks and engines fit a Ray cluster (--help: options)"
+    )
+    p.set_defaults(func=lambda args: 2)  # never reached: `main` hands `fit ...` to the fit check's own parser
+
     _add_convert(sub)
     _add_eval_and_plot(sub)
     return parser
@@ -174,6 +179,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fit"]:  # its own parser, options included (`lcot-mega fit --help`)
+        from lcot_mega.cluster import fit
+
+        return fit.main(argv[1:])
     parser = build_parser()
     # Overrides may come after options too (`train CFG --resume rollout.max_new_tokens=16384`): argparse stops
     # filling a positional list at the first option, so dotted overrides left over are taken here.

@@ -254,7 +254,7 @@ def _live_nodes(address: str) -> list[NodeResources]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m lcot_mega.cluster.fit",
+        prog="lcot-mega fit",
         description="Check that a config's actor ranks and rollout engines fit a Ray cluster (exit 0 fits, 1 not).",
     )
     p.add_argument("config", help="recipe YAML")

@@ -65,3 +65,16 @@ def test_check_writes_the_config_and_self_tests_the_components(tmp_path, capsys)
 def test_grade_command_exit_code_follows_correctness(capsys):
     assert main(["grade", "so it is \\boxed{\\frac{1}{2}}", "0.5"]) == 0
     assert main(["grade", "so it is \\boxed{3}", "0.5"]) == 1
+
+
+def test_fit_is_a_subcommand_with_the_fit_checks_own_options(capsys):
+    from pathlib import Path
+
+    tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml")
+    # one actor rank and its engine reserve 1 CPU (cpus_per_rank's default): 4 CPUs fit, half a CPU does not
+    assert main(["fit", tiny, "cluster.mode=colocated", "--nodes", "1", "--cpus-per-node", "4"]) == 0
+    assert "fits" in capsys.readouterr().out
+    assert main(["fit", tiny, "cluster.mode=colocated", "--nodes", "1", "--cpus-per-node", "0.5"]) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0 and "lcot-mega fit" in capsys.readouterr().out
