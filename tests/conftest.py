@@ -12,6 +12,8 @@ import os
 GIB_PER_WORKER = 3
 SLOW_FIRST = ("tests/trainer/", "tests/cluster/", "tests/evaluation/test_eval_command.py")
 """Files whose tests take minutes in all: handed out first, so the last file a worker gets is a short one."""
+FAST_LAST = ("tests/algo/", "tests/guards/", "tests/observe/", "tests/config/", "tests/data/", "tests/types")
+"""Pure-Python files of many quick tests: handed out last, where they even out the two workers' finish."""
 
 
 def _memory_gib() -> float:
@@ -31,6 +33,8 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
     def slow_rank(item) -> int:
         path = item.nodeid.split("::")[0]
+        if path.startswith(FAST_LAST):
+            return len(SLOW_FIRST) + 1
         return next((i for i, prefix in enumerate(SLOW_FIRST) if path.startswith(prefix)), len(SLOW_FIRST))
 
     items[:] = sorted(items, key=slow_rank)  # stable: the order within a rank is the collection order
