@@ -8,6 +8,7 @@ is used; on GPU the Transformer Engine spec is used when TE imports.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 from dataclasses import dataclass
@@ -69,6 +70,14 @@ def te_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def attention_backend(cfg: ActorConfig) -> str:
+    """'te' (Transformer Engine's layer spec), 'sdpa' or 'local' (megatron's local spec with our SDPA core
+    attention or its own DotProductAttention), as `actor.attention` asks on this machine."""
+    if cfg.attention == "auto":
+        return "te" if te_available() else "sdpa"
+    return cfg.attention
+
+
 def params_dtype(cfg: ActorConfig) -> torch.dtype:
     if cfg.precision == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -82,6 +91,13 @@ def actor_config_errors(cfg: ActorConfig) -> list[str]:
         errors.append("actor.virtual_pipeline needs actor.pipeline_parallel >= 2")
     if cfg.sequence_parallel and cfg.tensor_parallel == 1:
         errors.append("actor.sequence_parallel needs actor.tensor_parallel > 1")
+    te_only = [key for key, on in (("fp8", cfg.fp8 is not None), ("sequence_parallel", cfg.sequence_parallel)) if on]
+    if cfg.attention != "auto" and te_only:
+        errors.append(
+            f"{', '.join('actor.' + k for k in te_only)} need Transformer Engine's layer spec, which"
+            f" actor.attention = {cfg.attention!r}"
+            " turns off: set actor.attention=auto"
+        )
     return errors
 
 
@@ -202,13 +218,22 @@ def transformer_config(arch: ArchSpec, cfg: ActorConfig):
     return config
 
 
-def layer_spec(arch: ArchSpec):
-    """Transformer Engine layer spec on GPU when TE imports, else megatron-core's local spec."""
+def layer_spec(arch: ArchSpec, cfg: ActorConfig):
+    """Transformer Engine layer spec (`actor.attention` auto with TE on a GPU), else megatron-core's local spec,
+    whose core attention is `SDPAttention` (sdpa: memory linear in the sequence) or its own `DotProductAttention`
+    (local: stores [b, heads, s, s] probabilities)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    if te_available():
+    backend = attention_backend(cfg)
+    if backend == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    if backend == "sdpa":
+        from lcot_mega.actor.sdpa_attention import SDPAttention
+
+        attention = spec.submodules.self_attention
+        attention.submodules = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
+    return spec
 
 
 def build_model(arch: ArchSpec, cfg: ActorConfig) -> list[torch.nn.Module]:
@@ -217,7 +242,7 @@ def build_model(arch: ArchSpec, cfg: ActorConfig) -> list[torch.nn.Module]:
     from megatron.core.models.gpt import GPTModel
 
     config = transformer_config(arch, cfg)
-    spec = layer_spec(arch)
+    spec = layer_spec(arch, cfg)
     vocab = padded_vocab_size(arch.vocab_size, cfg.tensor_parallel)
     chunks = []
     for vp_stage in range(cfg.virtual_pipeline or 1):
