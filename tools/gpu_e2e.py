@@ -10,7 +10,7 @@ actor in bf16 with the Transformer Engine layer spec, SGLang or vLLM rollouts), 
 - step 1's train-vs-rollout gap `rollout/logp_gap_mean` < `--max-gap` (bf16 engines: a few 1e-2);
 - step 1's `actor/ppo_kl` within `--max-kl` of 0: the first update's old policy is the current one.
 
-There is no config key for Transformer Engine: the actor uses TE's layer spec whenever CUDA is present and TE
+With the default `actor.attention = auto` the actor uses TE's layer spec whenever CUDA is present and TE
 imports (`lcot_mega.actor.megatron_adapter.layer_spec`), so this script refuses to run without TE unless
 `--allow-local-spec`. Without a CUDA device it prints "skipped: no CUDA device" and exits 0, so CI can call it.
 Exit status: 0 passed or skipped, 1 a check failed, 2 the training command failed.
