@@ -209,8 +209,13 @@ def test_actor_logprobs_with_sdpa_equal_the_local_path_and_transformers_at_tp1_a
 
 _PEAK_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys, torch
+    import json, sys, torch
     torch.set_num_threads(1)
+
+    def peak_bytes():  # VmHWM: reset at exec (ru_maxrss keeps the parent's peak: an xdist worker's GBs)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+
     s, heads, groups, hn = 2048, 8, 2, 64
     g = torch.Generator().manual_seed(0)
     q = torch.randn(s, 1, heads, hn, generator=g, requires_grad=True)
@@ -235,9 +240,9 @@ _PEAK_SCRIPT = textwrap.dedent(
             return torch.matmul(scores.softmax(-1), vv.transpose(-1, -2)).permute(2, 0, 1, 3).reshape(n, 1, -1)
     attend(q[:8], k[:8], v[:8], None).sum().backward()  # warm up the kernels' one-off allocations
     q.grad = k.grad = v.grad = None
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_bytes()
     attend(q, k, v, None).backward(grad)
-    print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024))
+    print(json.dumps(peak_bytes() - before))
     """
 )
 
