@@ -55,27 +55,33 @@ class MegatronActor:
             chunk.eval()
         return chunks
 
+    def _token_logprobs(self, chunks: list, sequences: Sequence[TokenSequence], temperature: float, entropy: bool):
+        cfg = self.cfg
+        return compute_logprobs(
+            chunks,
+            sequences,
+            temperature,
+            self.arch.vocab_size,
+            cfg.micro_batch_tokens,
+            with_entropy=entropy,
+            chunk_tokens=cfg.logits_chunk_tokens,
+        )
+
     def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float = 1.0) -> list[torch.Tensor]:
         """Per-sequence [response_len] log-probs under the current policy (logits / temperature), on every rank."""
-        return compute_logprobs(
-            self.chunks, sequences, temperature, self.arch.vocab_size, self.cfg.micro_batch_tokens
-        ).logprobs
+        return self._token_logprobs(self.chunks, sequences, temperature, entropy=False).logprobs
 
     def compute_logprobs_and_entropy(
         self, sequences: Sequence[TokenSequence], temperature: float = 1.0
     ) -> TokenLogProbs:
         """As `compute_logprobs`, plus the per-token entropy of softmax(logits / temperature)."""
-        return compute_logprobs(
-            self.chunks, sequences, temperature, self.arch.vocab_size, self.cfg.micro_batch_tokens, with_entropy=True
-        )
+        return self._token_logprobs(self.chunks, sequences, temperature, entropy=True)
 
     def compute_ref_logprobs(self, sequences: Sequence[TokenSequence], temperature: float = 1.0) -> list[torch.Tensor]:
         """Per-sequence log-probs under the frozen reference policy (needs algo.kl_coef > 0)."""
         if self.ref_chunks is None:
             raise RuntimeError("no reference model: it is built only when algo.kl_coef > 0")
-        return compute_logprobs(
-            self.ref_chunks, sequences, temperature, self.arch.vocab_size, self.cfg.micro_batch_tokens
-        ).logprobs
+        return self._token_logprobs(self.ref_chunks, sequences, temperature, entropy=False).logprobs
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step on the whole `batch`; metrics (loss, grad_norm, lr, clip fractions, entropy, kl).

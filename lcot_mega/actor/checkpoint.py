@@ -115,19 +115,13 @@ def dist_store(root: str | Path, keep_last: int = 3, *, clean_stale: bool = True
 # --- model / optimizer state dicts -------------------------------------------------------------------------
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):  # DDP, Float16Module: their sharded_state_dict adds a `module.` prefix
-        chunk = chunk.module
-    return chunk
-
-
 def _model_keys(num_chunks: int) -> list[str]:
     """Megatron's keys: "model" for one chunk, "model0", "model1", ... for virtual pipeline chunks."""
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
 
 
 def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
-    return {k: _unwrap(c).sharded_state_dict() for k, c in zip(_model_keys(len(chunks)), chunks, strict=True)}
+    return {k: ma.unwrap(c).sharded_state_dict() for k, c in zip(_model_keys(len(chunks)), chunks, strict=True)}
 
 
 def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
@@ -189,7 +183,7 @@ def _load_optimizer(optimizer: Any, state: Any) -> None:
 
 
 def _model_signature(chunks: Sequence[torch.nn.Module]) -> dict:
-    model = _unwrap(chunks[0])
+    model = ma.unwrap(chunks[0])
     c = model.config
     return {
         "num_layers": c.num_layers,
@@ -506,7 +500,7 @@ def load(
         raise CheckpointMismatchError(f"{path} holds no optimizer state (saved without one); load it without")
     loaded = _dc_load(model_sharded_state_dict(chunks), path / MODEL_DIR, strict)
     for key, chunk in zip(_model_keys(len(chunks)), chunks, strict=True):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+        ma.unwrap(chunk).load_state_dict(loaded[key], strict=strict)
     if optimizer is not None:
         _init_adam_state(optimizer)
         opt_sd = optimizer.sharded_state_dict(

@@ -1,6 +1,9 @@
 """Per-token log-probs and entropy of response tokens, under any tensor/pipeline/data-parallel layout.
 
-Logits arrive vocab-parallel ([b, s, V_pad / tp] on each tensor-parallel rank). They are divided by the
+Two ways from the last stage's output to them (`TokenStatsHead`): by default the model hands back its final
+hidden states and `chunked_logits` forms the logits a chunk of response tokens at a time (memory flat in the
+sequence length); with `actor.logits_chunk_tokens = 0` the model's full logits are used as follows. Full
+logits arrive vocab-parallel ([b, s, V_pad / tp] on each tensor-parallel rank). They are divided by the
 sampling temperature exactly as the rollout engine does (logits / T) and the columns of the vocabulary
 padding (V_pad > V) are set to -inf, so they carry no probability. The log-prob of a target token is
 megatron-core's `vocab_parallel_cross_entropy` negated; the entropy is reduced over the TP group here.
@@ -13,6 +16,7 @@ sequences and every other rank adds exact zeros.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +26,10 @@ import torch.distributed as dist
 
 from lcot_mega.actor import megatron_adapter as ma
 from lcot_mega.actor.batching import MicroBatch, TokenSequence, from_token_layout, make_micro_batches
+from lcot_mega.actor.chunked_logits import chunked_token_stats, output_weight, returning_hidden_states
+
+DEFAULT_CHUNK_TOKENS = 1024
+"""Tokens whose logits are formed at once (actor.logits_chunk_tokens): 1024 x 49k fp32 is 192 MiB per copy."""
 
 
 def scaled_logits(logits: torch.Tensor, temperature: float, vocab_size: int) -> torch.Tensor:
@@ -77,17 +85,71 @@ def vocab_parallel_entropy(z: torch.Tensor) -> torch.Tensor:
     return sums[0].log() - sums[1] / sums[0]
 
 
+class TokenStatsHead:
+    """The last pipeline stage's output -> per-token (log p(label), entropy) of softmax(logits / T), [n, s] each.
+
+    `chunk_tokens` > 0: the output is the final hidden states and the logits are formed `chunk_tokens` response
+    tokens at a time (`chunked_logits`; zero at positions outside the loss mask). 0: the output is the full
+    [b, s, V/tp] logits (the reference path, memory ~5 MB per token on a 49k vocabulary).
+    """
+
+    def __init__(self, chunks: list[torch.nn.Module], vocab_size: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+        if chunk_tokens < 0:
+            raise ValueError(f"chunk_tokens must be >= 0, got {chunk_tokens}")
+        self.chunks, self.vocab_size, self.chunk_tokens = chunks, vocab_size, chunk_tokens
+        last = ma.unwrap(chunks[-1])
+        self.weight = output_weight(last) if chunk_tokens and last.post_process else None
+
+    def model_outputs(self) -> contextlib.AbstractContextManager:
+        """Context in which the chunks output what this head reads (hidden states when chunked)."""
+        return returning_hidden_states(self.chunks) if self.chunk_tokens else contextlib.nullcontext()
+
+    def __call__(
+        self,
+        mb: MicroBatch,
+        output: torch.Tensor,
+        temperature: float,
+        entropy: bool = False,
+        entropy_grad: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probs, entropy or None) of the real rows of `mb`, [n, s]; the entropy in the graph only with
+        `entropy_grad` (it is a loss term), else detached (a metric)."""
+        if not self.chunk_tokens:
+            z = scaled_logits(mb.rows(output), temperature, self.vocab_size)  # [n, s, V/tp]
+            ent = None
+            if entropy:
+                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                    ent = vocab_parallel_entropy(z if entropy_grad else z.detach())  # [n, s], before z is consumed
+            return token_logprobs(z, mb.rows(mb.labels)), ent
+        mask = mb.rows(mb.loss_mask)  # [n, s]
+        hidden = mb.rows(output)[mask]  # [N, h]: response positions only
+        logp, ent = chunked_token_stats(
+            hidden, self.weight, mb.rows(mb.labels)[mask], temperature, self.vocab_size, self.chunk_tokens
+        )
+        zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        ent = zeros.masked_scatter(mask, ent if entropy_grad else ent.detach()) if entropy else None
+        return zeros.masked_scatter(mask, logp), ent
+
+    def zero_loss(self, output: torch.Tensor) -> torch.Tensor:
+        """A zero loss that still reaches every parameter (empty micro-batches keep the ranks' schedules aligned)."""
+        loss = output.sum() * 0.0
+        if self.weight is not None and self.weight.requires_grad:
+            loss = loss + self.weight[:1].sum() * 0.0
+        return loss
+
+
 def run_schedule(
     chunks: list[torch.nn.Module],
     micro_batches: list[MicroBatch],
     loss_func: Callable,
     forward_only: bool,
+    head: TokenStatsHead,
 ) -> list:
     """Run `micro_batches` through megatron-core's pipeline schedule; per-micro-batch outputs of `loss_func`.
 
-    `loss_func(mb, output)` runs on the last pipeline stage only. Forward-only runs collect whatever it
-    returns (non-loss data); training runs expect megatron's `(loss, stats)` pair and collect the stats.
-    Every other stage gets an empty list.
+    `loss_func(mb, output)` runs on the last pipeline stage only; `output` is what `head` reads. Forward-only
+    runs collect whatever it returns (non-loss data); training runs expect megatron's `(loss, stats)` pair and
+    collect the stats. Every other stage gets an empty list.
     """
 
     def forward_step(data_iterator, model):
@@ -100,7 +162,8 @@ def run_schedule(
     # one iterator per model chunk: the interleaved schedule walks each chunk through every micro-batch
     iterators = [iter(micro_batches) for _ in chunks]
     dtype = ma.autocast_dtype(chunks)  # the backward too (megatron_adapter._autocast_forward)
-    with torch.autocast(ma.compute_device().type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    autocast = torch.autocast(ma.compute_device().type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    with head.model_outputs(), autocast:
         out = ma.forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators if len(chunks) > 1 else iterators[0],
@@ -173,23 +236,24 @@ def compute_logprobs(
     vocab_size: int,
     max_tokens: int,
     with_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> TokenLogProbs:
     """Log-probs (and optionally entropy) of every response token of `sequences`, on every rank.
 
     Every rank must pass the same `sequences` (the whole batch); each data-parallel replica computes its
-    share (`batching.split_across_ranks`) and the results are shared with all ranks.
+    share (`batching.split_across_ranks`) and the results are shared with all ranks. `chunk_tokens`: see
+    `TokenStatsHead`.
     """
     micro_batches = micro_batches_for_this_rank(sequences, max_tokens)
+    head = TokenStatsHead(chunks, vocab_size, chunk_tokens)
 
-    def collect(mb: MicroBatch, logits: torch.Tensor) -> tuple[MicroBatch, torch.Tensor | None, torch.Tensor | None]:
+    def collect(mb: MicroBatch, output: torch.Tensor) -> tuple[MicroBatch, torch.Tensor | None, torch.Tensor | None]:
         if mb.num_rows == 0:  # an empty micro-batch that only keeps the ranks' schedules aligned
             return mb, None, None
-        z = scaled_logits(mb.rows(logits), temperature, vocab_size)  # [n, s, V/tp]
-        entropy = vocab_parallel_entropy(z) if with_entropy else None  # [n, s], before z is consumed
-        return mb, token_logprobs(z, mb.rows(mb.labels)), entropy
+        return mb, *head(mb, output, temperature, entropy=with_entropy)
 
     logp_by_index, ent_by_index = {}, {}
-    for mb, logp, ent in run_schedule(chunks, micro_batches, collect, forward_only=True):
+    for mb, logp, ent in run_schedule(chunks, micro_batches, collect, forward_only=True, head=head):
         if logp is None:
             continue
         logp_by_index.update(zip(mb.indices, from_token_layout(logp, mb), strict=True))

@@ -264,6 +264,9 @@ def build_model(arch: ArchSpec, cfg: ActorConfig) -> list[torch.nn.Module]:
         )
         if model.post_process:
             model.output_layer.register_forward_hook(_contiguous_output_grad)
+            from lcot_mega.actor.chunked_logits import let_output_layer_return_hidden_states
+
+            let_output_layer_return_hidden_states(model)
         if cfg.precision == "bf16_autocast":
             _autocast_forward(model, torch.bfloat16)
         chunks.append(model)
@@ -288,6 +291,13 @@ def _autocast_forward(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
     model.forward = forward
     model.lcot_autocast_dtype = dtype
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The `GPTModel` inside megatron-core's DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
 
 
 def autocast_dtype(chunks: list[torch.nn.Module]) -> torch.dtype | None:

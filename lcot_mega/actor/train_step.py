@@ -18,14 +18,7 @@ import torch.distributed as dist
 
 from lcot_mega.actor import megatron_adapter as ma
 from lcot_mega.actor.batching import MicroBatch, TokenSequence, to_token_layout
-from lcot_mega.actor.logprobs import (
-    is_reporting_rank,
-    micro_batches_for_this_rank,
-    run_schedule,
-    scaled_logits,
-    token_logprobs,
-    vocab_parallel_entropy,
-)
+from lcot_mega.actor.logprobs import TokenStatsHead, is_reporting_rank, micro_batches_for_this_rank, run_schedule
 from lcot_mega.algo import aggregate, aggregation_denominator, importance_correction, kl_penalty, policy_loss
 from lcot_mega.config import ActorConfig, AlgoConfig
 
@@ -115,22 +108,24 @@ def metric_keys(
 
 
 class _MicroBatchLoss:
-    """The loss function the schedule calls on the last pipeline stage: (mb, logits) -> (scaled loss, stats)."""
+    """The loss function the schedule calls on the last pipeline stage: (mb, output) -> (scaled loss, stats)."""
 
-    def __init__(self, batch: TrainBatch, algo: AlgoConfig, vocab_size: int, denominator: torch.Tensor, scale: float):
-        self.batch, self.algo, self.vocab_size, self.den, self.scale = batch, algo, vocab_size, denominator, scale
+    def __init__(
+        self, batch: TrainBatch, algo: AlgoConfig, head: TokenStatsHead, denominator: torch.Tensor, scale: float
+    ):
+        self.batch, self.algo, self.head, self.den, self.scale = batch, algo, head, denominator, scale
         self.with_gap = batch.rollout_logprobs is not None
         self.with_is = algo.is_cap is not None and self.with_gap
         self.keys = metric_keys(algo, self.with_is, self.with_gap)
 
-    def __call__(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, mb: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         stats = {k: 0.0 for keys in self.keys for k in keys}
         if mb.num_rows == 0:  # keeps the schedules aligned; a zero loss that still reaches every parameter
-            return logits.sum() * 0.0, _as_tensors(stats, logits.device)
-        z = scaled_logits(mb.rows(logits), self.batch.temperature, self.vocab_size)  # [n, s, V/tp]
+            return self.head.zero_loss(output), _as_tensors(stats, output.device)
         mask = mb.rows(mb.loss_mask)  # [n, s]
-        entropy = self._entropy(z, mask, stats)  # [n, s]; before token_logprobs consumes z
-        logp = token_logprobs(z, mb.rows(mb.labels))  # [n, s]
+        with_grad = self.algo.entropy_coef > 0 and torch.is_grad_enabled()  # the entropy is a loss term
+        logp, entropy = self.head(mb, output, self.batch.temperature, entropy=True, entropy_grad=with_grad)  # [n, s]
+        stats["actor/entropy"] = torch.where(mask, entropy.detach(), 0.0).sum() / mask.sum().clamp_min(1)
         pg = self._policy_term(mb, logp, mask, stats)
         loss = pg + self._regularizers(mb, logp, entropy, mask, stats)
         n = mask.sum().float()
@@ -138,7 +133,7 @@ class _MicroBatchLoss:
             stats[key] = stats[key] * n  # token means -> sums, divided by all tokens after the reduction
         stats.update({"tokens": n, "actor/loss": loss.detach(), "actor/pg_loss": pg.detach()})
         # a fresh tensor: the schedule divides the returned loss in place
-        return loss * self.scale, _as_tensors(stats, logits.device)
+        return loss * self.scale, _as_tensors(stats, output.device)
 
     def _aggregate(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return aggregate(tokens, mask, self.algo.loss_agg, self.algo.loss_max_len, denominator=self.den)
@@ -168,13 +163,6 @@ class _MicroBatchLoss:
         )
         stats.update(metrics)
         return pg
-
-    def _entropy(self, z: torch.Tensor, mask: torch.Tensor, stats: dict) -> torch.Tensor:
-        """Per-token entropy [n, s], in the graph only when it is in the loss; logged as a token mean."""
-        with torch.set_grad_enabled(self.algo.entropy_coef > 0 and torch.is_grad_enabled()):
-            entropy = vocab_parallel_entropy(z if self.algo.entropy_coef > 0 else z.detach())  # [n, s]
-        stats["actor/entropy"] = torch.where(mask, entropy.detach(), 0.0).sum() / mask.sum().clamp_min(1)
-        return entropy
 
     def _regularizers(
         self, mb: MicroBatch, logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, stats: dict
@@ -289,12 +277,13 @@ def train_step(
     # = grad L. TP ranks all compute the same loss and keep the gradient of their own shard; pipeline stages
     # get theirs through the schedule's backward; neither adds a factor.
     scale = len(micro_batches) * ma.data_parallel_group().size()
-    loss_fn = _MicroBatchLoss(batch, algo, vocab_size, denominator, scale)
+    head = TokenStatsHead(chunks, vocab_size, actor_cfg.logits_chunk_tokens)
+    loss_fn = _MicroBatchLoss(batch, algo, head, denominator, scale)
 
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    stats = run_schedule(chunks, micro_batches, loss_fn, forward_only=False)
+    stats = run_schedule(chunks, micro_batches, loss_fn, forward_only=False, head=head)
     found_inf, grad_norm = prepare_update(optimizer)
 
     metrics = reduce_stats(stats, loss_fn.keys)

@@ -240,6 +240,11 @@ class ActorConfig:
     keeps rare-token logits where pretraining left them (the CPU quick start does)."""
     micro_batch_tokens: int = opt(8192, gt=0)
     """Token budget of one micro-batch (dynamic batch size)."""
+    logits_chunk_tokens: int = opt(1024, ge=0)
+    """Response tokens whose logits are formed at once for log-probs, entropy and the loss: the model hands back
+    its final hidden states and the [tokens, vocab] logits exist one chunk at a time, recomputed in the backward
+    (memory flat in the response length). 0: the model's full logits, ~5 MB per token on a 49k vocabulary (the
+    reference path)."""
     updates_per_batch: int = opt(1, ge=1)
     """Optimizer steps per rollout batch (the study: 1, fully on-policy)."""
 

@@ -149,7 +149,6 @@ def nan_gradients_rank(rank: ActorRank, on: bool) -> None:
     set_nan_gradients(rank.actor, on)
 
 
-
 @torch.no_grad()
 def sharpen(actor: Any, scale: float) -> None:
     """Multiply a `MegatronActor`'s final norm weight by `scale` in place: its logits scale by `scale`, a real

@@ -64,8 +64,17 @@ class WeightGroup:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
         self.rank, self.world_size, self.group_name, self.backend = rank, world_size, group_name, backend
         timeout = datetime.timedelta(seconds=timeout_s)
-        self._store = store if store is not None else dist.TCPStore(
-            master_address, int(master_port), world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+        self._store = (
+            store
+            if store is not None
+            else dist.TCPStore(
+                master_address,
+                int(master_port),
+                world_size,
+                is_master=rank == 0,
+                timeout=timeout,
+                wait_for_workers=False,
+            )
         )
         store = dist.PrefixStore(f"lcot_weights/{group_name}", self._store)
         if backend == "gloo":

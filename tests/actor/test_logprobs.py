@@ -89,8 +89,10 @@ def _actor_logprobs(rank: int, world: int, models: dict, layouts: list, sequence
 
     torch.set_num_threads(1)  # tiny matrices: more threads only oversubscribe the cores (10x slower when busy)
     out = {}
-    for name, tp, pp in layouts:
-        cfg = ActorConfig(tensor_parallel=tp, pipeline_parallel=pp, micro_batch_tokens=MICRO_BATCH_TOKENS)
+    for name, tp, pp, chunk in layouts:
+        cfg = ActorConfig(
+            tensor_parallel=tp, pipeline_parallel=pp, micro_batch_tokens=MICRO_BATCH_TOKENS, logits_chunk_tokens=chunk
+        )
         for family, (hf_dir, arch) in models.items():
             actor = MegatronActor(arch, cfg, AlgoConfig(), hf_dir)
             result = actor.compute_logprobs_and_entropy(sequences, temperature)
@@ -133,13 +135,14 @@ def _check_entropy_gradient(per_rank: list[dict]) -> None:
 
 def test_logprobs_equal_transformers_at_tp1(tmp_path):
     models, sequences = _models(tmp_path), _sequences()
-    _check(run_gloo(_actor_logprobs, 1, models, [("tp1", 1, 1)], sequences, TEMPERATURE), models, sequences)
+    layouts = [("tp1", 1, 1, 4), ("tp1_full_logits", 1, 1, 0)]  # hidden states 4 tokens at a time; full logits
+    _check(run_gloo(_actor_logprobs, 1, models, layouts, sequences, TEMPERATURE), models, sequences)
 
 
 def test_logprobs_equal_transformers_at_tp2_pp2_dp2_on_every_rank(tmp_path):
     # one launch, three layouts in turn (a gloo launch costs seconds)
     models, sequences = _models(tmp_path), _sequences()
-    layouts = [("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)]
+    layouts = [("tp2", 2, 1, 3), ("tp2_full_logits", 2, 1, 0), ("pp2", 1, 2, 1024), ("dp2", 1, 1, 5)]
     assert [] in plan_micro_batches([len(p) + len(r) for p, r in sequences], 2, MICRO_BATCH_TOKENS)[1]
     per_rank = run_gloo(_actor_logprobs, 2, models, layouts, sequences, TEMPERATURE)
     _check(per_rank, models, sequences)

@@ -82,11 +82,12 @@ def _megatron_core_step(actor, batch: TrainBatch) -> float:
 
     micro_batches = ts.micro_batches_for_this_rank(batch.sequences, actor.cfg.micro_batch_tokens)
     denominator = ts.global_denominator(micro_batches, actor.algo)
-    loss_fn = ts._MicroBatchLoss(batch, actor.algo, actor.arch.vocab_size, denominator, len(micro_batches))
+    head = ts.TokenStatsHead(actor.chunks, actor.arch.vocab_size, actor.cfg.logits_chunk_tokens)
+    loss_fn = ts._MicroBatchLoss(batch, actor.algo, head, denominator, len(micro_batches))
     for chunk in actor.chunks:
         chunk.zero_grad_buffer()
     actor.optimizer.zero_grad()
-    ts.run_schedule(actor.chunks, micro_batches, loss_fn, forward_only=False)
+    ts.run_schedule(actor.chunks, micro_batches, loss_fn, forward_only=False, head=head)
     actor.scheduler.step(increment=1)
     ok, grad_norm, _ = actor.optimizer.step()
     assert ok
