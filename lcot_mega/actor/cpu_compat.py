@@ -10,6 +10,8 @@ to run TP/PP/DP with DDP, the distributed optimizer and dist-checkpointing on CP
   argument-less `Tensor.type()` reports the CUDA type name of the same dtype.
 - `torch.cuda.*` calls with no CPU meaning (synchronize, set_device, streams, events, memory stats):
   no-ops or neutral values. `torch.cuda.is_available()` stays False so megatron picks its CPU paths.
+- Activation recompute: `CheckpointFunction.backward` reruns modules where the mode is not active; it is
+  re-entered there.
 - The CUDA RNG (`model_parallel_cuda_manual_seed`, the tensor-parallel RNG tracker): mapped to the CPU
   default generator, which is what dropout uses on CPU. Seeding goes to
   `torch.default_generator.manual_seed` directly: `torch.manual_seed` would call back into
@@ -128,6 +130,22 @@ def _patch_megatron_rng() -> None:
     mrandom._set_cuda_rng_state = _set_cpu_rng_state
 
 
+def _patch_checkpoint_backward() -> None:
+    """Recompute (actor.recompute) reruns modules inside `CheckpointFunction.backward`, where the autograd engine
+    does not carry this thread's function-mode stack: the rerun would see the CUDA device arguments again (e.g.
+    the causal mask of `DotProductAttention`). Its backward runs under the mode too."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    function = mrandom.CheckpointFunction
+    inner = function.backward
+
+    def backward(ctx: Any, *grads: Any) -> Any:
+        with _CudaToCpuMode():
+            return inner(ctx, *grads)
+
+    function.backward = staticmethod(backward)
+
+
 def enable() -> bool:
     """Make megatron-core usable on this CPU-only process; returns True when the shim is active.
 
@@ -140,6 +158,7 @@ def enable() -> bool:
         if _mode is None:
             _patch_torch_cuda()
             _patch_megatron_rng()
+            _patch_checkpoint_backward()
             _mode = _CudaToCpuMode()
             _mode.__enter__()  # stays pushed for the life of the process
     return True

@@ -91,6 +91,12 @@ def actor_config_errors(cfg: ActorConfig) -> list[str]:
         errors.append("actor.virtual_pipeline needs actor.pipeline_parallel >= 2")
     if cfg.sequence_parallel and cfg.tensor_parallel == 1:
         errors.append("actor.sequence_parallel needs actor.tensor_parallel > 1")
+    if cfg.recompute_layers > 1 and cfg.recompute != "full":
+        errors.append(f"actor.recompute_layers = {cfg.recompute_layers} applies only with actor.recompute=full")
+    if cfg.offload_activations and cfg.recompute != "none":
+        errors.append("actor.offload_activations and actor.recompute exclude each other (megatron-core)")
+    if cfg.offload_activations and cfg.pipeline_parallel > 1:
+        errors.append("actor.offload_activations does not support actor.pipeline_parallel > 1 (megatron-core)")
     te_only = [key for key, on in (("fp8", cfg.fp8 is not None), ("sequence_parallel", cfg.sequence_parallel)) if on]
     if cfg.attention != "auto" and te_only:
         errors.append(
@@ -114,6 +120,11 @@ def setup_errors(cfg: ActorConfig, world_size: int) -> list[str]:
         errors.append(f"actor.fp8 = {cfg.fp8!r} needs Transformer Engine on a GPU; set actor.fp8=null here")
     if cfg.sequence_parallel and not te_available():
         errors.append("actor.sequence_parallel needs Transformer Engine (or apex) on a GPU; set it to false here")
+    if cfg.offload_activations and not te_available():
+        errors.append(
+            "actor.offload_activations needs Transformer Engine on a GPU (megatron-core's CPU offloading);"
+            " set it to false here"
+        )
     return errors + actor_config_errors(cfg)
 
 
@@ -172,6 +183,7 @@ def transformer_config(arch: ArchSpec, cfg: ActorConfig):
     kwargs = {}
     if cfg.fp8 is not None:
         kwargs.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
+    kwargs.update(recompute_kwargs(cfg, arch))
     config = TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -216,6 +228,26 @@ def transformer_config(arch: ArchSpec, cfg: ActorConfig):
     config.variable_seq_lengths = cfg.virtual_pipeline is None
     config.batch_p2p_comm = cfg.virtual_pipeline is None
     return config
+
+
+def recompute_kwargs(cfg: ActorConfig, arch: ArchSpec) -> dict[str, Any]:
+    """megatron-core `TransformerConfig` fields for actor.recompute and actor.offload_activations."""
+    kwargs: dict[str, Any] = {}
+    if cfg.recompute == "full":
+        kwargs.update(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=cfg.recompute_layers
+        )
+    elif cfg.recompute == "selective":
+        kwargs.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if cfg.offload_activations:
+        layers_per_stage = arch.num_layers // cfg.pipeline_parallel
+        kwargs.update(
+            cpu_offloading=True,
+            cpu_offloading_num_layers=max(1, layers_per_stage - 1),  # megatron: fewer than the stage's layers
+            cpu_offloading_activations=True,
+            cpu_offloading_weights=False,
+        )
+    return kwargs
 
 
 def layer_spec(arch: ArchSpec, cfg: ActorConfig):

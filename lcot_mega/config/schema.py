@@ -240,6 +240,17 @@ class ActorConfig:
     keeps rare-token logits where pretraining left them (the CPU quick start does)."""
     micro_batch_tokens: int = opt(8192, gt=0)
     """Token budget of one micro-batch (dynamic batch size)."""
+    recompute: str = opt("none", choices=("none", "selective", "full"))
+    """Activation recompute (megatron-core's): full keeps only each transformer layer's input and recomputes the
+    layer in the backward (activations ~ layers x s x h: what lets 8k+ token sequences train in a few GiB, for
+    about one more forward); selective recomputes the core attention only (megatron's `core_attn`: pays off with
+    attention that stores [heads, s, s] scores, i.e. actor.attention=local; sdpa and TE keep O(s) already)."""
+    recompute_layers: int = opt(1, ge=1)
+    """Under recompute=full: layers per recomputed block (megatron's uniform method; 1 stores every layer's input,
+    larger stores fewer and recomputes more at once)."""
+    offload_activations: bool = False
+    """Offload saved activations to host memory during the forward (megatron-core's CPU offloading, which needs
+    Transformer Engine on a GPU; refused elsewhere: on a CPU they already live in host memory)."""
     logits_chunk_tokens: int = opt(1024, ge=0)
     """Response tokens whose logits are formed at once for log-probs, entropy and the loss: the model hands back
     its final hidden states and the [tokens, vocab] logits exist one chunk at a time, recomputed in the backward
