@@ -65,6 +65,7 @@ class MegatronActor:
             cfg.micro_batch_tokens,
             with_entropy=entropy,
             chunk_tokens=cfg.logits_chunk_tokens,
+            packed=cfg.pack_sequences,
         )
 
     def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float = 1.0) -> list[torch.Tensor]:

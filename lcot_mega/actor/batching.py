@@ -13,6 +13,12 @@ Layout of one micro-batch (`MicroBatch`): row i holds prompt + response of seque
 on the right. Response token t (at position p = len(prompt) + t) is predicted by the logits at position
 p - 1, so `labels[i, p - 1] = input_ids[i, p]` and `loss_mask[i, p - 1]` is True exactly for response
 tokens. Right padding keeps every real token at its own position under the causal mask.
+
+Packed micro-batches (`packed=True`, actor.pack_sequences): the model input is one row of the sequences laid
+end to end, no padding ([1, T], T = the sum of their lengths, which is what the token budget counts), attended
+per sequence through `PackedRows.cu_seqlens` (THD, megatron's `PackedSeqParams`). `labels` and `loss_mask` keep
+the padded [n, s] layout above, so the loss sees one row per sequence either way; `PackedRows.token_index` maps
+each (row, position) to its place in the packed row.
 """
 
 from __future__ import annotations
@@ -27,15 +33,29 @@ TokenSequence = tuple[Sequence[int], Sequence[int]]
 
 
 @dataclass(frozen=True)
-class MicroBatch:
-    """One right-padded micro-batch; an empty one (no `indices`) holds a single dummy token."""
+class PackedRows:
+    """Where the sequences of a packed micro-batch lie in its one input row."""
 
-    input_ids: torch.Tensor  # [b, s] int64
-    position_ids: torch.Tensor  # [b, s] int64
+    cu_seqlens: torch.Tensor  # [n + 1] int32: sequence i is input positions cu_seqlens[i] .. cu_seqlens[i + 1] - 1
+    token_index: torch.Tensor  # [n, s] int64: input position of (row, position) of the padded layout (0 at padding)
+    max_seqlen: int
+
+    def to(self, device: torch.device | str) -> PackedRows:
+        return PackedRows(self.cu_seqlens.to(device), self.token_index.to(device), self.max_seqlen)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One right-padded (or packed) micro-batch; an empty one (no `indices`) holds a single dummy token."""
+
+    input_ids: torch.Tensor  # [b, s] int64 ([1, T] when packed)
+    position_ids: torch.Tensor  # [b, s] int64 ([1, T] when packed: each sequence from 0)
     labels: torch.Tensor  # [b, s] int64, next token (0 where there is none)
     loss_mask: torch.Tensor  # [b, s] bool, True where labels is a response token
     indices: tuple[int, ...]
     """Index of each real row's sequence in the caller's list; rows beyond len(indices) are dummies."""
+    packed: PackedRows | None = None
+    """Set when the model input is packed (then `labels` and `loss_mask` are still [n, s], one row a sequence)."""
 
     @property
     def num_rows(self) -> int:
@@ -43,15 +63,23 @@ class MicroBatch:
         return len(self.indices)
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
-        """The real rows of a [b, ...] tensor of this micro-batch."""
+        """The real rows of a [b, ...] tensor of this micro-batch (in the padded layout)."""
         return t[: self.num_rows]
+
+    def response_states(self, output: torch.Tensor) -> torch.Tensor:
+        """The model output [b, s, ...] ([1, T, ...] when packed) at the loss-mask positions, in the order of
+        `rows(loss_mask)`'s True entries (row by row): [N, ...]."""
+        mask = self.rows(self.loss_mask)  # [n, s]
+        if self.packed is None:
+            return self.rows(output)[mask]
+        return output[0, self.packed.token_index[mask]]
 
     def to(self, device: torch.device | str) -> MicroBatch:
         """The same micro-batch with its tensors on `device`."""
         move = [
             t.to(device, non_blocking=True) for t in (self.input_ids, self.position_ids, self.labels, self.loss_mask)
         ]
-        return MicroBatch(*move, self.indices)
+        return MicroBatch(*move, self.indices, None if self.packed is None else self.packed.to(device))
 
 
 def sequence_lengths(sequences: Sequence[TokenSequence]) -> list[int]:
@@ -77,14 +105,28 @@ def split_across_ranks(lengths: Sequence[int], num_ranks: int) -> list[list[int]
     return out
 
 
-def pack_by_tokens(lengths: Sequence[int], indices: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Micro-batches of `indices` with padded length * rows <= `max_tokens` (an over-long one alone)."""
+def pack_by_tokens(
+    lengths: Sequence[int], indices: Sequence[int], max_tokens: int, packed: bool = False
+) -> list[list[int]]:
+    """Micro-batches of `indices` with padded length * rows <= `max_tokens` (an over-long one alone).
+
+    `packed`: the budget counts real tokens (sum of lengths), filled first-fit in decreasing length order.
+    """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     batches: list[list[int]] = []
+    loads: list[int] = []
     for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        if packed:
+            fit = next((b for b, load in enumerate(loads) if load + lengths[i] <= max_tokens), None)
+            if fit is None:
+                batches.append([i])
+                loads.append(lengths[i])
+            else:
+                batches[fit].append(i)
+                loads[fit] += lengths[i]
         # sorted longest first: the first row of a micro-batch sets its padded length
-        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_tokens:
+        elif batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_tokens:
             batches[-1].append(i)
         else:
             batches.append([i])
@@ -92,14 +134,14 @@ def pack_by_tokens(lengths: Sequence[int], indices: Sequence[int], max_tokens: i
 
 
 def plan_micro_batches(
-    lengths: Sequence[int], num_ranks: int, max_tokens: int, count_multiple: int = 1
+    lengths: Sequence[int], num_ranks: int, max_tokens: int, count_multiple: int = 1, packed: bool = False
 ) -> list[list[list[int]]]:
     """[rank][micro-batch] -> sequence indices; every rank gets the same number of micro-batches.
 
     That number is also rounded up to a multiple of `count_multiple` (the interleaved pipeline schedule
     needs a multiple of the pipeline size); the added micro-batches are empty.
     """
-    per_rank = [pack_by_tokens(lengths, idx, max_tokens) for idx in split_across_ranks(lengths, num_ranks)]
+    per_rank = [pack_by_tokens(lengths, idx, max_tokens, packed) for idx in split_across_ranks(lengths, num_ranks)]
     count = max(1, max(len(b) for b in per_rank))
     count = -(-count // count_multiple) * count_multiple
     return [b + [[] for _ in range(count - len(b))] for b in per_rank]
@@ -126,6 +168,21 @@ def collate(
     return MicroBatch(input_ids, position_ids, labels, loss_mask, tuple(indices))
 
 
+def pack(mb: MicroBatch, lengths: Sequence[int]) -> MicroBatch:
+    """The packed form of a collated micro-batch whose real rows hold sequences of `lengths` tokens: the
+    sequences end to end in one input row. An empty micro-batch stays as it is."""
+    if mb.num_rows == 0:
+        return mb
+    input_ids = torch.cat([mb.input_ids[row, :n] for row, n in enumerate(lengths)]).unsqueeze(0)  # [1, T]
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)  # [1, T]
+    cu = torch.tensor([0, *lengths]).cumsum(0)  # [n + 1]
+    s = mb.loss_mask.shape[1]
+    position = torch.arange(s)  # [s]
+    token_index = torch.where(position < torch.tensor(lengths).unsqueeze(1), cu[:-1].unsqueeze(1) + position, 0)
+    rows = PackedRows(cu.to(torch.int32), token_index, max(lengths))
+    return MicroBatch(input_ids, position_ids, mb.rows(mb.labels), mb.rows(mb.loss_mask), mb.indices, rows)
+
+
 def make_micro_batches(
     sequences: Sequence[TokenSequence],
     rank: int,
@@ -134,18 +191,23 @@ def make_micro_batches(
     count_multiple: int = 1,
     pad_id: int = 0,
     uniform_shape: bool = False,
+    packed: bool = False,
 ) -> list[MicroBatch]:
     """The micro-batches of data-parallel `rank` (same count on every rank); see the module docstring.
 
     `uniform_shape` pads them all to the largest row count and length among them (the token budget then
     holds for none but the largest): for pipeline schedules that cannot exchange shapes per micro-batch.
+    `packed`: each micro-batch's sequences end to end in one row, the budget counting real tokens.
     """
+    if packed and uniform_shape:
+        raise ValueError("packed micro-batches have no uniform shape (the interleaved pipeline schedule needs one)")
     lengths = sequence_lengths(sequences)
-    plan = plan_micro_batches(lengths, num_ranks, max_tokens, count_multiple)[rank]
+    plan = plan_micro_batches(lengths, num_ranks, max_tokens, count_multiple, packed)[rank]
     shape = (1, 1)
     if uniform_shape:
         shape = (max(len(idx) for idx in plan), max([lengths[i] for idx in plan for i in idx] + [1]))
-    return [collate(sequences, idx, pad_id, shape) for idx in plan]
+    batches = [collate(sequences, idx, pad_id, shape) for idx in plan]
+    return [pack(mb, [lengths[i] for i in mb.indices]) for mb in batches] if packed else batches
 
 
 def to_token_layout(

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from lcot_mega.actor import megatron_adapter as ma
-from lcot_mega.actor.batching import MicroBatch, TokenSequence, from_token_layout, make_micro_batches
+from lcot_mega.actor.batching import MicroBatch, PackedRows, TokenSequence, from_token_layout, make_micro_batches
 from lcot_mega.actor.chunked_logits import chunked_token_stats, output_weight, returning_hidden_states
 
 DEFAULT_CHUNK_TOKENS = 1024
@@ -115,6 +115,8 @@ class TokenStatsHead:
         """(log-probs, entropy or None) of the real rows of `mb`, [n, s]; the entropy in the graph only with
         `entropy_grad` (it is a loss term), else detached (a metric)."""
         if not self.chunk_tokens:
+            if mb.packed is not None:
+                raise ValueError("packed micro-batches need actor.logits_chunk_tokens > 0")
             z = scaled_logits(mb.rows(output), temperature, self.vocab_size)  # [n, s, V/tp]
             ent = None
             if entropy:
@@ -122,7 +124,7 @@ class TokenStatsHead:
                     ent = vocab_parallel_entropy(z if entropy_grad else z.detach())  # [n, s], before z is consumed
             return token_logprobs(z, mb.rows(mb.labels)), ent
         mask = mb.rows(mb.loss_mask)  # [n, s]
-        hidden = mb.rows(output)[mask]  # [N, h]: response positions only
+        hidden = mb.response_states(output)  # [N, h]: response positions only
         logp, ent = chunked_token_stats(
             hidden, self.weight, mb.rows(mb.labels)[mask], temperature, self.vocab_size, self.chunk_tokens
         )
@@ -154,7 +156,9 @@ def run_schedule(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        output = model(mb.input_ids, mb.position_ids, None)  # [b, s, V/tp] on the last stage, else hidden
+        packed = None if mb.packed is None else packed_seq_params(mb.packed)
+        # [b, s, V/tp] logits or [b, s, h] hidden states on the last stage ([1, T, ...] packed), else activations
+        output = model(mb.input_ids, mb.position_ids, None, packed_seq_params=packed)
         if forward_only:
             return output, lambda out, non_loss_data=True: loss_func(mb, out)
         return output, partial(loss_func, mb)
@@ -175,6 +179,19 @@ def run_schedule(
             collect_non_loss_data=forward_only,
         )
     return list(out) if out else []
+
+
+def packed_seq_params(rows: PackedRows):
+    """megatron-core's THD description of a packed micro-batch: self-attention within each sequence."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=rows.cu_seqlens,
+        cu_seqlens_kv=rows.cu_seqlens,
+        max_seqlen_q=rows.max_seqlen,
+        max_seqlen_kv=rows.max_seqlen,
+    )
 
 
 def share_per_sequence(
@@ -203,9 +220,12 @@ def is_reporting_rank() -> bool:
     return ma.is_pipeline_last_stage() and ma.tensor_parallel_group().rank() == 0
 
 
-def micro_batches_for_this_rank(sequences: Sequence[TokenSequence], max_tokens: int) -> list[MicroBatch]:
+def micro_batches_for_this_rank(
+    sequences: Sequence[TokenSequence], max_tokens: int, packed: bool = False
+) -> list[MicroBatch]:
     """This data-parallel rank's micro-batches; under virtual pipelining their count is a multiple of the
-    pipeline size and they share one shape (`megatron_adapter.transformer_config` says why)."""
+    pipeline size and they share one shape (`megatron_adapter.transformer_config` says why). `packed`: see
+    `batching.pack`."""
     layout = ma.current_layout()
     interleaved = layout.vpp_size is not None
     micro_batches = make_micro_batches(
@@ -215,6 +235,7 @@ def micro_batches_for_this_rank(sequences: Sequence[TokenSequence], max_tokens: 
         max_tokens,
         count_multiple=layout.pp_size if interleaved else 1,
         uniform_shape=interleaved,
+        packed=packed,
     )
     device = ma.compute_device()
     return [mb.to(device) for mb in micro_batches]
@@ -237,14 +258,15 @@ def compute_logprobs(
     max_tokens: int,
     with_entropy: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    packed: bool = False,
 ) -> TokenLogProbs:
     """Log-probs (and optionally entropy) of every response token of `sequences`, on every rank.
 
     Every rank must pass the same `sequences` (the whole batch); each data-parallel replica computes its
     share (`batching.split_across_ranks`) and the results are shared with all ranks. `chunk_tokens`: see
-    `TokenStatsHead`.
+    `TokenStatsHead`; `packed`: see `batching.pack`.
     """
-    micro_batches = micro_batches_for_this_rank(sequences, max_tokens)
+    micro_batches = micro_batches_for_this_rank(sequences, max_tokens, packed)
     head = TokenStatsHead(chunks, vocab_size, chunk_tokens)
 
     def collect(mb: MicroBatch, output: torch.Tensor) -> tuple[MicroBatch, torch.Tensor | None, torch.Tensor | None]:

@@ -93,6 +93,13 @@ def actor_config_errors(cfg: ActorConfig) -> list[str]:
         errors.append("actor.sequence_parallel needs actor.tensor_parallel > 1")
     if cfg.recompute_layers > 1 and cfg.recompute != "full":
         errors.append(f"actor.recompute_layers = {cfg.recompute_layers} applies only with actor.recompute=full")
+    if cfg.pack_sequences:
+        needs = [
+            (cfg.logits_chunk_tokens == 0, "actor.logits_chunk_tokens > 0 (the full-logits path is per padded row)"),
+            (cfg.attention == "local", "actor.attention auto or sdpa (local's DotProductAttention has no THD)"),
+            (cfg.virtual_pipeline is not None, "no actor.virtual_pipeline (its micro-batches share one shape)"),
+        ]
+        errors += [f"actor.pack_sequences needs {what}" for bad, what in needs if bad]
     if cfg.offload_activations and cfg.recompute != "none":
         errors.append("actor.offload_activations and actor.recompute exclude each other (megatron-core)")
     if cfg.offload_activations and cfg.pipeline_parallel > 1:

@@ -14,6 +14,8 @@ at s = 2048). The actor trains with attention dropout 0 (`megatron_adapter.trans
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 
 import torch
@@ -79,12 +81,13 @@ class SDPAttention(MegatronModule):
     ) -> torch.Tensor:
         """query [sq, b, np, hn], key/value [sk, b, ng, hn], attention_mask None or bool (True = masked out,
         megatron's convention) broadcastable to [b, np, sq, sk] -> context [sq, b, np * hn]. A query whose keys
-        are all masked gets no defined output here (DotProductAttention averages them uniformly)."""
+        are all masked gets no defined output here (DotProductAttention averages them uniformly).
+
+        Packed (THD) input, as megatron's `Attention` hands it with `packed_seq_params`: query [t, np, hn],
+        key/value [t, ng, hn] holding the sequences end to end -> [t, np, hn], each sequence attending causally
+        within itself (one SDPA call per sequence: no [t, t] block-diagonal mask is formed)."""
         if packed_seq_params is not None:
-            raise SDPAttentionUnsupported(
-                "packed sequences (packed_seq_params) are not supported by actor.attention = 'sdpa' yet; "
-                "use padded micro-batches, or Transformer Engine on a GPU (actor.attention = 'auto')"
-            )
+            return self._attend_packed(query, key, value, attention_mask, attention_bias, packed_seq_params)
         if attention_bias is not None:
             raise SDPAttentionUnsupported("attention_bias is not supported by actor.attention = 'sdpa'")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
@@ -98,6 +101,36 @@ class SDPAttention(MegatronModule):
             context = self._attend(q, k, v, dropout_p, kwargs)
         sq, b = query.size(0), query.size(1)
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [b, np, sq, hn] -> [sq, b, np * hn]
+
+    def _attend_packed(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attention_bias: torch.Tensor | None,
+        params: PackedSeqParams,
+    ) -> torch.Tensor:
+        if params.qkv_format != "thd":
+            raise SDPAttentionUnsupported(f"packed qkv_format {params.qkv_format!r} is not supported; use 'thd'")
+        if attention_mask is not None or attention_bias is not None:
+            raise SDPAttentionUnsupported("packed sequences take no attention_mask or attention_bias")
+        if self.attn_mask_type != AttnMaskType.causal:
+            raise SDPAttentionUnsupported(f"packed sequences need causal self-attention, not {self.attn_mask_type}")
+        bounds = params.cu_seqlens_q
+        padded = [p for p in (params.cu_seqlens_q_padded, params.cu_seqlens_kv_padded) if p is not None]
+        if not torch.equal(bounds, params.cu_seqlens_kv) or any(not torch.equal(bounds, p) for p in padded):
+            raise SDPAttentionUnsupported("packed self-attention needs equal query/key bounds and no padding")
+        dropout_p = self.dropout_p if self.training else 0.0
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p > 0.0 else contextlib.nullcontext()
+        parts = []
+        with rng:
+            edges = bounds.tolist()
+            for start, end in itertools.pairwise(edges):
+                q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, h, L, hn]
+                causal = {"is_causal": True} if end - start > 1 else {}
+                parts.append(self._attend(q, k, v, dropout_p, causal)[0].transpose(0, 1))  # [L, np, hn]
+        return torch.cat(parts)  # [t, np, hn]; megatron's Attention reshapes it to [t, 1, np * hn]
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, kwargs: dict):
         return F.scaled_dot_product_attention(

@@ -265,7 +265,7 @@ def train_step(
     """
     if algo.kl_coef > 0 and batch.ref_logprobs is None:
         raise ValueError("algo.kl_coef > 0 needs TrainBatch.ref_logprobs (MegatronActor computes them)")
-    micro_batches = micro_batches_for_this_rank(batch.sequences, actor_cfg.micro_batch_tokens)
+    micro_batches = micro_batches_for_this_rank(batch.sequences, actor_cfg.micro_batch_tokens, actor_cfg.pack_sequences)
     denominator = global_denominator(micro_batches, algo)
     # Loss scaling. Micro-batch m of DP rank r has numerator N_rm (policy + KL - entropy terms summed over its
     # tokens); the whole-batch loss is L = sum_{r,m} N_rm / D, D the global denominator. With M micro-batches

@@ -239,7 +239,12 @@ class ActorConfig:
     moves every vocabulary row by about lr each step on the softmax's tiny, noisy gradients; freezing them
     keeps rare-token logits where pretraining left them (the CPU quick start does)."""
     micro_batch_tokens: int = opt(8192, gt=0)
-    """Token budget of one micro-batch (dynamic batch size)."""
+    """Token budget of one micro-batch (dynamic batch size): padded rows x length, or with pack_sequences the real
+    tokens."""
+    pack_sequences: bool = False
+    """Lay each micro-batch's sequences end to end in one row, attended per sequence (THD: megatron's
+    PackedSeqParams; Transformer Engine's kernels on GPU, the sdpa attention per sequence elsewhere): no padding
+    is computed. Needs logits_chunk_tokens > 0, attention auto or sdpa, and no virtual_pipeline."""
     recompute: str = opt("none", choices=("none", "selective", "full"))
     """Activation recompute (megatron-core's): full keeps only each transformer layer's input and recomputes the
     layer in the backward (activations ~ layers x s x h: what lets 8k+ token sequences train in a few GiB, for

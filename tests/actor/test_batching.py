@@ -110,3 +110,39 @@ def test_scalar_values_broadcast_over_the_response_and_lengths_are_checked():
 def test_an_empty_prompt_is_refused():
     with pytest.raises(ValueError, match="sequence 1 has an empty prompt"):
         make_micro_batches([([1], [2]), ([], [3])], 0, 1, 8)
+
+
+def test_packed_budgets_count_real_tokens_first_fit_longest_first():
+    # padded, [9, 9, 8] costs 27 > 26 so it splits; packed, 9 + 9 + 8 = 26 fits, and 5 + 3 fill the next one
+    lengths = [5, 9, 3, 9, 8]
+    assert pack_by_tokens(lengths, range(5), 26) == [[1, 3], [4, 0, 2]]
+    assert pack_by_tokens(lengths, range(5), 26, packed=True) == [[1, 3, 4], [0, 2]]
+    # first fit: a later short sequence goes back into an earlier micro-batch with room
+    assert pack_by_tokens([10, 7, 6, 2], range(4), 12, packed=True) == [[0, 3], [1], [2]]
+    for budget in (9, 12, 20, 100):
+        for batch in pack_by_tokens(lengths, range(5), budget, packed=True):
+            assert sum(lengths[i] for i in batch) <= budget or len(batch) == 1
+
+
+def test_a_packed_micro_batch_lays_sequences_end_to_end_and_maps_back_to_rows():
+    seqs = _sequences([(3, 2), (1, 4), (2, 0)])
+    (padded,) = make_micro_batches(seqs, 0, 1, 100)
+    (mb,) = make_micro_batches(seqs, 0, 1, 100, packed=True)
+    order = [seqs[i][0] + seqs[i][1] for i in mb.indices]  # longest first: sequences 1 (5), 0 (5), 2 (2)
+    assert mb.input_ids.tolist() == [[tok for seq in order for tok in seq]]  # no padding at all
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]]
+    assert mb.packed.cu_seqlens.tolist() == [0, 5, 10, 12] and mb.packed.max_seqlen == 5
+    # the loss still sees one padded row per sequence, and token_index finds each row's tokens in the packed row
+    assert torch.equal(mb.loss_mask, padded.loss_mask) and torch.equal(mb.labels, padded.labels)
+    mask = mb.loss_mask
+    assert torch.equal(mb.input_ids[0, mb.packed.token_index][mask], padded.input_ids[mask])
+    output = torch.arange(12.0).reshape(1, 12, 1) * 10  # a stand-in model output per packed position
+    assert mb.response_states(output)[:, 0].tolist() == (mb.packed.token_index[mask] * 10.0).tolist()
+    # an empty micro-batch (a rank with nothing to do) stays unpacked: one dummy token
+    empty = make_micro_batches(seqs[:1], 1, 2, 100, packed=True)[0]
+    assert empty.num_rows == 0 and empty.packed is None
+
+
+def test_packing_refuses_uniform_shapes():
+    with pytest.raises(ValueError, match="uniform shape"):
+        make_micro_batches(_sequences([(2, 2)]), 0, 1, 100, uniform_shape=True, packed=True)

@@ -19,6 +19,11 @@ MICRO_BATCH_TOKENS = 24  # several micro-batches, padded to different lengths
 LLAMA_VOCAB = 95  # not a multiple of 2: at TP=2 the last rank holds one padding column that must get -inf
 
 
+CHUNK4, FULL = dict(logits_chunk_tokens=4), dict(logits_chunk_tokens=0)
+PACKED = dict(logits_chunk_tokens=4, pack_sequences=True)
+"""Extra actor settings of a layout: chunked log-probs (several chunks per micro-batch), the full logits, packing."""
+
+
 def _sequences(seed: int = 0) -> list[tuple[list[int], list[int]]]:
     """Ragged prompts (1-7 tokens) and responses (0-12 tokens), token ids valid for every tiny model; at 24
     tokens per micro-batch and DP=2 the second rank runs an empty micro-batch."""
@@ -89,10 +94,8 @@ def _actor_logprobs(rank: int, world: int, models: dict, layouts: list, sequence
 
     torch.set_num_threads(1)  # tiny matrices: more threads only oversubscribe the cores (10x slower when busy)
     out = {}
-    for name, tp, pp, chunk in layouts:
-        cfg = ActorConfig(
-            tensor_parallel=tp, pipeline_parallel=pp, micro_batch_tokens=MICRO_BATCH_TOKENS, logits_chunk_tokens=chunk
-        )
+    for name, tp, pp, extra in layouts:
+        cfg = ActorConfig(tensor_parallel=tp, pipeline_parallel=pp, micro_batch_tokens=MICRO_BATCH_TOKENS, **extra)
         for family, (hf_dir, arch) in models.items():
             actor = MegatronActor(arch, cfg, AlgoConfig(), hf_dir)
             result = actor.compute_logprobs_and_entropy(sequences, temperature)
@@ -135,14 +138,22 @@ def _check_entropy_gradient(per_rank: list[dict]) -> None:
 
 def test_logprobs_equal_transformers_at_tp1(tmp_path):
     models, sequences = _models(tmp_path), _sequences()
-    layouts = [("tp1", 1, 1, 4), ("tp1_full_logits", 1, 1, 0)]  # hidden states 4 tokens at a time; full logits
+    # log-probs from hidden states 4 tokens at a time, from full logits, and over packed micro-batches
+    layouts = [("tp1", 1, 1, CHUNK4), ("tp1_full_logits", 1, 1, FULL), ("tp1_packed", 1, 1, PACKED)]
     _check(run_gloo(_actor_logprobs, 1, models, layouts, sequences, TEMPERATURE), models, sequences)
 
 
 def test_logprobs_equal_transformers_at_tp2_pp2_dp2_on_every_rank(tmp_path):
     # one launch, three layouts in turn (a gloo launch costs seconds)
     models, sequences = _models(tmp_path), _sequences()
-    layouts = [("tp2", 2, 1, 3), ("tp2_full_logits", 2, 1, 0), ("pp2", 1, 2, 1024), ("dp2", 1, 1, 5)]
+    layouts = [
+        ("tp2", 2, 1, dict(logits_chunk_tokens=3)),
+        ("tp2_full_logits", 2, 1, FULL),
+        ("tp2_packed", 2, 1, PACKED),
+        ("pp2", 1, 2, {}),
+        ("pp2_packed", 1, 2, PACKED),
+        ("dp2", 1, 1, dict(logits_chunk_tokens=5, pack_sequences=True)),
+    ]
     assert [] in plan_micro_batches([len(p) + len(r) for p, r in sequences], 2, MICRO_BATCH_TOKENS)[1]
     per_rank = run_gloo(_actor_logprobs, 2, models, layouts, sequences, TEMPERATURE)
     _check(per_rank, models, sequences)

@@ -30,6 +30,17 @@ def test_layout_must_fit_the_world():
     assert "virtual_pipeline needs actor.pipeline_parallel >= 2" in setup_errors(ActorConfig(virtual_pipeline=2), 1)[0]
 
 
+def test_packing_needs_the_chunked_head_sdpa_or_te_and_no_virtual_pipeline():
+    assert setup_errors(ActorConfig(pack_sequences=True), 1) == []
+    bad = ActorConfig(
+        pack_sequences=True, logits_chunk_tokens=0, attention="local", pipeline_parallel=2, virtual_pipeline=2
+    )
+    text = "\n".join(setup_errors(bad, 2))
+    assert "pack_sequences needs actor.logits_chunk_tokens > 0" in text
+    assert "pack_sequences needs actor.attention auto or sdpa" in text
+    assert "pack_sequences needs no actor.virtual_pipeline" in text
+
+
 def test_precision_and_vocab_padding():
     assert params_dtype(ActorConfig(precision="fp32")) == torch.float32
     if ON_CPU:

@@ -107,7 +107,50 @@ def _stub_pg(tp_size: int = 1):
     return SimpleNamespace(tp=SimpleNamespace(size=lambda: tp_size))
 
 
-def test_packed_sequences_and_unsupported_settings_are_refused():
+def _packed_vs_separate(rank: int, world: int) -> tuple[list, list]:
+    """SDPAttention on packed THD input, and DotProductAttention on each sequence alone: outputs, input grads."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from lcot_mega.actor import megatron_adapter as ma
+    from lcot_mega.actor.sdpa_attention import SDPAttention
+    from lcot_mega.config import ActorConfig
+
+    torch.set_num_threads(1)
+    ma.init_parallel(ActorConfig(), seed=1)
+    lengths, heads, groups = [5, 1, 12, 7], 4, 2
+    config = _tiny_config(heads, groups)
+    packed_module = SDPAttention(config, 2, AttnMaskType.causal, "self").eval()
+    reference = DotProductAttention(config, 2, AttnMaskType.causal, "self").eval()
+    g = torch.Generator().manual_seed(5)
+    t = sum(lengths)
+    q = torch.randn(t, heads, HEAD_DIM, generator=g, requires_grad=True)
+    k, v = (torch.randn(t, groups, HEAD_DIM, generator=g, requires_grad=True) for _ in range(2))
+    grad = torch.randn(t, heads, HEAD_DIM, generator=g)
+    cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=12, max_seqlen_kv=12)
+    out = packed_module(q, k, v, None, packed_seq_params=params)  # [t, np, hn]
+    out.backward(grad)
+    got = [out.detach(), q.grad, k.grad, v.grad]
+    want_out, leaves = [], [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        piece = [x[start:end].unsqueeze(1) for x in leaves]  # [L, 1, heads, hn]
+        o = reference(*piece, None, attn_mask_type=AttnMaskType.causal)  # [L, 1, np * hn]
+        o.backward(grad[start:end].reshape(end - start, 1, -1))
+        want_out.append(o.detach().reshape(end - start, heads, HEAD_DIM))
+    return got, [torch.cat(want_out), *(x.grad for x in leaves)]
+
+
+def test_packed_sequences_attend_each_within_itself_like_separate_calls():
+    """THD input (sequences end to end, as megatron's Attention hands it with packed_seq_params): output and input
+    gradients equal DotProductAttention run on each sequence alone."""
+    got, want = run_gloo(_packed_vs_separate, 1)[0]
+    for what, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-5), (what, (a - b).abs().max())
+
+
+def test_unsupported_packed_layouts_and_settings_are_refused():
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -115,8 +158,11 @@ def test_packed_sequences_and_unsupported_settings_are_refused():
 
     module = SDPAttention(_tiny_config(4, 2), 1, AttnMaskType.causal, "self", pg_collection=_stub_pg())
     q, k, v, _, _ = _qkv_and_mask(4, 2, False)
-    with pytest.raises(SDPAttentionUnsupported, match="packed sequences"):
-        module(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
+    cu, other = torch.tensor([0, 20, 37], dtype=torch.int32), torch.tensor([0, 17, 37], dtype=torch.int32)
+    with pytest.raises(SDPAttentionUnsupported, match="qkv_format 'sbhd'"):
+        module(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu))
+    with pytest.raises(SDPAttentionUnsupported, match="equal query/key bounds"):
+        module(q[:, 0], k[:, 0], v[:, 0], None, packed_seq_params=PackedSeqParams("thd", cu, other))
     with pytest.raises(SDPAttentionUnsupported, match="sliding-window"):
         SDPAttention(_tiny_config(4, 2, window_size=(8, 0)), 1, AttnMaskType.causal, "self", pg_collection=_stub_pg())
     # per-partition heads: 4 heads over 2 groups split across TP = 2 gives 2 heads sharing 1 group per rank

@@ -28,6 +28,11 @@ ADAM = dict(lr=1e-3, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-4, grad_clip=1
 # entry near 0 becomes lr * sign(g), and float noise in g would decide a 2 * lr difference
 
 
+CHUNK5, FULL = dict(logits_chunk_tokens=5), dict(logits_chunk_tokens=0)
+PACKED = dict(logits_chunk_tokens=5, pack_sequences=True)
+"""Extra actor settings of a layout: chunked log-probs (several chunks per micro-batch), the full logits, packing."""
+
+
 @dataclass
 class Case:
     """One train_step configuration; `budget` is actor.micro_batch_tokens."""
@@ -213,7 +218,7 @@ def _param_diffs(actor, stepped_dir: str, initial_dir: str) -> tuple[float, floa
 
 
 def _train_worker(rank: int, world: int, models: dict, layouts: list, jobs: list) -> dict:
-    """layouts: (name, tp, pp, vpp, logits_chunk_tokens); jobs: (family, case, batch, stepped_dir or None).
+    """layouts: (name, tp, pp, vpp, extra actor settings); jobs: (family, case, batch, stepped_dir or None).
 
     Per (layout, family, case): the metrics of each step and `_param_diffs` (None without a stepped dir).
     """
@@ -222,7 +227,7 @@ def _train_worker(rank: int, world: int, models: dict, layouts: list, jobs: list
 
     torch.set_num_threads(1)  # tiny matrices: more threads only oversubscribe the cores (10x slower when busy)
     out = {}
-    for name, tp, pp, vpp, chunk in layouts:
+    for name, tp, pp, vpp, extra in layouts:
         for family, case, batch, stepped_dir in jobs:
             hf_dir, arch = models[family]
             cfg = ActorConfig(
@@ -230,8 +235,7 @@ def _train_worker(rank: int, world: int, models: dict, layouts: list, jobs: list
                 pipeline_parallel=pp,
                 virtual_pipeline=vpp,
                 micro_batch_tokens=case.budget,
-                logits_chunk_tokens=chunk,
-                **ADAM,
+                **(ADAM | extra),
             )
             actor = MegatronActor(arch, cfg, case.algo_config(), hf_dir)
             metrics = [actor.train_step(batch) for _ in range(case.steps)]
@@ -278,9 +282,10 @@ def _check(per_rank: list[dict], expected: dict) -> None:
 def test_single_process_gradient_and_adam_step_equal_transformers(tmp_path):
     models = _models(tmp_path)
     jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "ppo_1mb", "terms", "own_ref"])
-    # log-probs from hidden states 5 response tokens at a time (several chunks per micro-batch), and from the
-    # model's full logits: both equal the transformers reference
-    results = run_gloo(_train_worker, 1, models, [("tp1", 1, 1, None, 5), ("tp1_full_logits", 1, 1, None, 0)], jobs)
+    # log-probs from hidden states 5 response tokens at a time (several chunks per micro-batch), from the
+    # model's full logits, and over packed micro-batches: all equal the transformers reference
+    layouts = [("tp1", 1, 1, None, CHUNK5), ("tp1_full_logits", 1, 1, None, FULL), ("tp1_packed", 1, 1, None, PACKED)]
+    results = run_gloo(_train_worker, 1, models, layouts, jobs)
     _check(results, expected)
     for family in FAMILIES:  # the same gradient from 1 and from 4+ micro-batches
         assert results[0]["tp1", family, "ppo_1mb"][0][0]["actor/micro_batches"] == 1
@@ -293,8 +298,15 @@ def test_single_process_gradient_and_adam_step_equal_transformers(tmp_path):
 def test_gradient_and_adam_step_are_the_same_at_tp2_pp2_dp2(tmp_path):
     models = _models(tmp_path)
     jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "terms", "own_ref"])
-    # chunked log-probs across the vocabulary split (3 tokens a chunk), full logits under PP, the default at DP
-    layouts = [("tp2", 2, 1, None, 3), ("pp2", 1, 2, None, 0), ("dp2", 1, 1, None, 1024)]
+    # chunked log-probs across the vocabulary split (3 tokens a chunk), full logits under PP, packing at TP, PP, DP
+    layouts = [
+        ("tp2", 2, 1, None, dict(logits_chunk_tokens=3)),
+        ("pp2", 1, 2, None, FULL),
+        ("dp2", 1, 1, None, {}),
+        ("tp2_packed", 2, 1, None, PACKED),
+        ("pp2_packed", 1, 2, None, PACKED),
+        ("dp2_packed", 1, 1, None, PACKED),
+    ]
     _check(run_gloo(_train_worker, 2, models, layouts, jobs), expected)
 
 
@@ -303,14 +315,14 @@ def test_gradient_and_adam_step_are_the_same_with_interleaved_pipeline(tmp_path)
     # PP=2 x 2 virtual stages: one layer per chunk; micro-batches of one shape, count a multiple of 2
     models = _models(tmp_path)
     jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "terms"])
-    _check(run_gloo(_train_worker, 2, models, [("pp2vpp2", 1, 2, 2, 4)], jobs), expected)
+    _check(run_gloo(_train_worker, 2, models, [("pp2vpp2", 1, 2, 2, CHUNK5)], jobs), expected)
 
 
 @pytest.mark.slow
 def test_gradient_and_adam_step_are_the_same_on_four_ranks(tmp_path):
     models = _models(tmp_path)
     jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "terms"])
-    layouts = [("tp2pp2", 2, 2, None, 4), ("tp2dp2", 2, 1, None, 0), ("pp2dp2", 1, 2, None, 4)]
+    layouts = [("tp2pp2", 2, 2, None, PACKED), ("tp2dp2", 2, 1, None, FULL), ("pp2dp2", 1, 2, None, CHUNK5)]
     _check(run_gloo(_train_worker, 4, models, layouts, jobs), expected)
 
 
