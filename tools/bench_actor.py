@@ -171,8 +171,11 @@ def hf_worker(rank: int, world: int, hf_dir: str, batch: dict, steps: int, shim:
     return dict(times=times[False], shim_times=times[True], rss=peak_rss_mib(), shim_calls=count_shim_calls(shimmed))
 
 
-def megatron_worker(rank: int, world: int, hf_dir: str, batch: dict, steps: int, tp: int, pp: int, budget: int) -> dict:
-    """Times MegatronActor.train_step at TP=tp, PP=pp (DP = world / (tp * pp)) on the whole batch."""
+def megatron_worker(
+    rank: int, world: int, hf_dir: str, batch: dict, steps: int, tp: int, pp: int, budget: int, extra: dict
+) -> dict:
+    """Times MegatronActor.train_step at TP=tp, PP=pp (DP = world / (tp * pp)) on the whole batch; `extra`: more
+    ActorConfig settings (--actor)."""
     from transformers import AutoConfig
 
     from lcot_mega.actor import megatron_adapter as ma
@@ -182,7 +185,9 @@ def megatron_worker(rank: int, world: int, hf_dir: str, batch: dict, steps: int,
     from lcot_mega.config import ActorConfig, AlgoConfig
 
     arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
-    cfg = ActorConfig(tensor_parallel=tp, pipeline_parallel=pp, precision="fp32", micro_batch_tokens=budget, **OPTIM)
+    cfg = ActorConfig(
+        tensor_parallel=tp, pipeline_parallel=pp, precision="fp32", micro_batch_tokens=budget, **(OPTIM | extra)
+    )
     actor = MegatronActor(arch, cfg, AlgoConfig(), hf_dir)
     train_batch = TrainBatch(**batch)
     last: dict[str, float] = {}
@@ -216,6 +221,15 @@ def layouts_for(hf_dir: Path, extra: bool, tokens: int, sequences: int) -> list[
     return rows
 
 
+def actor_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` actor settings, typed and checked as the config loader does (`actor.` + key)."""
+    from lcot_mega.config import config_to_dict, load_config
+
+    cfg = load_config(None, [f"actor.{item}" for item in items])
+    actor = config_to_dict(cfg)["actor"]
+    return {item.split("=", 1)[0]: actor[item.split("=", 1)[0]] for item in items}
+
+
 def fmt_rate(tokens: int, times: list[float]) -> tuple[float, str]:
     median = statistics.median(times)
     return tokens / median, f"{tokens / median:,.0f} ({median:.2f} s)"
@@ -232,7 +246,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="cores to use in all (0: this process's affinity)")
     ap.add_argument("--no-shim-table", action="store_true", help="skip the cpu_compat overhead table")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    ap.add_argument(
+        "--actor", nargs="*", default=[], metavar="KEY=VALUE", help="more actor settings, e.g. recompute=full"
+    )
     args = ap.parse_args()
+    extra = actor_overrides(args.actor)
     cores = args.threads or len(os.sched_getaffinity(0))
 
     from transformers import AutoConfig
@@ -248,7 +266,7 @@ def main() -> None:
     rows, records = [], []
     for name, world, tp, pp, budget in layouts_for(hf_dir, args.layouts, tokens, args.sequences):
         threads = max(1, cores // world)
-        res = in_processes(megatron_worker, world, threads, str(hf_dir), batch, args.steps, tp, pp, budget)
+        res = in_processes(megatron_worker, world, threads, str(hf_dir), batch, args.steps, tp, pp, budget, extra)
         # train_step ends in collectives, so the ranks finish each step together: rank 0's times stand
         rate, cell = fmt_rate(tokens, res[0]["times"])
         rss = " / ".join(f"{r['rss']:,.0f}" for r in res)
@@ -277,7 +295,8 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
 
     print(
-        f"\nmodel {args.model} ({hf_dir}), fp32 CPU, {args.sequences} sequences x ({args.prompt_len} prompt +"
+        f"\nmodel {args.model} ({hf_dir}), fp32 CPU, actor settings {extra or 'default'},"
+        f" {args.sequences} sequences x ({args.prompt_len} prompt +"
         f" {args.response_len} response) = {tokens} tokens/step, {cores} cores in all; median of {args.steps}"
         f" steps after 1 warm-up; torch {torch.__version__}\n"
     )
@@ -297,6 +316,7 @@ def main() -> None:
     print(f"\ntotal wall time {elapsed:.0f} s")
     if args.json:
         meta = dict(model=args.model, tokens_per_step=tokens, cores=cores, steps=args.steps, seconds=elapsed)
+        meta["actor"] = extra
         meta.update(sequences=args.sequences, prompt_len=args.prompt_len, response_len=args.response_len)
         shim_row = None
         if shim is not None:

@@ -12,7 +12,7 @@ formed: they carry no probability), m = max_j z_j, S = sum_j e^(z_j - m), A = su
 m, S and A reduced over the TP group, p = softmax(z) and target t:
 
     log p_t = z_t - m - log S                  H = -sum_j p_j log p_j = log S - A / S
-    d log p_t / dz_j = [j = t] - p_j           dH / dz_j = -p_j (z_j - m - A / S)
+    d log p_t / dz_j = [j = t] - p_j           dH / dz_j = -p_j (z_j - m - A / S) = -p_j (log p_j + H)
 
 and dz / d(h W^T) = 1 / T. Each TP rank forms the hidden-state gradient of its vocabulary slice; the caller's
 `copy_to_tensor_model_parallel_region` (applied where megatron's output layer would apply it) sums them.
@@ -79,20 +79,23 @@ class _ChunkedTokenStats(torch.autograd.Function):
             here, local = _target_mask(labels[lo:hi], vocab_start, z.shape[-1])
             target = torch.where(here, z.gather(-1, local.unsqueeze(-1)).squeeze(-1) if z.shape[-1] else 0.0, 0.0)
             e = z.exp()  # [c, V_real]
-            sums[:, lo:hi] = torch.stack([e.sum(-1), (e * z).sum(-1), target])
+            weighted = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # sum_j e_j z_j: one pass, no product
+            sums[:, lo:hi] = torch.stack([e.sum(-1), weighted, target])
             shift[lo:hi] = m
+            del z, e
         if group.size() > 1:
             dist.all_reduce(sums, group=group)
         total, weighted, target = sums
         log_total = total.log()
-        ctx.save_for_backward(hidden, weight, labels, shift, total, weighted)
+        entropy = log_total - weighted / total
+        ctx.save_for_backward(hidden, weight, labels, shift + log_total, entropy)  # log-normalizer m + log S
         ctx.settings = (temperature, vocab_start, vocab_size, chunk, dtype)
         ctx.set_materialize_grads(False)
-        return target - log_total, log_total - weighted / total
+        return target - log_total, entropy
 
     @staticmethod
     def backward(ctx: Any, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None) -> tuple:
-        hidden, weight, labels, shift, total, weighted = ctx.saved_tensors
+        hidden, weight, labels, log_norm, entropy = ctx.saved_tensors
         temperature, vocab_start, vocab_size, chunk, dtype = ctx.settings
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (grad_logp is None and grad_entropy is None) or not (need_h or need_w):
@@ -100,30 +103,32 @@ class _ChunkedTokenStats(torch.autograd.Function):
         w = _real_columns(weight, vocab_start, vocab_size)  # [V_real, h]
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        mean_shifted = weighted / total  # A / S = sum_j p_j (z_j - m), [N]
+        g_lp = grad_logp / temperature if grad_logp is not None else torch.zeros_like(entropy)
+        # dL/dz_j with y_j = log p_j = z_j - m - log S (so z_j - m - A/S = y_j + H), both terms times 1/T:
+        #   p_j * (a y_j + b) + g_lp / T [j = t],  a = -g_H / T,  b = -(g_lp + g_H H) / T
+        if grad_entropy is not None:
+            a = -grad_entropy / temperature
+            b = a * entropy - g_lp
         for lo in range(0, hidden.shape[0], chunk):
             hi = min(hidden.shape[0], lo + chunk)
-            z = _chunk_logits(hidden[lo:hi], w, temperature, dtype).sub_(shift[lo:hi].unsqueeze(-1))  # z - m
-            p = z.exp().div_(total[lo:hi].unsqueeze(-1))  # [c, V_real]
-            # dL/dz_j = p_j * (-g_lp - g_H (z_j - m - A/S)) + g_lp [j = t]; built in z's storage
-            if grad_entropy is not None:
-                z.sub_(mean_shifted[lo:hi].unsqueeze(-1)).mul_(-grad_entropy[lo:hi].unsqueeze(-1))
+            y = _chunk_logits(hidden[lo:hi], w, temperature, dtype).sub_(log_norm[lo:hi].unsqueeze(-1))  # log p
+            if grad_entropy is None:
+                dz = y.exp_().mul_(-g_lp[lo:hi].unsqueeze(-1))  # -g_lp p / T, in y's storage
             else:
-                z.zero_()
-            if grad_logp is not None:
-                z.sub_(grad_logp[lo:hi].unsqueeze(-1))
-            dz = z.mul_(p)
-            del p
+                p = y.exp()
+                dz = y.mul_(a[lo:hi].unsqueeze(-1)).add_(b[lo:hi].unsqueeze(-1)).mul_(p)
+                del p
             if grad_logp is not None:
                 here, local = _target_mask(labels[lo:hi], vocab_start, dz.shape[-1])
                 rows = here.nonzero().squeeze(-1)
-                dz[rows, local[rows]] += grad_logp[lo:hi][rows]
-            dz = dz.div_(temperature).to(dtype)
+                dz[rows, local[rows]] += g_lp[lo:hi][rows]
+            dz = dz.to(dtype)
             with torch.autocast(hidden.device.type, enabled=False):
                 if grad_h is not None:
                     grad_h[lo:hi] = (dz @ w.to(dtype)).to(grad_h.dtype)
                 if grad_w is not None:
                     grad_w[: w.shape[0]] += (dz.t() @ hidden[lo:hi].to(dtype)).float()
+            del dz, y
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), *(None,) * 7
 
 
