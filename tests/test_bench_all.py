@@ -125,6 +125,21 @@ def test_keep_carries_measured_sections_of_skipped_areas_only(runs: tuple[Path, 
     assert doc.count("\n## ") == 5
 
 
+def test_kept_sections_keep_the_blank_line_after_them_and_the_final_newline(runs: tuple[Path, Path]) -> None:
+    specs = bench_all.bench_specs(quick=True, vllm=False)
+    sync = {
+        "meta": dict(model="tiny", params=1e6, bytes=4e6, bucket_mb=64, procs=2, threads=1, repeats=1),
+        "rows": [dict(name="memcpy", seconds=0.001, gb_per_s=4.0, buckets=None, ratio=1.0)],
+    }
+    data = bench_all.efficiency_rows(list(runs))
+    old = bench_all.render({}, {"sync", "data"}, specs, {"sync": sync}, data, [str(r) for r in runs])
+    now = bench_all.render({}, set(), specs, {}, None, [])
+    doc = bench_all.keep_skipped(now, bench_all.kept_sections(old), "2026-01-02 03:04")
+    assert doc.count("_Kept from the earlier run") == 2 and "| memcpy | 0.0010 | 4.000 | - | 1.00 |" in doc
+    assert doc.count("\n\n## ") == doc.count("\n## ") == 5  # the sync section (kept) ends as the others do
+    assert doc.endswith("`\n") and not doc.endswith("\n\n")  # so does the data section, the file's last
+
+
 def test_needed_runs_follow_the_areas() -> None:
     assert bench_all.needed_runs({"scaling", "sync"}, quick=False) == ["actor", "actor_tp", "sync"]
     assert bench_all.needed_runs({"actor", "scaling", "rollout"}, quick=True) == ["actor", "rollout"]

@@ -295,7 +295,9 @@ def keep_skipped(doc: str, old: dict[str, str], when: str) -> str:
         if i and "Not measured in this run (`--skip" in chunk and title in old:
             kept = old[title][3:]
             head, _, rest = kept.partition("\n")
-            chunk = f"{head}\n\n_Kept from the earlier run of this file ({when}; `--keep`), not measured now._\n{rest}"
+            trail = chunk[len(chunk.rstrip("\n")) :]  # the blank line before the next section, or the final newline
+            note = f"_Kept from the earlier run of this file ({when}; `--keep`), not measured now._"
+            chunk = f"{head}\n\n{note}\n{rest}{trail}"
         out.append(chunk)
     return "\n## ".join(out)
 
