@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -403,6 +404,24 @@ DATA_WHAT = (
 )
 
 
+ACTOR_WHAT = (
+    "Megatron-core actor (TP1, all cores) vs a transformers + torch.optim.AdamW step on the same batch: the"
+    " same policy loss, gradient clipping and Adam update, fp32. Ratio = our tokens/s / plain tokens/s."
+)
+SCALING_WHAT = (
+    "The same step split over gloo processes on the same cores (threads divided among ranks). vs TP1 ="
+    " tokens/s / the TP1 row of the same model; 1.00 means splitting costs nothing."
+)
+SYNC_WHAT = (
+    "A TP=2 actor's weights into a rollout engine per transport vs `copy_` of the same bytes on one rank."
+    " Ratio = sync GB/s / memcpy GB/s (1.0 would be a sync as fast as a local copy)."
+)
+ROLLOUT_WHAT = (
+    "Our embedded engine vs `transformers.generate` (and vLLM where it imports), same sampling settings"
+    " and KV cache. Ratio = our tokens/s / theirs."
+)
+
+
 def render(
     machine: dict[str, str], areas: set[str], specs: dict, results: dict, data: list[Efficiency] | None, runs: list[str]
 ) -> str:
@@ -414,64 +433,44 @@ def render(
         failed = [f"`{reproduce(specs[k])}` failed ({results[k]['error']})" for k in keys if "error" in results[k]]
         return "; ".join(failed) + "; see its output." if failed else None
 
-    sections = [render_header(machine)]
-    st = status("actor", "actor")
-    sections.append(
-        render_section(
-            "Actor train step vs plain PyTorch",
-            "Megatron-core actor (TP1, all cores) vs a transformers + torch.optim.AdamW step on the same batch: the"
-            " same policy loss, gradient clipping and Adam update, fp32. Ratio = our tokens/s / plain tokens/s.",
-            render_actor(results["actor"]) if st is None else None,
-            reproduce(specs["actor"]),
-            st,
-        )
-    )
-    keys = [k for k in ("actor", "actor_tp") if k in specs]
-    st = status("scaling", *keys)
-    sections.append(
-        render_section(
-            "TP/PP scaling on CPU",
-            "The same step split over gloo processes on the same cores (threads divided among ranks). vs TP1 ="
-            " tokens/s / the TP1 row of the same model; 1.00 means splitting costs nothing.",
-            render_scaling([results[k] for k in keys]) if st is None else None,
-            " && ".join(reproduce(specs[k]) for k in keys),
-            st,
-        )
-    )
-    st = status("sync", "sync")
-    sections.append(
-        render_section(
-            "Weight sync vs memory copy",
-            "A TP=2 actor's weights into a rollout engine per transport vs `copy_` of the same bytes on one rank."
-            " Ratio = sync GB/s / memcpy GB/s (1.0 would be a sync as fast as a local copy).",
-            render_sync(results["sync"]) if st is None else None,
-            reproduce(specs["sync"]),
-            st,
-        )
-    )
-    st = status("rollout", "rollout")
-    sections.append(
-        render_section(
-            "Rollout vs transformers.generate",
-            "Our embedded engine vs `transformers.generate` (and vLLM where it imports), same sampling settings"
-            " and KV cache. Ratio = our tokens/s / theirs.",
-            render_rollout(results["rollout"]) if st is None else None,
-            reproduce(specs["rollout"]),
-            st,
-        )
-    )
+    def measured(title: str, what: str, area: str, keys: list[str], body: Callable[[], str]) -> str:
+        """The section of an area measured by benchmark runs `keys`; `body` renders their results."""
+        st = status(area, *keys)
+        how = " && ".join(reproduce(specs[k]) for k in keys)
+        return render_section(title, what, body() if st is None else None, how, st)
+
+    scaling = [k for k in ("actor", "actor_tp") if k in specs]
     st = "Not measured in this run (no `--runs` given)." if data is None and "data" in areas else None
     st = "Not measured in this run (`--skip data`)." if "data" not in areas else st
-    sections.append(
+    skip_runs = " ".join(f"--skip {area}" for area in AREAS if area != "data")
+    sections = [
+        render_header(machine),
+        measured(
+            "Actor train step vs plain PyTorch", ACTOR_WHAT, "actor", ["actor"], lambda: render_actor(results["actor"])
+        ),
+        measured(
+            "TP/PP scaling on CPU",
+            SCALING_WHAT,
+            "scaling",
+            scaling,
+            lambda: render_scaling([results[k] for k in scaling]),
+        ),
+        measured("Weight sync vs memory copy", SYNC_WHAT, "sync", ["sync"], lambda: render_sync(results["sync"])),
+        measured(
+            "Rollout vs transformers.generate",
+            ROLLOUT_WHAT,
+            "rollout",
+            ["rollout"],
+            lambda: render_rollout(results["rollout"]),
+        ),
         render_section(
             "Data efficiency: dynamic sampling",
             DATA_WHAT,
             render_data(data) if data else None,
-            "python tools/bench_all.py --skip actor --skip scaling --skip sync --skip rollout --runs "
-            + (" ".join(runs) or "RUN_DIR ..."),
+            f"python tools/bench_all.py {skip_runs} --runs " + (" ".join(runs) or "RUN_DIR ..."),
             st,
-        )
-    )
+        ),
+    ]
     return "\n\n".join(sections) + "\n"
 
 
