@@ -7,17 +7,22 @@ share the cores:
 - scaling: the same tool's `--layouts` rows (DP2, TP2, PP2 on the same cores) vs TP1;
 - sync: `bench_sync.py`, weight sync per transport vs a memory copy of the same bytes;
 - rollout: `bench_rollout.py`, the embedded engine vs `transformers.generate` (and `VLLMEngine` where vllm imports);
+- memory: `bench_memory.py`, peak RSS and seconds of one train step on one long sequence (2k-32k tokens) with the
+  long-context recipe's actor settings vs a plain transformers + AdamW step (up to 8k tokens: beyond, it would need
+  well over 20 GiB here);
 - data: no new run; training runs' metrics.jsonl (`--runs DIR ...`): rollouts generated per informative sample
   trained on, and the share of actor tokens spent on zero-advantage samples, grouped by dynamic-sampling mode.
 
-    python tools/bench_all.py [--runs runs/qs3-base ...] [--quick] [--skip actor|scaling|sync|rollout|data ...]
-        [--out docs/PERFORMANCE.md]
+    python tools/bench_all.py [--runs runs/qs3-base ...] [--quick]
+        [--skip actor|scaling|sync|rollout|memory|data ...] [--out docs/PERFORMANCE.md]
 
-Run it on an otherwise idle machine with about 10 GB free (the SmolLM2 actor step peaks near 8 GB): the full run
-takes about 10 minutes on 2 cores (estimated from the benchmarks' defaults, not yet timed). `--quick` uses tiny
-models and one repeat to test the plumbing in about two minutes; its numbers mean nothing. The vLLM column needs
-the vLLM venv's Python (docs/ROLLOUT_VLLM.md): `/work/vllm-venv/bin/python tools/bench_all.py ...` (about 4 minutes
-more: SmolLM2 rows with three engines, two vLLM starts).
+Run it on an otherwise idle machine with about 10 GB free (the SmolLM2 actor step peaks near 8 GB): the run without
+memory took 6 min 40 s on 2 cores (docs/LOG.md, 2026-12-05). Memory adds several minutes more, not yet timed: its
+16k- and 32k-token steps take minutes each on 2 cores; a step whose resident memory passes 20 GiB
+(bench_memory.py's `--limit-gib`) is killed and reported as OOM. `--quick` uses tiny models and one repeat to
+test the plumbing in about two minutes; its numbers mean nothing. The vLLM column needs the vLLM venv's Python
+(docs/ROLLOUT_VLLM.md): `/work/vllm-venv/bin/python tools/bench_all.py ...` (about 4 minutes more: SmolLM2 rows
+with three engines, two vLLM starts).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -41,7 +47,7 @@ from typing import Any
 
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
-AREAS = ("actor", "scaling", "sync", "rollout", "data")
+AREAS = ("actor", "scaling", "sync", "rollout", "memory", "data")
 
 
 # ----------------------------------------------------------------------------- the benchmarks to run
@@ -58,12 +64,15 @@ def bench_specs(quick: bool, vllm: bool) -> dict[str, tuple[str, list[str]]]:
             "actor": ("bench_actor.py", tiny_actor),
             "sync": ("bench_sync.py", ["--model", "tiny", "--repeats", "1"]),
             "rollout": ("bench_rollout.py", small_rollout + (["--vllm"] if vllm else [])),
+            "memory": ("bench_memory.py", ["--model", "tiny", "--tokens", "256", "512"]),
         }
+    long_memory = ["--model", "random135m", "--tokens", "2048", "8192", "16384", "32768", "--skip-plain-above", "8192"]
     return {
         "actor": ("bench_actor.py", ["--model", "smollm2", "--layouts"]),
         "actor_tp": ("bench_actor.py", ["--model", "tiny", "--layouts", "--no-shim-table"]),
         "sync": ("bench_sync.py", []),
         "rollout": ("bench_rollout.py", ["--vllm"] if vllm else []),
+        "memory": ("bench_memory.py", long_memory),
     }
 
 
@@ -74,7 +83,7 @@ def needed_runs(areas: set[str], quick: bool) -> list[str]:
         keys.append("actor")
     if "scaling" in areas and not quick:
         keys.append("actor_tp")
-    keys += [k for k in ("sync", "rollout") if k in areas]
+    keys += [k for k in ("sync", "rollout", "memory") if k in areas]
     return keys
 
 
@@ -271,8 +280,10 @@ def _ratio(x: float) -> str:
 
 
 def render_header(machine: dict[str, str]) -> str:
-    lines = ["# Performance", "", "Written by `tools/bench_all.py`; every ratio is ours / its reference, both measured"]
-    lines += ["in the same run on this machine. Ratios from a loaded machine are not comparable to an idle one's.", ""]
+    lines = ["# Performance", ""]
+    lines += ["Written by `tools/bench_all.py`; every ratio is ours / its reference (the memory table's: its reference"]
+    lines += ["/ ours), both measured in the same run on this machine. Ratios from a loaded machine are not comparable"]
+    lines += ["to an idle one's.", ""]
     lines += [md_table(["machine", "value"], [[k, f"`{v}`" if k == "command" else v] for k, v in machine.items()])]
     return "\n".join(lines)
 
@@ -295,7 +306,9 @@ def keep_skipped(doc: str, old: dict[str, str], when: str) -> str:
         if i and "Not measured in this run (`--skip" in chunk and title in old:
             kept = old[title][3:]
             head, _, rest = kept.partition("\n")
-            chunk = f"{head}\n\n_Kept from the earlier run of this file ({when}; `--keep`), not measured now._\n{rest}"
+            trail = chunk[len(chunk.rstrip("\n")) :]  # the blank line before the next section, or the final newline
+            note = f"_Kept from the earlier run of this file ({when}; `--keep`), not measured now._"
+            chunk = f"{head}\n\n{note}\n{rest}{trail}"
         out.append(chunk)
     return "\n## ".join(out)
 
@@ -379,6 +392,53 @@ def render_rollout(res: dict[str, Any]) -> str:
     return head + "\n\n" + md_table(headers, rows)
 
 
+def _repo_path(path: str) -> str:
+    """A path inside the repository relative to it: the document names no checkout's location."""
+    return str(Path(path).relative_to(REPO)) if Path(path).is_relative_to(REPO) else path
+
+
+def _step_ran(peak: float | None, oom: bool) -> bool:
+    return peak is not None and not oom
+
+
+def _step_cells(peak: float | None, seconds: float | None, oom: bool) -> list[str]:
+    """One side of a memory row: peak RSS MiB and step seconds; OOM with the RSS it was killed at, or error."""
+    if oom:
+        return [f"OOM (killed at {peak:,.0f})", "-"]
+    if not _step_ran(peak, oom) or seconds is None:
+        return ["error", "-"]
+    return [f"{peak:,.0f}", f"{seconds:.2f}"]
+
+
+def render_memory(res: dict[str, Any]) -> str:
+    meta = res["meta"]
+    settings = ", ".join(f"`actor.{k}: {v}`" for k, v in meta["settings"].items()) or "unknown (no step of ours ran)"
+    head = f"Model {meta['model']}, one sequence of N tokens ({meta['prompt_tokens']} prompt, the rest response),"
+    head += f" {meta['threads']} threads per process; actor settings from `{_repo_path(meta['recipe'])}`: {settings}."
+    head += f" OOM = resident memory passed {meta['limit_gib']:g} GiB and the step was killed."
+    rows = []
+    for r in res["rows"]:
+        ours = _step_cells(r["peak_rss_mib"], r["step_s"], r["oom"])
+        plain = _step_cells(r["plain_peak_rss_mib"], r["plain_step_s"], r["plain_oom"])
+        plain = ["not run", "-"] if r["plain_skipped"] else plain
+        both = _step_ran(r["peak_rss_mib"], r["oom"]) and _step_ran(r["plain_peak_rss_mib"], r["plain_oom"])
+        ratio = _ratio(r["plain_peak_rss_mib"] / r["peak_rss_mib"]) if both else "-"
+        rows.append([f"{r['tokens']:,}", *ours, *plain, ratio])
+    headers = ["tokens", "our peak RSS MiB", "our step s", "plain transformers peak RSS MiB", "plain step s"]
+    return head + "\n\n" + md_table([*headers, "ratio (plain / our peak RSS)"], rows)
+
+
+MEMORY_WHAT = (
+    "One actor train step (clipped policy loss, backward, Adam) on one sequence of N tokens, each side in a fresh"
+    " process whose peak resident memory (VmHWM) is read from outside: our Megatron-core actor with the"
+    " long-context recipe's settings vs transformers (its default SDPA attention) + torch.optim.AdamW on the full"
+    " logits. Per side: peak RSS MiB and step seconds; OOM when killed at the limit, not run above"
+    " `--skip-plain-above` (at 16k and 32k tokens the plain step would need well over 20 GiB). Ratio = plain peak"
+    " RSS / our peak RSS where both ran: how many times less memory our step holds (higher is better, unlike the"
+    " other ratios)."
+)
+
+
 def render_data(rows: list[Efficiency]) -> str:
     out = []
     for e in rows:
@@ -401,6 +461,24 @@ DATA_WHAT = (
 )
 
 
+ACTOR_WHAT = (
+    "Megatron-core actor (TP1, all cores) vs a transformers + torch.optim.AdamW step on the same batch: the"
+    " same policy loss, gradient clipping and Adam update, fp32. Ratio = our tokens/s / plain tokens/s."
+)
+SCALING_WHAT = (
+    "The same step split over gloo processes on the same cores (threads divided among ranks). vs TP1 ="
+    " tokens/s / the TP1 row of the same model; 1.00 means splitting costs nothing."
+)
+SYNC_WHAT = (
+    "A TP=2 actor's weights into a rollout engine per transport vs `copy_` of the same bytes on one rank."
+    " Ratio = sync GB/s / memcpy GB/s (1.0 would be a sync as fast as a local copy)."
+)
+ROLLOUT_WHAT = (
+    "Our embedded engine vs `transformers.generate` (and vLLM where it imports), same sampling settings"
+    " and KV cache. Ratio = our tokens/s / theirs."
+)
+
+
 def render(
     machine: dict[str, str], areas: set[str], specs: dict, results: dict, data: list[Efficiency] | None, runs: list[str]
 ) -> str:
@@ -412,64 +490,51 @@ def render(
         failed = [f"`{reproduce(specs[k])}` failed ({results[k]['error']})" for k in keys if "error" in results[k]]
         return "; ".join(failed) + "; see its output." if failed else None
 
-    sections = [render_header(machine)]
-    st = status("actor", "actor")
-    sections.append(
-        render_section(
-            "Actor train step vs plain PyTorch",
-            "Megatron-core actor (TP1, all cores) vs a transformers + torch.optim.AdamW step on the same batch: the"
-            " same policy loss, gradient clipping and Adam update, fp32. Ratio = our tokens/s / plain tokens/s.",
-            render_actor(results["actor"]) if st is None else None,
-            reproduce(specs["actor"]),
-            st,
-        )
-    )
-    keys = [k for k in ("actor", "actor_tp") if k in specs]
-    st = status("scaling", *keys)
-    sections.append(
-        render_section(
-            "TP/PP scaling on CPU",
-            "The same step split over gloo processes on the same cores (threads divided among ranks). vs TP1 ="
-            " tokens/s / the TP1 row of the same model; 1.00 means splitting costs nothing.",
-            render_scaling([results[k] for k in keys]) if st is None else None,
-            " && ".join(reproduce(specs[k]) for k in keys),
-            st,
-        )
-    )
-    st = status("sync", "sync")
-    sections.append(
-        render_section(
-            "Weight sync vs memory copy",
-            "A TP=2 actor's weights into a rollout engine per transport vs `copy_` of the same bytes on one rank."
-            " Ratio = sync GB/s / memcpy GB/s (1.0 would be a sync as fast as a local copy).",
-            render_sync(results["sync"]) if st is None else None,
-            reproduce(specs["sync"]),
-            st,
-        )
-    )
-    st = status("rollout", "rollout")
-    sections.append(
-        render_section(
-            "Rollout vs transformers.generate",
-            "Our embedded engine vs `transformers.generate` (and vLLM where it imports), same sampling settings"
-            " and KV cache. Ratio = our tokens/s / theirs.",
-            render_rollout(results["rollout"]) if st is None else None,
-            reproduce(specs["rollout"]),
-            st,
-        )
-    )
+    def measured(title: str, what: str, area: str, keys: list[str], body: Callable[[], str]) -> str:
+        """The section of an area measured by benchmark runs `keys`; `body` renders their results."""
+        st = status(area, *keys)
+        how = " && ".join(reproduce(specs[k]) for k in keys)
+        return render_section(title, what, body() if st is None else None, how, st)
+
+    scaling = [k for k in ("actor", "actor_tp") if k in specs]
     st = "Not measured in this run (no `--runs` given)." if data is None and "data" in areas else None
     st = "Not measured in this run (`--skip data`)." if "data" not in areas else st
-    sections.append(
+    skip_runs = " ".join(f"--skip {area}" for area in AREAS if area != "data")
+    sections = [
+        render_header(machine),
+        measured(
+            "Actor train step vs plain PyTorch", ACTOR_WHAT, "actor", ["actor"], lambda: render_actor(results["actor"])
+        ),
+        measured(
+            "TP/PP scaling on CPU",
+            SCALING_WHAT,
+            "scaling",
+            scaling,
+            lambda: render_scaling([results[k] for k in scaling]),
+        ),
+        measured("Weight sync vs memory copy", SYNC_WHAT, "sync", ["sync"], lambda: render_sync(results["sync"])),
+        measured(
+            "Rollout vs transformers.generate",
+            ROLLOUT_WHAT,
+            "rollout",
+            ["rollout"],
+            lambda: render_rollout(results["rollout"]),
+        ),
+        measured(
+            "Long sequences: one train step's memory",
+            MEMORY_WHAT,
+            "memory",
+            ["memory"],
+            lambda: render_memory(results["memory"]),
+        ),
         render_section(
             "Data efficiency: dynamic sampling",
             DATA_WHAT,
             render_data(data) if data else None,
-            "python tools/bench_all.py --skip actor --skip scaling --skip sync --skip rollout --runs "
-            + (" ".join(runs) or "RUN_DIR ..."),
+            f"python tools/bench_all.py {skip_runs} --runs " + (" ".join(runs) or "RUN_DIR ..."),
             st,
-        )
-    )
+        ),
+    ]
     return "\n\n".join(sections) + "\n"
 
 

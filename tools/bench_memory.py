@@ -183,12 +183,14 @@ def main() -> None:
     threads = args.threads or len(os.sched_getaffinity(0))
     hf_dir = str(prepare_model(args.model))
     rows, records = [], []
+    settings: dict[str, Any] = {}  # from the first step that ran: a later one may be killed (OOM)
     t0 = time.perf_counter()
     for n in args.tokens:
         if n <= PROMPT_TOKENS:
             raise SystemExit(f"--tokens {n}: needs more than the {PROMPT_TOKENS} prompt tokens")
         common = ["--hf-dir", hf_dir, "--tokens", str(n), "--recipe", args.recipe]
         ours = measure(["--worker", "megatron", *common], args.limit_gib, threads)
+        settings = settings or ours.get("settings", {})
         skip = args.skip_plain_above is not None and n > args.skip_plain_above
         plain = dict(skipped=True) if skip else measure(["--worker", "plain", *common], args.limit_gib, threads)
         ours_rss, ours_s = _cell(ours)
@@ -208,7 +210,6 @@ def main() -> None:
                 plain_skipped=skip,
             )
         )
-    settings = next((r.get("settings") for r in [ours] if "settings" in r), {})
     print(
         f"\nmodel {args.model}, one sequence of N tokens ({PROMPT_TOKENS} prompt), one train step (policy loss,"
         f" backward, Adam) per fresh process, {threads} threads; actor settings from {args.recipe}: {settings};"
@@ -219,7 +220,8 @@ def main() -> None:
     print("\n".join(rows))
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
     if args.json:
-        meta = dict(model=args.model, recipe=args.recipe, threads=threads, settings=settings)
+        meta = dict(model=args.model, recipe=args.recipe, threads=threads, settings=settings, limit_gib=args.limit_gib)
+        meta["prompt_tokens"] = PROMPT_TOKENS
         args.json.write_text(json.dumps(dict(meta=meta, rows=records), indent=1))
 
 
