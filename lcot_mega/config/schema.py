@@ -60,6 +60,10 @@ class RolloutConfig:
     """Response length limit; longer responses are truncated (status TRUNCATED)."""
     stop: list[str] = opt([])
     """Extra stop strings besides the tokenizer's EOS."""
+    ignore_eos: bool = False
+    """Keep sampling past EOS until max_new_tokens or a `stop` string (SGLang's and vLLM's ignore_eos): every
+    response is full length. For exercising long sequences with a model that answers briefly (long_cot_cpu.yaml),
+    not for learning: text after the answer is graded too."""
     seed: int | None = None
     """Sampling seed; None derives it from trainer.seed and the step."""
     served: bool = False

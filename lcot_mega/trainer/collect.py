@@ -53,6 +53,7 @@ def sampling_params(cfg: Config, seed: int) -> SamplingParams:
         top_k=r.top_k,
         n=r.n_samples,
         stop=tuple(r.stop),
+        ignore_eos=r.ignore_eos,
         seed=seed,
     )
 
