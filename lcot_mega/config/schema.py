@@ -173,9 +173,6 @@ class AlgoConfig:
     """positive/negative modes: at least this many of the dropped polarity are kept."""
     positive_weight: float = opt(1.0, ge=0.0)
     """weighted mode: advantages of correct samples are scaled by this (W-REINFORCE's lambda)."""
-    mask_truncated: bool = False
-    """Drop samples cut at rollout.max_new_tokens from the loss (DAPO's overlong filtering; an option of Mu et al.
-    2025): after their group's advantages, so they still count there and in accuracy and truncation metrics."""
     loss_agg: str = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
     loss_max_len: int | None = opt(None, gt=0)
@@ -453,20 +450,8 @@ def cross_field_errors(cfg: Config) -> list[str]:
             f"reward.overlong.buffer_len = {cfg.reward.overlong.buffer_len} must be < rollout.max_new_tokens"
             f" = {cfg.rollout.max_new_tokens}"
         )
-    algo, max_new = cfg.algo, cfg.rollout.max_new_tokens
-    if algo.loss_agg == "seq-mean-token-sum-norm" and algo.loss_max_len is None:
+    if cfg.algo.loss_agg == "seq-mean-token-sum-norm" and cfg.algo.loss_max_len is None:
         errors.append("algo.loss_agg = 'seq-mean-token-sum-norm' needs algo.loss_max_len (a constant token count)")
-    elif algo.loss_agg == "seq-mean-token-sum-norm" and algo.loss_max_len < max_new:
-        # a response longer than the constant normaliser would stop the run in its first long batch
-        errors.append(
-            f"algo.loss_max_len = {algo.loss_max_len} must be >= rollout.max_new_tokens = {max_new}:"
-            " Dr.GRPO's constant normaliser must cover the longest response"
-        )
-    elif algo.loss_agg != "seq-mean-token-sum-norm" and algo.loss_max_len is not None:
-        errors.append(
-            f"algo.loss_max_len = {algo.loss_max_len} only applies with algo.loss_agg = 'seq-mean-token-sum-norm'"
-            f" (got {algo.loss_agg!r})"
-        )
     actor = cfg.actor
     if actor.lr_schedule != "constant" and (actor.lr_decay_steps is None or actor.lr_decay_steps <= actor.warmup_steps):
         errors.append(

@@ -18,10 +18,7 @@ from lcot_mega.types import Batch
 def select_for_update(batch: Batch, algo: AlgoConfig, seed: int) -> tuple[Batch, dict[str, float]]:
     """The samples `algo.polarity` trains on (advantages reweighted in `weighted` mode), and polarity metrics.
 
-    `seed` drives the random reserve of the dropped polarity, so a resumed run keeps the same samples. With
-    `algo.mask_truncated`, samples cut at rollout.max_new_tokens are dropped too (DAPO's overlong filtering, Yu
-    et al. 2025; an option of Mu et al. 2025): out of the loss and its denominators, after their group's
-    advantages were computed with them, so the other samples' advantages do not change.
+    `seed` drives the random reserve of the dropped polarity, so a resumed run keeps the same samples.
     """
     t = batch.tensors()
     adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32)  # [N]
@@ -29,13 +26,9 @@ def select_for_update(batch: Batch, algo: AlgoConfig, seed: int) -> tuple[Batch,
     keep = select_by_polarity(
         adv, t.correct, t.group_ids, algo.polarity, algo.reserve_ratio, algo.reserve_min, generator
     )  # [N] bool
-    masked = keep & t.truncated if algo.mask_truncated else torch.zeros_like(keep)  # [N]
-    keep = keep & ~masked
     trained = positive_weight(adv, t.correct, algo.positive_weight) if algo.polarity == "weighted" else adv  # [N]
     metrics = batch_metrics(adv, t.correct, t.group_ids, keep, update_advantages=trained)
     metrics.pop("reward/accuracy")  # the rollout stage reports accuracy over everything generated
-    if algo.mask_truncated:
-        metrics["polarity/masked_truncated_count"] = float(masked.sum())
     if trained is not adv:
         batch.set_advantages(trained)
     return batch.filter(keep), metrics

@@ -75,34 +75,3 @@ def test_train_batch_carries_the_engine_logprobs_for_the_gap_metric():
     assert train.temperature == 0.7 and len(train.rollout_logprobs) == 8
     assert torch.equal(train.rollout_logprobs[0], torch.tensor([-0.1, -0.2]))
     assert train.prompt_ids[0] == [1, 2, 3]
-
-
-def _truncate(batch: Batch, response_ids: set[int]) -> Batch:
-    from lcot_mega.types import SampleStatus
-
-    for s in batch:
-        if s.response_ids[0] in response_ids:
-            s.status = SampleStatus.TRUNCATED
-    return batch
-
-
-def test_mask_truncated_drops_cut_samples_after_their_group_advantages():
-    plain, _ = select_for_update(_truncate(_batch(), {1, 12}), AlgoConfig(), seed=0)
-    masked, metrics = select_for_update(_truncate(_batch(), {1, 12}), AlgoConfig(mask_truncated=True), seed=0)
-    assert _ids(plain) == [0, 1, 2, 3, 10, 11, 12, 13]  # off by default: truncated samples train
-    assert _ids(masked) == [0, 2, 3, 10, 11, 13]
-    assert metrics["polarity/masked_truncated_count"] == 2.0
-    # the kept samples' advantages are those of the full groups (by hand: group 1100 -> +-0.866, 1000 -> 1.5, -0.5)
-    advantages = {s.response_ids[0]: s.advantage for s in masked}
-    assert advantages == pytest.approx({0: 0.866, 2: -0.866, 3: -0.866, 10: 1.5, 11: -0.5, 13: -0.5}, abs=1e-3)
-    # only samples the polarity mode keeps are counted as masked
-    _, negative = select_for_update(
-        _truncate(_batch(), {1, 12}), AlgoConfig(polarity="negative", mask_truncated=True), 0
-    )
-    assert negative["polarity/masked_truncated_count"] == 1.0
-
-
-def test_a_batch_of_only_truncated_samples_leaves_nothing_to_train():
-    every = {0, 1, 2, 3, 10, 11, 12, 13}
-    selected, metrics = select_for_update(_truncate(_batch(), every), AlgoConfig(mask_truncated=True), seed=0)
-    assert len(selected) == 0 and metrics["polarity/masked_truncated_count"] == 8.0
