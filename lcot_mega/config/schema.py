@@ -169,6 +169,12 @@ class AlgoConfig:
     """positive/negative modes: at least this many of the dropped polarity are kept."""
     positive_weight: float = opt(1.0, ge=0.0)
     """weighted mode: advantages of correct samples are scaled by this (W-REINFORCE's lambda)."""
+    mask_truncated: bool = False
+    """Overlong filtering (DAPO, Yu et al. 2025, sec. 3.4): responses cut at rollout.max_new_tokens (status
+    TRUNCATED) are left out of the policy loss: their tokens weigh nothing and count in no loss denominator. Their
+    group's rewards and advantages are computed before, with them, so the other samples' advantages do not change;
+    they still count in reward/accuracy and rollout/truncated_frac. The study's code (Mu et al. 2025,
+    `mask_truncated_samples`) zeroes their advantage instead, which leaves their tokens in token-mean denominators."""
     loss_agg: str = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
     loss_max_len: int | None = opt(None, gt=0)
