@@ -16,6 +16,7 @@ from lcot_mega.algo.injection import injected_rewards, offline_injection_mask
 from lcot_mega.algo.losses import (
     aggregate,
     aggregation_denominator,
+    aggregation_uses_max_len,
     available_aggregations,
     offpolicy_shaped_loss,
     policy_loss,
@@ -37,6 +38,7 @@ __all__ = [
     "POLARITY_MODES",
     "aggregate",
     "aggregation_denominator",
+    "aggregation_uses_max_len",
     "available_advantages",
     "available_aggregations",
     "batch_metrics",

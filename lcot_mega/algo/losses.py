@@ -22,6 +22,7 @@ from lcot_mega.algo._checks import as_bool_mask, check_same_shape, count, masked
 # (loss_tokens [B, T] zero at padding, mask [B, T] bool, max_len) -> (numerator, denominator), both scalars.
 AggregationFn = Callable[[torch.Tensor, torch.Tensor, int | None], tuple[torch.Tensor, torch.Tensor]]
 _AGGREGATIONS: dict[str, AggregationFn] = {}
+_USES_MAX_LEN: set[str] = set()
 
 # exp() of a larger log-ratio overflows float32, and the zero gradient of a clipped token then becomes
 # 0 * inf = NaN in backward; e^20 is far outside any clip range, so the clamp changes no clipped value.
@@ -40,19 +41,23 @@ def _broadcast_advantages(advantages: torch.Tensor, shape: torch.Size) -> torch.
 # --------------------------------------------------------------------------------------------- aggregation
 
 
-def register_aggregation(name: str) -> Callable[[AggregationFn], AggregationFn]:
+def register_aggregation(name: str, *, uses_max_len: bool = False) -> Callable[[AggregationFn], AggregationFn]:
     """Register a loss aggregation under `name` (decorator).
 
     The function gets `(loss_tokens, mask, max_len)` with `loss_tokens` [B, T] already zero at padding and
     `mask` [B, T] bool, and returns `(numerator, denominator)`: two scalar tensors whose ratio is the loss.
     The denominator must be additive over sequences (a count of tokens, of sequences, B * max_len, ...), so
     that a loss split over micro-batches or ranks can be rebuilt by dividing by the summed denominators.
+    `uses_max_len`: the function reads `max_len` (`algo.loss_max_len`); the preflight refuses that key with an
+    aggregation that ignores it, so a run never silently drops a normaliser its config names.
     """
 
     def wrap(fn: AggregationFn) -> AggregationFn:
         if name in _AGGREGATIONS:
             raise ValueError(f"aggregation {name!r} is already registered")
         _AGGREGATIONS[name] = fn
+        if uses_max_len:
+            _USES_MAX_LEN.add(name)
         return fn
 
     return wrap
@@ -61,6 +66,12 @@ def register_aggregation(name: str) -> Callable[[AggregationFn], AggregationFn]:
 def available_aggregations() -> list[str]:
     """Registered aggregation names, sorted."""
     return sorted(_AGGREGATIONS)
+
+
+def aggregation_uses_max_len(agg: str) -> bool:
+    """Whether the aggregation registered as `agg` reads `max_len` (registered with `uses_max_len=True`)."""
+    _get_aggregation(agg)  # an unknown name raises, with the closest known one
+    return agg in _USES_MAX_LEN
 
 
 def _get_aggregation(agg: str) -> AggregationFn:
@@ -93,7 +104,7 @@ def _seq_mean_token_sum(loss_tokens: torch.Tensor, mask: torch.Tensor, max_len: 
     return loss_tokens.sum(), count(mask.any(-1))
 
 
-@register_aggregation("seq-mean-token-sum-norm")
+@register_aggregation("seq-mean-token-sum-norm", uses_max_len=True)
 def _seq_mean_token_sum_norm(
     loss_tokens: torch.Tensor, mask: torch.Tensor, max_len: int | None
 ) -> tuple[torch.Tensor, ...]:

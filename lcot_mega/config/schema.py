@@ -173,10 +173,17 @@ class AlgoConfig:
     """positive/negative modes: at least this many of the dropped polarity are kept."""
     positive_weight: float = opt(1.0, ge=0.0)
     """weighted mode: advantages of correct samples are scaled by this (W-REINFORCE's lambda)."""
+    mask_truncated: bool = False
+    """Overlong filtering (DAPO, Yu et al. 2025, sec. 3.4): responses cut at rollout.max_new_tokens (status
+    TRUNCATED) are left out of the policy loss: their tokens weigh nothing and count in no loss denominator. Their
+    group's rewards and advantages are computed before, with them, so the other samples' advantages do not change;
+    they still count in reward/accuracy and rollout/truncated_frac. The study's code (Mu et al. 2025,
+    `mask_truncated_samples`) zeroes their advantage instead, which leaves their tokens in token-mean denominators."""
     loss_agg: str = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
     loss_max_len: int | None = opt(None, gt=0)
-    """Constant normaliser of seq-mean-token-sum-norm (Dr.GRPO); required by that mode."""
+    """Constant normaliser of seq-mean-token-sum-norm (Dr.GRPO): required by that mode and at least
+    rollout.max_new_tokens (it must bound every response); refused with an aggregation that does not read it."""
     clip_low: float = opt(0.2, ge=0.0, lt=1.0)
     """PPO clip below: ratio >= 1 - clip_low."""
     clip_high: float = opt(0.2, ge=0.0)
@@ -450,8 +457,7 @@ def cross_field_errors(cfg: Config) -> list[str]:
             f"reward.overlong.buffer_len = {cfg.reward.overlong.buffer_len} must be < rollout.max_new_tokens"
             f" = {cfg.rollout.max_new_tokens}"
         )
-    if cfg.algo.loss_agg == "seq-mean-token-sum-norm" and cfg.algo.loss_max_len is None:
-        errors.append("algo.loss_agg = 'seq-mean-token-sum-norm' needs algo.loss_max_len (a constant token count)")
+    errors += _loss_max_len_errors(cfg)
     actor = cfg.actor
     if actor.lr_schedule != "constant" and (actor.lr_decay_steps is None or actor.lr_decay_steps <= actor.warmup_steps):
         errors.append(
@@ -468,3 +474,22 @@ def cross_field_errors(cfg: Config) -> list[str]:
     if cfg.algo.polarity in ("both", "weighted") and (cfg.algo.reserve_ratio or cfg.algo.reserve_min):
         errors.append("algo.reserve_ratio / algo.reserve_min only apply with algo.polarity = 'positive' or 'negative'")
     return errors
+
+
+def _loss_max_len_errors(cfg: Config) -> list[str]:
+    """Dr.GRPO (Liu et al. 2025) divides each response's token sum by the constant `algo.loss_max_len`, which
+    must bound every response: `aggregate` raises on a longer one, so a smaller value would fail the first step
+    that samples a response longer than it, after the rollout. Whether a loss_agg that ignores the key is given
+    one needs the aggregation registry: `trainer.preflight` checks that."""
+    algo, limit = cfg.algo, cfg.rollout.max_new_tokens
+    if algo.loss_agg != "seq-mean-token-sum-norm":
+        return []
+    if algo.loss_max_len is None:
+        return ["algo.loss_agg = 'seq-mean-token-sum-norm' needs algo.loss_max_len (a constant token count)"]
+    if algo.loss_max_len < limit:
+        return [
+            f"algo.loss_max_len = {algo.loss_max_len} must be >= rollout.max_new_tokens = {limit} with algo.loss_agg"
+            " = 'seq-mean-token-sum-norm': it is the constant every response's token sum is divided by, and a"
+            f" response may be {limit} tokens long; set algo.loss_max_len={limit} (or ${{rollout.max_new_tokens}})"
+        ]
+    return []

@@ -37,6 +37,7 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "polarity/kept_pos_share",
     "polarity/kept_neg_share",
     "select/kept_frac",
+    "select/masked_truncated",
     # rollout
     "rollout/zero_adv_frac",
     "rollout/response_len_mean",

@@ -111,6 +111,8 @@ def run_step(rt: Runtime, grader: Grader, next_prompts, cfg: Config, step: int, 
     )
     batch, metrics = select_for_update(collected.batch, cfg.algo, step_seed(cfg, step, salt=-1))
     metrics |= collected.metrics | rt.engine_metrics()
+    if not len(batch):
+        print(f"lcot-mega: step {step}: {_nothing_to_train(metrics)}", flush=True)
     verdict = watch.guard.check(step, metrics)  # rollout monitors first: a degenerate batch is never trained on
     t1 = time.perf_counter()
     updated = False
@@ -129,6 +131,13 @@ def run_step(rt: Runtime, grader: Grader, next_prompts, cfg: Config, step: int, 
         "perf/step_s": time.perf_counter() - t0,
     }
     return metrics, verdict
+
+
+def _nothing_to_train(metrics: dict[str, float]) -> str:
+    """Why a step has no update (actor/skipped = 1): selection left no sample, e.g. every kept one was truncated."""
+    masked = int(metrics.get("select/masked_truncated", 0))
+    why = f", {masked} truncated ones masked out by algo.mask_truncated" if masked else ""
+    return f"no sample left to train on after selection{why}; the update is skipped"
 
 
 def train_on(rt: Runtime, update) -> dict[str, float]:

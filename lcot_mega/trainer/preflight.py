@@ -49,17 +49,28 @@ def _unregistered(key: str, value: str, names: list[str]) -> str:
 
 
 def registry_errors(cfg: Config) -> list[str]:
-    """Config values that name something no registry knows, with what is registered."""
+    """Config values that name something no registry knows, with what is registered; an algo.loss_max_len that the
+    registered loss aggregation does not read."""
     errors = []
     if cfg.algo.advantage not in algo.available_advantages():
         errors.append(_unregistered("algo.advantage", cfg.algo.advantage, algo.available_advantages()))
     if cfg.algo.loss_agg not in algo.available_aggregations():
         errors.append(_unregistered("algo.loss_agg", cfg.algo.loss_agg, algo.available_aggregations()))
+    elif cfg.algo.loss_max_len is not None and not algo.aggregation_uses_max_len(cfg.algo.loss_agg):
+        errors.append(_unused_max_len(cfg.algo.loss_agg, cfg.algo.loss_max_len))
     try:
         resolve_reward(cfg.reward.fn)
     except (ValueError, ImportError, AttributeError) as e:
         errors.append(f"reward.fn = {cfg.reward.fn!r}: {e}")
     return errors
+
+
+def _unused_max_len(agg: str, max_len: int) -> str:
+    users = [name for name in algo.available_aggregations() if algo.aggregation_uses_max_len(name)]
+    return (
+        f"algo.loss_max_len = {max_len} is not used by algo.loss_agg = {agg!r} (only by {', '.join(users)}):"
+        " the loss would silently ignore it; drop algo.loss_max_len or choose an aggregation that uses it"
+    )
 
 
 def _input_errors(cfg: Config) -> list[str]:

@@ -1,7 +1,12 @@
-"""The update half of a step: which samples train (the study's polarity modes) and the actor's input.
+"""The update half of a step: which samples train (the study's polarity modes, overlong filtering) and the actor's
+input.
 
 Mu et al. (2025) train on positives only, negatives only, both, or both with positives down-weighted;
 advantages are computed on the full group first and selection then drops samples (`lcot_mega.algo.selection`).
+`algo.mask_truncated` (DAPO's overlong filtering, Yu et al. 2025, sec. 3.4) drops the responses cut at
+rollout.max_new_tokens the same way, after the advantages. Dropping a sample from the actor's batch is what
+masking it out of the loss means here: none of its tokens is weighted and it counts in no loss denominator
+(token count, sequence count, or Dr.GRPO's B * max_len), while every per-sample list the actor gets stays aligned.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from lcot_mega.types import Batch
 
 
 def select_for_update(batch: Batch, algo: AlgoConfig, seed: int) -> tuple[Batch, dict[str, float]]:
-    """The samples `algo.polarity` trains on (advantages reweighted in `weighted` mode), and polarity metrics.
+    """The samples `algo.polarity` trains on (advantages reweighted in `weighted` mode), without the truncated ones
+    when `algo.mask_truncated` is set, and the selection metrics (`polarity/kept_*` describe what trains).
 
-    `seed` drives the random reserve of the dropped polarity, so a resumed run keeps the same samples.
+    `seed` drives the random reserve of the dropped polarity, so a resumed run keeps the same samples; the reserve
+    is drawn before truncated samples are dropped, so a truncated one drawn into it is dropped too.
     """
     t = batch.tensors()
     adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32)  # [N]
@@ -26,9 +33,12 @@ def select_for_update(batch: Batch, algo: AlgoConfig, seed: int) -> tuple[Batch,
     keep = select_by_polarity(
         adv, t.correct, t.group_ids, algo.polarity, algo.reserve_ratio, algo.reserve_min, generator
     )  # [N] bool
+    masked = keep & t.truncated if algo.mask_truncated else torch.zeros_like(keep)  # [N] bool
+    keep = keep & ~masked
     trained = positive_weight(adv, t.correct, algo.positive_weight) if algo.polarity == "weighted" else adv  # [N]
     metrics = batch_metrics(adv, t.correct, t.group_ids, keep, update_advantages=trained)
     metrics.pop("reward/accuracy")  # the rollout stage reports accuracy over everything generated
+    metrics["select/masked_truncated"] = float(masked.sum())
     if trained is not adv:
         batch.set_advantages(trained)
     return batch.filter(keep), metrics

@@ -11,8 +11,11 @@ from hypothesis import strategies as st
 
 from lcot_mega.algo.losses import (
     _AGGREGATIONS,
+    _USES_MAX_LEN,
     aggregate,
     aggregation_denominator,
+    aggregation_uses_max_len,
+    available_aggregations,
     offpolicy_shaped_loss,
     policy_loss,
     register_aggregation,
@@ -240,6 +243,23 @@ def test_registered_aggregation_is_usable_by_name():
             register_aggregation("test-token-sum")(_token_sum)
     finally:
         _AGGREGATIONS.pop("test-token-sum")
+
+
+def test_only_aggregations_registered_with_uses_max_len_read_it():
+    assert [a for a in available_aggregations() if aggregation_uses_max_len(a)] == ["seq-mean-token-sum-norm"]
+
+    @register_aggregation("test-token-sum-over-max-len", uses_max_len=True)
+    def _over_max_len(loss_tokens, mask, max_len):
+        return loss_tokens.sum(), torch.tensor(float(max_len))
+
+    try:
+        assert aggregation_uses_max_len("test-token-sum-over-max-len")
+        _close(aggregate(RAGGED_LOSS, RAGGED_MASK, "test-token-sum-over-max-len", max_len=5), 3.0)
+    finally:
+        _AGGREGATIONS.pop("test-token-sum-over-max-len")
+        _USES_MAX_LEN.discard("test-token-sum-over-max-len")
+    with pytest.raises(ValueError, match="did you mean 'token-mean'"):
+        aggregation_uses_max_len("token_mean")
 
 
 @pytest.mark.parametrize("agg", sorted(RAGGED_EXPECTED))

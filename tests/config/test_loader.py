@@ -71,6 +71,17 @@ def test_bad_values_fail_naming_the_key_and_what_is_allowed(override, expected):
     assert expected in str(err.value)
 
 
+def test_a_dr_grpo_normaliser_shorter_than_the_longest_response_is_refused_naming_both_keys():
+    dr_grpo = ["algo.loss_agg=seq-mean-token-sum-norm", "rollout.max_new_tokens=1024"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*dr_grpo, "algo.loss_max_len=512"])
+    (problem,) = err.value.problems
+    assert problem.startswith("algo.loss_max_len = 512 must be >= rollout.max_new_tokens = 1024")
+    assert "algo.loss_max_len=1024" in problem  # the fix
+    for enough in ("${rollout.max_new_tokens}", "4096"):  # any constant that bounds every response is unbiased
+        load_config(None, [*dr_grpo, f"algo.loss_max_len={enough}"])
+
+
 def test_a_quoted_off_is_the_word():
     assert load_config(None, ["algo.dynamic_sampling.mode='off'"]).algo.dynamic_sampling.mode == "off"
 

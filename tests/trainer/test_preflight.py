@@ -100,3 +100,13 @@ def test_contradicting_parallel_settings_are_refused_before_any_rank_starts(mode
         "actor.virtual_pipeline needs actor.pipeline_parallel >= 2",
         "actor.sequence_parallel needs actor.tensor_parallel > 1",
     ]
+
+
+def test_a_loss_max_len_the_loss_aggregation_does_not_read_is_refused(model_dir):
+    cfg = load_config(TINY, [f"model.path={model_dir}", "algo.loss_max_len=8"])  # loss_agg token-mean, the default
+    assert preflight_errors(cfg) == [
+        "algo.loss_max_len = 8 is not used by algo.loss_agg = 'token-mean' (only by seq-mean-token-sum-norm): the loss"
+        " would silently ignore it; drop algo.loss_max_len or choose an aggregation that uses it"
+    ]
+    dr_grpo = ["algo.loss_agg=seq-mean-token-sum-norm", "algo.loss_max_len=8"]
+    assert preflight_errors(load_config(TINY, [f"model.path={model_dir}", *dr_grpo])) == []
