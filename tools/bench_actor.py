@@ -186,7 +186,7 @@ def megatron_worker(
 
     arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
     cfg = ActorConfig(
-        tensor_parallel=tp, pipeline_parallel=pp, precision="fp32", micro_batch_tokens=budget, **(OPTIM | extra)
+        tensor_parallel=tp, pipeline_parallel=pp, precision="fp32", **({"micro_batch_tokens": budget} | OPTIM | extra)
     )
     actor = MegatronActor(arch, cfg, AlgoConfig(), hf_dir)
     train_batch = TrainBatch(**batch)
