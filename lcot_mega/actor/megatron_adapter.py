@@ -100,6 +100,10 @@ def actor_config_errors(cfg: ActorConfig) -> list[str]:
             (cfg.virtual_pipeline is not None, "no actor.virtual_pipeline (its micro-batches share one shape)"),
         ]
         errors += [f"actor.pack_sequences needs {what}" for bad, what in needs if bad]
+    if cfg.recompute == "full" and cfg.freeze_embeddings:
+        # megatron's reentrant checkpoint of a layer whose input needs no gradient hands back outputs that need
+        # none: with a frozen embedding no transformer layer would train (measured: a quick start learned nothing)
+        errors.append("actor.recompute=full with actor.freeze_embeddings=true would train no layer; not supported yet")
     if cfg.offload_activations and cfg.recompute != "none":
         errors.append("actor.offload_activations and actor.recompute exclude each other (megatron-core)")
     if cfg.offload_activations and cfg.pipeline_parallel > 1:

@@ -78,6 +78,7 @@ def test_recompute_gives_the_same_step_at_tp2(hf_dir):
     [
         (dict(recompute="selective", recompute_layers=2), "recompute_layers = 2 applies only with"),
         (dict(offload_activations=True, recompute="full"), "exclude each other"),
+        (dict(recompute="full", freeze_embeddings=True), "would train no layer"),
         (dict(offload_activations=True, pipeline_parallel=2), "pipeline_parallel > 1"),
     ],
 )
