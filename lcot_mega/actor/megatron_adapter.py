@@ -100,10 +100,6 @@ def actor_config_errors(cfg: ActorConfig) -> list[str]:
             (cfg.virtual_pipeline is not None, "no actor.virtual_pipeline (its micro-batches share one shape)"),
         ]
         errors += [f"actor.pack_sequences needs {what}" for bad, what in needs if bad]
-    if cfg.recompute == "full" and cfg.freeze_embeddings:
-        # megatron's reentrant checkpoint of a layer whose input needs no gradient hands back outputs that need
-        # none: with a frozen embedding no transformer layer would train (measured: a quick start learned nothing)
-        errors.append("actor.recompute=full with actor.freeze_embeddings=true would train no layer; not supported yet")
     if cfg.offload_activations and cfg.recompute != "none":
         errors.append("actor.offload_activations and actor.recompute exclude each other (megatron-core)")
     if cfg.offload_activations and cfg.pipeline_parallel > 1:
@@ -369,14 +365,23 @@ def _contiguous_output_grad(module: torch.nn.Module, inputs: tuple, outputs: tup
 
 def freeze_embeddings(chunks: list[torch.nn.Module]) -> int:
     """Turn off gradients of the word embeddings and the output layer (before `wrap_ddp`: DDP and the optimizer
-    then hold no buffers or state for them); returns how many parameter tensors were frozen."""
+    then hold no buffers or state for them); returns how many parameter tensors were frozen.
+
+    The embedding's output is still marked as needing a gradient: megatron's reentrant activation checkpoint
+    (actor.recompute) hands back outputs that need none when its input needs none, and no layer would train."""
     frozen = 0
     for chunk in chunks:
+        if getattr(chunk, "pre_process", False):
+            chunk.embedding.register_forward_hook(_output_requires_grad)
         for name, param in chunk.named_parameters():
             if "word_embeddings" in name or "output_layer" in name:
                 param.requires_grad_(False)
                 frozen += 1
     return frozen
+
+
+def _output_requires_grad(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.requires_grad_() if torch.is_grad_enabled() and not output.requires_grad else output
 
 
 def wrap_ddp(chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:

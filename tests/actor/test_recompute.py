@@ -23,9 +23,11 @@ SETTINGS = [
     dict(recompute="selective", attention="local"),  # megatron's core_attn recompute: the local spec's attention
     dict(recompute="none", attention="local"),
 ]
+FROZEN = [dict(recompute="none", freeze_embeddings=True), dict(recompute="full", freeze_embeddings=True)]
+"""Frozen embeddings: the checkpointed layers' input needs no gradient of its own (they must train anyway)."""
 
 
-def _step_worker(rank: int, world: int, hf_dir: str) -> list[tuple[dict, dict]]:
+def _step_worker(rank: int, world: int, hf_dir: str, settings: list[dict] = SETTINGS) -> list[tuple[dict, dict]]:
     """Per setting: (metrics of one train step, the weights after it) on this rank."""
     from transformers import AutoConfig
 
@@ -36,8 +38,8 @@ def _step_worker(rank: int, world: int, hf_dir: str) -> list[tuple[dict, dict]]:
     torch.set_num_threads(1)
     arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
     out = []
-    for setting in SETTINGS:
-        cfg = ActorConfig(tensor_parallel=world, **OPTIM, **setting)
+    for setting in settings:
+        cfg = ActorConfig(tensor_parallel=world, **(OPTIM | setting))
         actor = MegatronActor(arch, cfg, AlgoConfig(entropy_coef=0.1), hf_dir)
         config = ma.unwrap(actor.chunks[0]).config
         assert config.recompute_granularity == (None if setting["recompute"] == "none" else setting["recompute"])
@@ -48,11 +50,11 @@ def _step_worker(rank: int, world: int, hf_dir: str) -> list[tuple[dict, dict]]:
     return out
 
 
-def _check(per_rank: list) -> None:
+def _check(per_rank: list, settings: list[dict] = SETTINGS) -> None:
     for rank, results in enumerate(per_rank):
         base_metrics, base_weights = results[0]
         assert base_metrics["actor/update_ok"] == 1.0
-        for setting, (metrics, weights) in zip(SETTINGS[1:], results[1:], strict=True):
+        for setting, (metrics, weights) in zip(settings[1:], results[1:], strict=True):
             where = (rank, setting)
             for key in ("actor/loss", "actor/grad_norm", "actor/entropy"):
                 assert metrics[key] == pytest.approx(base_metrics[key], rel=1e-5, abs=1e-7), (*where, key)
@@ -69,6 +71,18 @@ def test_recompute_gives_the_same_step_on_one_rank(hf_dir):
     _check(run_gloo(_step_worker, 1, hf_dir))
 
 
+def test_full_recompute_trains_every_layer_with_frozen_embeddings(hf_dir):
+    per_rank = run_gloo(_step_worker, 1, hf_dir, FROZEN)
+    _check(per_rank, FROZEN)
+    (_, moved), start = per_rank[0][1], _initial_weights(hf_dir)
+    layer = next(n for n in moved if "decoder.layers.0" in n and "linear_fc1" in n)
+    assert not torch.equal(moved[layer], start[layer])  # the first layer trained (it did not, before the fix)
+
+
+def _initial_weights(hf_dir: str) -> dict:
+    return run_gloo(_step_worker, 1, hf_dir, [dict(recompute="none", lr=1e-30)])[0][0][1]
+
+
 def test_recompute_gives_the_same_step_at_tp2(hf_dir):
     _check(run_gloo(_step_worker, 2, hf_dir))
 
@@ -78,7 +92,6 @@ def test_recompute_gives_the_same_step_at_tp2(hf_dir):
     [
         (dict(recompute="selective", recompute_layers=2), "recompute_layers = 2 applies only with"),
         (dict(offload_activations=True, recompute="full"), "exclude each other"),
-        (dict(recompute="full", freeze_embeddings=True), "would train no layer"),
         (dict(offload_activations=True, pipeline_parallel=2), "pipeline_parallel > 1"),
     ],
 )
