@@ -36,9 +36,10 @@ def _real_columns(weight: torch.Tensor, vocab_start: int, vocab_size: int) -> to
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 (h W^T) / T of one chunk, the product in `dtype` (the output layer's compute dtype); [c, V_real]."""
+    """fp32 (h W^T) / T of one chunk, the product in `dtype` (the output layer's compute dtype; `w` already in
+    it); [c, V_real]."""
     with torch.autocast(h.device.type, enabled=False):
-        z = (h.to(dtype) @ w.to(dtype).t()).float()
+        z = (h.to(dtype) @ w.t()).float()
     return z.div_(temperature)
 
 
@@ -66,7 +67,7 @@ class _ChunkedTokenStats(torch.autograd.Function):
         group: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = hidden.shape[0]
-        w = _real_columns(weight, vocab_start, vocab_size)  # [V_real, h]
+        w = _real_columns(weight, vocab_start, vocab_size).to(dtype)  # [V_real, h], cast once (autocast: a copy)
         shift = torch.empty(n, dtype=torch.float32, device=hidden.device)  # m per token
         sums = torch.empty(3, n, dtype=torch.float32, device=hidden.device)  # S, A, z_t - m per token
         for lo in range(0, n, chunk):
@@ -100,7 +101,7 @@ class _ChunkedTokenStats(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (grad_logp is None and grad_entropy is None) or not (need_h or need_w):
             return (None,) * 9
-        w = _real_columns(weight, vocab_start, vocab_size)  # [V_real, h]
+        w = _real_columns(weight, vocab_start, vocab_size).to(dtype)  # [V_real, h], cast once
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         g_lp = grad_logp / temperature if grad_logp is not None else torch.zeros_like(entropy)
@@ -125,7 +126,7 @@ class _ChunkedTokenStats(torch.autograd.Function):
             dz = dz.to(dtype)
             with torch.autocast(hidden.device.type, enabled=False):
                 if grad_h is not None:
-                    grad_h[lo:hi] = (dz @ w.to(dtype)).to(grad_h.dtype)
+                    grad_h[lo:hi] = (dz @ w).to(grad_h.dtype)
                 if grad_w is not None:
                     grad_w[: w.shape[0]] += (dz.t() @ hidden[lo:hi].to(dtype)).float()
             del dz, y
