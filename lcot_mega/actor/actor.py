@@ -23,6 +23,7 @@ from lcot_mega.bridge.arch import ArchSpec
 from lcot_mega.bridge.hf_load import load_hf_weights
 from lcot_mega.checkpoint.store import CheckpointStore
 from lcot_mega.config import ActorConfig, AlgoConfig
+from lcot_mega.utils.host_memory import release_free_heap
 
 
 class MegatronActor:
@@ -57,16 +58,19 @@ class MegatronActor:
 
     def _token_logprobs(self, chunks: list, sequences: Sequence[TokenSequence], temperature: float, entropy: bool):
         cfg = self.cfg
-        return compute_logprobs(
-            chunks,
-            sequences,
-            temperature,
-            self.arch.vocab_size,
-            cfg.micro_batch_tokens,
-            with_entropy=entropy,
-            chunk_tokens=cfg.logits_chunk_tokens,
-            packed=cfg.pack_sequences,
-        )
+        try:
+            return compute_logprobs(
+                chunks,
+                sequences,
+                temperature,
+                self.arch.vocab_size,
+                cfg.micro_batch_tokens,
+                with_entropy=entropy,
+                chunk_tokens=cfg.logits_chunk_tokens,
+                packed=cfg.pack_sequences,
+            )
+        finally:
+            release_free_heap()
 
     def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float = 1.0) -> list[torch.Tensor]:
         """Per-sequence [response_len] log-probs under the current policy (logits / temperature), on every rank."""
@@ -91,7 +95,12 @@ class MegatronActor:
         """
         if self.algo.kl_coef > 0 and batch.ref_logprobs is None:
             batch = replace(batch, ref_logprobs=self.compute_ref_logprobs(batch.sequences, batch.temperature))
-        return train_step(self.chunks, self.optimizer, self.scheduler, batch, self.cfg, self.algo, self.arch.vocab_size)
+        try:
+            return train_step(
+                self.chunks, self.optimizer, self.scheduler, batch, self.cfg, self.algo, self.arch.vocab_size
+            )
+        finally:
+            release_free_heap()  # the step's activations and logits chunks: free, but resident until trimmed
 
     def set_lr_scale(self, scale: float) -> None:
         """Make the schedule's peak and minimum LR the configured ones times `scale` (absolute: calling it twice
@@ -120,15 +129,18 @@ class MegatronActor:
         `hf_dir` copies the HF config and tokenizer files in, so the checkpoint exports on its own. The
         reference model is not saved: it is the initial policy, which `__init__` re-creates from the HF weights.
         """
-        return megatron_ckpt.save(
-            self.chunks,
-            target,
-            step,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            extra=extra,
-            hf_dir=hf_dir,
-        )
+        try:
+            return megatron_ckpt.save(
+                self.chunks,
+                target,
+                step,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                extra=extra,
+                hf_dir=hf_dir,
+            )
+        finally:
+            release_free_heap()
 
     def load_checkpoint(self, path: str | Path) -> megatron_ckpt.LoadedCheckpoint:
         """Restore what `save_checkpoint` saved from a checkpoint directory, or a store root's newest valid one.

@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from lcot_mega.actor import megatron_adapter as ma
+from lcot_mega.actor.optimizer_state import saving_without_copies
 from lcot_mega.checkpoint.store import (
     MANIFEST,
     CheckpointStore,
@@ -316,9 +317,10 @@ def _write_checkpoint(tmp: Path, chunks: Sequence[torch.nn.Module], optimizer: A
     dc.save(model_sharded_state_dict(chunks), str(tmp / MODEL_DIR))
     if optimizer is not None:
         _init_adam_state(optimizer)
-        opt_sd = optimizer.sharded_state_dict(
-            model_sharded_state_dict(chunks), is_loading=False, metadata=OPTIMIZER_METADATA
-        )
+        with saving_without_copies(optimizer):  # one data-parallel rank: no gathered copies of the state
+            opt_sd = optimizer.sharded_state_dict(
+                model_sharded_state_dict(chunks), is_loading=False, metadata=OPTIMIZER_METADATA
+            )
         dc.save({"optimizer": opt_sd}, str(tmp / OPTIMIZER_DIR))
     (tmp / RNG_DIR / f"rank_{rank:05d}.json").write_text(json.dumps(rng))
     if rank == 0:

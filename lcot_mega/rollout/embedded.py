@@ -39,6 +39,7 @@ import torch
 from lcot_mega.rollout.protocol import Completion, SamplingParams, check_memory_tags
 from lcot_mega.rollout.sampling import process_logits, sample
 from lcot_mega.types import SampleStatus
+from lcot_mega.utils.host_memory import release_free_heap
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -175,6 +176,7 @@ class EmbeddedEngine:
             finally:
                 with self._state_lock:
                     self._in_flight = False
+                release_free_heap()  # the KV caches: free, but resident until trimmed
 
     @property
     def in_flight(self) -> bool:
