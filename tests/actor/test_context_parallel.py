@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.distributed_harness import run_gloo
 
 from lcot_mega.actor.batching import collate, make_micro_batches
 from lcot_mega.actor.context_parallel import (
@@ -94,3 +95,67 @@ def test_megatron_rotary_embedding_gives_each_rank_the_positions_of_its_tokens()
         assert torch.equal(local, full[rank_positions(length, cp, r)])
         angles = rank_positions(length, cp, r).float().outer(rope.inv_freq)  # [s / cp, d / 2]
         assert torch.allclose(local[:, 0, 0, : angles.shape[1]], angles)
+
+
+# --------------------------------------------------------------------------------- sdpa attention over CP ranks
+
+SEQ, BATCH, HEADS, GROUPS, HEAD_DIM = 24, 2, 4, 2, 16
+
+
+def _attention_config(cp: int):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=2,
+        hidden_size=HEADS * HEAD_DIM,
+        num_attention_heads=HEADS,
+        num_query_groups=GROUPS,
+        kv_channels=HEAD_DIM,
+        context_parallel_size=cp,
+        attention_dropout=0.0,  # megatron's default 0.1 would make the two runs differ
+        use_cpu_initialization=True,
+        masked_softmax_fusion=False,
+    )
+
+
+def _attention(cp: int, q, k, v, grad, split) -> list[torch.Tensor]:
+    """SDPAttention's output and q/k/v gradients on this rank's part of the whole-sequence inputs."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from lcot_mega.actor.sdpa_attention import SDPAttention
+
+    module = SDPAttention(_attention_config(cp), 1, AttnMaskType.causal, "self")
+    leaves = [split(t).detach().requires_grad_() for t in (q, k, v)]
+    out = module(*leaves, None)
+    out.backward(split(grad))
+    return [out.detach(), *(t.grad for t in leaves)]
+
+
+def _attention_cp_vs_whole(rank: int, world: int) -> tuple[list, list]:
+    """This CP rank's attention outputs and input gradients, and those of attention over the whole sequence."""
+    from lcot_mega.actor import megatron_adapter as ma
+    from lcot_mega.config import ActorConfig
+
+    torch.set_num_threads(1)
+    layout = ma.init_parallel(ActorConfig(context_parallel=world), seed=1)
+    g = torch.Generator().manual_seed(3)  # the same whole-sequence inputs on every rank
+    q = torch.randn(SEQ, BATCH, HEADS, HEAD_DIM, generator=g)
+    k, v = (torch.randn(SEQ, BATCH, GROUPS, HEAD_DIM, generator=g) for _ in range(2))
+    grad = torch.randn(SEQ, BATCH, HEADS * HEAD_DIM, generator=g)
+
+    def mine(t: torch.Tensor) -> torch.Tensor:
+        return split_sequence(t, layout.cp_size, layout.cp_rank, dim=0)
+
+    got = _attention(world, q, k, v, grad, mine)
+    want = [mine(t) for t in _attention(1, q, k, v, grad, lambda t: t)]  # no CP group: the whole sequence here
+    ma.destroy_parallel()
+    return got, want
+
+
+def test_sdpa_attention_over_two_cp_ranks_equals_attention_over_the_whole_sequence():
+    """Output and the gradients of q, k and v (the keys' summed back from the other rank's queries) on each CP
+    rank equal that rank's part of single-process attention, to 1e-5."""
+    for rank, (got, want) in enumerate(run_gloo(_attention_cp_vs_whole, 2)):
+        for what, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+            assert a.shape == b.shape, (rank, what)
+            assert torch.allclose(a, b, rtol=0, atol=1e-5), (rank, what, (a - b).abs().max())
