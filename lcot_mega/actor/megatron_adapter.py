@@ -128,7 +128,6 @@ def context_parallel_errors(cfg: ActorConfig) -> list[str]:
             cfg.attention == "local",
             "actor.attention auto or sdpa (local's DotProductAttention has no context parallelism)",
         ),
-        (cfg.virtual_pipeline is not None, "no actor.virtual_pipeline (not built with context parallelism)"),
     ]
     return [f"{cp} needs {what}" for bad, what in needs if bad]
 

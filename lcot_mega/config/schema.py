@@ -214,8 +214,8 @@ class ActorConfig:
     """Megatron context-parallel size: each sequence is cut into 2 x this many chunks and every rank of a CP group
     holds two of them (load-balanced for causal attention), so activation memory per rank falls with it.
     Transformer Engine's attention on GPU (actor.attention auto), else the sdpa attention with all-gathered keys and
-    values (CPU/gloo too). Rows are padded to a multiple of 2 x context_parallel; not with pack_sequences,
-    virtual_pipeline or attention local. Ranks = tensor x pipeline x context x data parallel."""
+    values (CPU/gloo too). Rows are padded to a multiple of 2 x context_parallel; not with pack_sequences or
+    attention local. Ranks = tensor x pipeline x context x data parallel."""
     precision: str = opt("auto", choices=("auto", "fp32", "bf16", "bf16_autocast"))
     """Parameter/compute dtype: auto = bf16 on GPU, fp32 on CPU. bf16_autocast keeps parameters, gradients and
     Adam in fp32 and runs the matrix products in bf16 (torch.autocast): every update reaches the weights, at

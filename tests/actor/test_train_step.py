@@ -345,6 +345,21 @@ def test_gradient_and_adam_step_are_the_same_on_four_ranks(tmp_path):
     _check(run_gloo(_train_worker, 4, models, layouts, jobs), expected)
 
 
+@pytest.mark.slow
+def test_gradient_and_adam_step_are_the_same_with_cp2_beside_tp_pp_dp_and_interleaving_on_four_ranks(tmp_path):
+    # context parallelism next to each other split: K/V gathered per TP head slice, activations passed between
+    # pipeline stages as CP parts, gradients reduced over DP x CP, one layer per virtual stage
+    models = _models(tmp_path)
+    jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "terms"])
+    layouts = [
+        ("tp2cp2", 2, 1, None, dict(context_parallel=2, logits_chunk_tokens=3)),
+        ("pp2cp2", 1, 2, None, dict(context_parallel=2)),
+        ("dp2cp2", 1, 1, None, dict(context_parallel=2, **FULL)),
+        ("pp2vpp2cp2", 1, 2, 2, dict(context_parallel=2, **CHUNK5)),
+    ]
+    _check(run_gloo(_train_worker, 4, models, layouts, jobs), expected)
+
+
 class _ParamGroups:
     """What OptimizerParamScheduler touches of an optimizer."""
 
