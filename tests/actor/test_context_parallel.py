@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers.distributed_harness import run_gloo
 
-from lcot_mega.actor.batching import collate, make_micro_batches
+from lcot_mega.actor.batching import collate, make_micro_batches, pack
 from lcot_mega.actor.context_parallel import (
     SequenceSplit,
     padded_length,
@@ -76,6 +76,8 @@ def test_local_micro_batch_holds_this_ranks_positions():
     assert local.labels.tolist() == [[4, 5, 6, 7]]
     assert local.loss_mask.tolist() == [[True, True, True, True]]
     assert local.indices == mb.indices
+    with pytest.raises(ValueError, match="packed micro-batches are not split"):
+        SequenceSplit(2, 0).local(pack(mb, [8]))
 
 
 def test_megatron_rotary_embedding_gives_each_rank_the_positions_of_its_tokens():

@@ -319,6 +319,8 @@ def test_loss_gradient_and_adam_step_at_cp2_equal_cp1(tmp_path):
         ("dp2", 1, 1, None, {}),
         ("cp2", 1, 1, None, dict(context_parallel=2, logits_chunk_tokens=3)),
         ("cp2_full_logits", 1, 1, None, dict(context_parallel=2, **FULL)),
+        # every layer rerun in the backward: the K/V all-gathers run again there, in the same order on both ranks
+        ("cp2_recompute", 1, 1, None, dict(context_parallel=2, recompute="full")),
     ]
     per_rank = run_gloo(_train_worker, 2, models, layouts, jobs)
     _check(per_rank, expected)
