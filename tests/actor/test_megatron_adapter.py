@@ -77,7 +77,9 @@ def test_context_parallel_must_fit_the_world_and_refuses_what_it_does_not_split(
     text = "\n".join(setup_errors(bad, 4))
     assert "actor.context_parallel = 2 needs actor.pack_sequences=false" in text
     assert "actor.context_parallel = 2 needs actor.attention auto or sdpa" in text
-    assert "virtual_pipeline" not in text  # interleaved pipelining splits like the rest (test_train_step)
+    assert (
+        "context_parallel = 2 needs no actor.virtual_pipeline" not in text
+    )  # it splits like the rest (test_train_step)
 
 
 def test_context_parallel_reaches_megatron_config():
