@@ -148,14 +148,20 @@ def plan_micro_batches(
 
 
 def collate(
-    sequences: Sequence[TokenSequence], indices: Sequence[int], pad_id: int = 0, shape: tuple[int, int] = (1, 1)
+    sequences: Sequence[TokenSequence],
+    indices: Sequence[int],
+    pad_id: int = 0,
+    shape: tuple[int, int] = (1, 1),
+    length_multiple: int = 1,
 ) -> MicroBatch:
-    """Right-padded tensors of the sequences at `indices`, at least `shape` = (rows, length) large.
+    """Right-padded tensors of the sequences at `indices`, at least `shape` = (rows, length) large, the length
+    rounded up to a multiple of `length_multiple` (context parallelism cuts it into equal chunks).
 
     Rows beyond the real ones are dummies (pad tokens, empty mask); no indices gives one dummy row.
     """
     rows = [list(sequences[i][0]) + list(sequences[i][1]) for i in indices]
     num_rows, seq_len = max(len(rows), shape[0]), max([len(r) for r in rows] + [shape[1]])
+    seq_len = -(-seq_len // length_multiple) * length_multiple
     input_ids = torch.full((num_rows, seq_len), pad_id, dtype=torch.long)  # [b, s]
     loss_mask = torch.zeros((num_rows, seq_len), dtype=torch.bool)  # [b, s]
     for row, i in enumerate(indices):
@@ -192,13 +198,17 @@ def make_micro_batches(
     pad_id: int = 0,
     uniform_shape: bool = False,
     packed: bool = False,
+    length_multiple: int = 1,
 ) -> list[MicroBatch]:
     """The micro-batches of data-parallel `rank` (same count on every rank); see the module docstring.
 
     `uniform_shape` pads them all to the largest row count and length among them (the token budget then
     holds for none but the largest): for pipeline schedules that cannot exchange shapes per micro-batch.
     `packed`: each micro-batch's sequences end to end in one row, the budget counting real tokens.
+    `length_multiple`: padded lengths are rounded up to a multiple of it (not with `packed`).
     """
+    if packed and length_multiple > 1:
+        raise ValueError("packed micro-batches have no padded length to round up (context parallelism needs one)")
     if packed and uniform_shape:
         raise ValueError("packed micro-batches have no uniform shape (the interleaved pipeline schedule needs one)")
     lengths = sequence_lengths(sequences)
@@ -206,7 +216,7 @@ def make_micro_batches(
     shape = (1, 1)
     if uniform_shape:
         shape = (max(len(idx) for idx in plan), max([lengths[i] for idx in plan for i in idx] + [1]))
-    batches = [collate(sequences, idx, pad_id, shape) for idx in plan]
+    batches = [collate(sequences, idx, pad_id, shape, length_multiple) for idx in plan]
     return [pack(mb, [lengths[i] for i in mb.indices]) for mb in batches] if packed else batches
 
 

@@ -85,7 +85,7 @@ class LoadedCheckpoint(TypedDict):
     extra: dict
     path: Path
     layout: dict
-    """The parallel layout it was saved with: world_size, tp, pp, dp, vpp."""
+    """The parallel layout it was saved with: world_size, tp, pp, dp, cp, vpp."""
     rng_restored: bool
 
 
@@ -209,6 +209,7 @@ def _layout(num_chunks: int) -> dict:
         "tp": layout.tp_size,
         "pp": layout.pp_size,
         "dp": layout.dp_size,
+        "cp": layout.cp_size,
         "vpp": num_chunks if num_chunks > 1 else None,
     }
 
@@ -470,6 +471,7 @@ def _dc_load(sharded: dict, dcp_dir: Path, strict: bool) -> dict:
 
 def _restore_rng(ckpt_dir: Path, saved_layout: dict, num_chunks: int) -> bool:
     current = _layout(num_chunks)
+    saved_layout = {"cp": 1, **saved_layout}  # saved before actor.context_parallel existed
     if current != saved_layout:
         warnings.warn(
             f"RNG states not restored: {ckpt_dir} was saved with layout {saved_layout}, this run is {current}",

@@ -9,9 +9,11 @@ padding (V_pad > V) are set to -inf, so they carry no probability. The log-prob 
 megatron-core's `vocab_parallel_cross_entropy` negated; the entropy is reduced over the TP group here.
 
 The forward runs through megatron-core's pipeline schedule, so results exist only on the last pipeline
-stage of each data-parallel replica. `compute_logprobs` hands every rank the values of every sequence:
-one all-reduce (SUM) over all ranks where only the last stage's TP rank 0 of each replica contributes its
-sequences and every other rank adds exact zeros.
+stage of each data-parallel replica. Under context parallelism each rank runs the model on its part of every
+row (`context_parallel`) and the per-token values of whole rows are gathered from the CP group before any loss
+sees them. `compute_logprobs` hands every rank the values of every sequence: one all-reduce (SUM) over all ranks
+where only the last stage's TP and CP rank 0 of each replica contributes its sequences and every other rank adds
+exact zeros.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class TokenStatsHead:
         self.chunks, self.vocab_size, self.chunk_tokens = chunks, vocab_size, chunk_tokens
         last = ma.unwrap(chunks[-1])
         self.weight = output_weight(last) if chunk_tokens and last.post_process else None
+        self.split = ma.sequence_split()
 
     def model_outputs(self) -> contextlib.AbstractContextManager:
         """Context in which the chunks output what this head reads (hidden states when chunked)."""
@@ -113,7 +116,17 @@ class TokenStatsHead:
         entropy_grad: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log-probs, entropy or None) of the real rows of `mb`, [n, s]; the entropy in the graph only with
-        `entropy_grad` (it is a loss term), else detached (a metric)."""
+        `entropy_grad` (it is a loss term), else detached (a metric).
+
+        Under context parallelism `output` covers this rank's tokens of `mb` only (`SequenceSplit.local`): their
+        values are computed here and the whole rows gathered from the CP group, so every CP rank returns (and
+        computes its loss from) the same [n, s] values."""
+        logp, ent = self._local_stats(self.split.local(mb), output, temperature, entropy, entropy_grad)
+        return self.split.gather(logp), None if ent is None else self.split.gather(ent)
+
+    def _local_stats(
+        self, mb: MicroBatch, output: torch.Tensor, temperature: float, entropy: bool, entropy_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.chunk_tokens:
             if mb.packed is not None:
                 raise ValueError("packed micro-batches need actor.logits_chunk_tokens > 0")
@@ -157,8 +170,10 @@ def run_schedule(
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         packed = None if mb.packed is None else packed_seq_params(mb.packed)
-        # [b, s, V/tp] logits or [b, s, h] hidden states on the last stage ([1, T, ...] packed), else activations
-        output = model(mb.input_ids, mb.position_ids, None, packed_seq_params=packed)
+        local = head.split.local(mb)  # this context-parallel rank's tokens (all of them without CP)
+        # [b, s, V/tp] logits or [b, s, h] hidden states on the last stage ([1, T, ...] packed), else activations;
+        # s / cp positions under context parallelism
+        output = model(local.input_ids, local.position_ids, None, packed_seq_params=packed)
         if forward_only:
             return output, lambda out, non_loss_data=True: loss_func(mb, out)
         return output, partial(loss_func, mb)
@@ -216,8 +231,9 @@ def share_per_sequence(
 
 
 def is_reporting_rank() -> bool:
-    """The rank that speaks for its data-parallel replica: last pipeline stage, tensor-parallel rank 0."""
-    return ma.is_pipeline_last_stage() and ma.tensor_parallel_group().rank() == 0
+    """The rank that speaks for its data-parallel replica: last pipeline stage, tensor- and context-parallel rank 0
+    (the ranks of a TP or CP group hold the same per-token values of the replica's sequences)."""
+    return ma.is_pipeline_last_stage() and ma.tensor_parallel_group().rank() == 0 and ma.sequence_split().rank == 0
 
 
 def micro_batches_for_this_rank(
@@ -236,6 +252,7 @@ def micro_batches_for_this_rank(
         count_multiple=layout.pp_size if interleaved else 1,
         uniform_shape=interleaved,
         packed=packed,
+        length_multiple=2 * layout.cp_size if layout.cp_size > 1 else 1,  # equal chunks (`context_parallel`)
     )
     device = ma.compute_device()
     return [mb.to(device) for mb in micro_batches]

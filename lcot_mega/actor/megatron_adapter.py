@@ -63,6 +63,8 @@ class ModelLayout:
     dp_rank: int
     dp_size: int
     vpp_size: int | None
+    cp_rank: int = 0
+    cp_size: int = 1
 
 
 def te_available() -> bool:
@@ -100,6 +102,7 @@ def actor_config_errors(cfg: ActorConfig) -> list[str]:
             (cfg.virtual_pipeline is not None, "no actor.virtual_pipeline (its micro-batches share one shape)"),
         ]
         errors += [f"actor.pack_sequences needs {what}" for bad, what in needs if bad]
+    errors += context_parallel_errors(cfg)
     if cfg.offload_activations and cfg.recompute != "none":
         errors.append("actor.offload_activations and actor.recompute exclude each other (megatron-core)")
     if cfg.offload_activations and cfg.pipeline_parallel > 1:
@@ -114,14 +117,29 @@ def actor_config_errors(cfg: ActorConfig) -> list[str]:
     return errors
 
 
+def context_parallel_errors(cfg: ActorConfig) -> list[str]:
+    """What actor.context_parallel > 1 is not built for (`context_parallel` splits padded rows only)."""
+    if cfg.context_parallel == 1:
+        return []
+    cp = f"actor.context_parallel = {cfg.context_parallel}"
+    needs = [
+        (cfg.pack_sequences, "actor.pack_sequences=false (packed rows are not split per sequence yet)"),
+        (
+            cfg.attention == "local",
+            "actor.attention auto or sdpa (local's DotProductAttention has no context parallelism)",
+        ),
+    ]
+    return [f"{cp} needs {what}" for bad, what in needs if bad]
+
+
 def setup_errors(cfg: ActorConfig, world_size: int) -> list[str]:
     """What prevents `cfg` from running on this machine with `world_size` ranks (empty: it can run)."""
     errors = []
-    model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel
+    model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel * cfg.context_parallel
     if world_size % model_parallel:
         errors.append(
             f"world size {world_size} is not divisible by actor.tensor_parallel * actor.pipeline_parallel"
-            f" = {cfg.tensor_parallel} * {cfg.pipeline_parallel}"
+            f" * actor.context_parallel = {cfg.tensor_parallel} * {cfg.pipeline_parallel} * {cfg.context_parallel}"
         )
     if cfg.fp8 is not None and not te_available():
         errors.append(f"actor.fp8 = {cfg.fp8!r} needs Transformer Engine on a GPU; set actor.fp8=null here")
@@ -151,6 +169,7 @@ def init_parallel(cfg: ActorConfig, seed: int) -> ModelLayout:
             tensor_model_parallel_size=cfg.tensor_parallel,
             pipeline_model_parallel_size=cfg.pipeline_parallel,
             virtual_pipeline_model_parallel_size=cfg.virtual_pipeline,
+            context_parallel_size=cfg.context_parallel,
         )
     model_parallel_cuda_manual_seed(seed)
     return current_layout()
@@ -167,6 +186,8 @@ def current_layout() -> ModelLayout:
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
         vpp_size=ps.get_virtual_pipeline_model_parallel_world_size(),
+        cp_rank=ps.get_context_parallel_rank(),
+        cp_size=ps.get_context_parallel_world_size(),
     )
 
 
@@ -191,6 +212,10 @@ def transformer_config(arch: ArchSpec, cfg: ActorConfig):
     if cfg.fp8 is not None:
         kwargs.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
     kwargs.update(recompute_kwargs(cfg, arch))
+    if cfg.context_parallel > 1:
+        # Transformer Engine's attention: K/V blocks passed around the CP ring, overlapped with compute (megatron's
+        # default). The sdpa attention all-gathers K/V instead (`sdpa_attention`) and ignores it.
+        kwargs.update(cp_comm_type="p2p")
     config = TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -210,6 +235,7 @@ def transformer_config(arch: ArchSpec, cfg: ActorConfig):
         tensor_model_parallel_size=cfg.tensor_parallel,
         pipeline_model_parallel_size=cfg.pipeline_parallel,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline,
+        context_parallel_size=cfg.context_parallel,
         sequence_parallel=cfg.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -505,6 +531,18 @@ def data_parallel_group() -> torch.distributed.ProcessGroup:
     from megatron.core import parallel_state as ps
 
     return ps.get_data_parallel_group()
+
+
+def sequence_split():
+    """This rank's `context_parallel.SequenceSplit` (size 1 without context parallelism)."""
+    from megatron.core import parallel_state as ps
+
+    from lcot_mega.actor.context_parallel import SequenceSplit
+
+    size = ps.get_context_parallel_world_size()
+    if size == 1:
+        return SequenceSplit()
+    return SequenceSplit(size, ps.get_context_parallel_rank(), ps.get_context_parallel_group())
 
 
 def is_first_replica() -> bool:

@@ -7,6 +7,10 @@ inputs and [s, b, heads * d] output) built on `torch.nn.functional.scaled_dot_pr
 kernels (flash attention, Dao et al. 2022, on CPU and GPU) never store the [s, s] matrix and recompute it in
 backward. What it cannot compute exactly like `DotProductAttention` it refuses, naming what to change.
 
+Under context parallelism (actor.context_parallel, which `DotProductAttention` does not support) each rank holds
+two chunks of every row's queries, keys and values; keys and values are all-gathered over the CP group and each
+query chunk attends to the prefix of the sequence it may see (`SDPAttention._attend_context_parallel`).
+
 Attention dropout is applied in training, but torch's CPU flash kernel has no dropout: with dropout > 0 on CPU,
 SDPA falls back to its math kernel, which stores [s, s] again (measured: 542 MiB instead of 28 MiB for 8 heads
 at s = 2048). The actor trains with attention dropout 0 (`megatron_adapter.transformer_config`).
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
+
+from lcot_mega.actor.context_parallel import gather_keys_values, rank_chunks
 
 
 class SDPAttentionUnsupported(NotImplementedError):
@@ -56,8 +63,9 @@ class SDPAttention(MegatronModule):
         super().__init__(config=config)
         _refuse_unsupported_config(config, layer_number)
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         tp_size = pg_collection.tp.size()
+        self.cp_group = pg_collection.cp if config.context_parallel_size > 1 else None
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
@@ -90,17 +98,57 @@ class SDPAttention(MegatronModule):
             return self._attend_packed(query, key, value, attention_mask, attention_bias, packed_seq_params)
         if attention_bias is not None:
             raise SDPAttentionUnsupported("attention_bias is not supported by actor.attention = 'sdpa'")
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if self.cp_group is not None:
+            return self._attend_context_parallel(query, key, value, attention_mask, mask_type)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         kwargs = self._mask_kwargs(attention_mask, mask_type, q.size(2), k.size(2))
-        dropout_p = self.dropout_p if self.training else 0.0
-        if dropout_p > 0.0 and not self.config.sequence_parallel:
-            with tensor_parallel.get_cuda_rng_tracker().fork():  # same RNG stream as DotProductAttention's dropout
-                context = self._attend(q, k, v, dropout_p, kwargs)
-        else:
+        with self._dropout_rng() as dropout_p:
             context = self._attend(q, k, v, dropout_p, kwargs)
         sq, b = query.size(0), query.size(1)
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [b, np, sq, hn] -> [sq, b, np * hn]
+
+    def _attend_context_parallel(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        mask_type: AttnMaskType,
+    ) -> torch.Tensor:
+        """Causal attention of this CP rank's two query chunks (`context_parallel.rank_chunks`) against the keys
+        and values of the whole sequence, all-gathered over the CP group (Llama 3's context parallelism,
+        Grattafiori et al. 2024, sec. 3.3.2). query [2c, b, np, hn], key/value [2c, b, ng, hn] -> [2c, b, np * hn].
+
+        Query chunk i (global positions i*c .. i*c + c - 1) sees keys 0 .. i*c + c - 1, each query a prefix of
+        them: an explicit [c, (i + 1) c] boolean mask, since SDPA's `is_causal` aligns a non-square mask to the
+        top left (query 0 would see key 0 only). The mask is shared over batch and heads."""
+        if attention_mask is not None or mask_type != AttnMaskType.causal:
+            raise SDPAttentionUnsupported("context parallelism needs causal self-attention without attention_mask")
+        cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
+        key, value = (gather_keys_values(t, self.cp_group) for t in (key, value))  # [s, b, ng, hn], s = 2c * cp
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s or 2c, hn]
+        c = query.size(0) // 2
+        parts = []
+        with self._dropout_rng() as dropout_p:
+            for j, i in enumerate(rank_chunks(cp_size, cp_rank)):
+                end = (i + 1) * c
+                positions = torch.arange(i * c, end, device=q.device)  # [c] of the queries
+                mask = torch.arange(end, device=q.device) <= positions.unsqueeze(-1)  # [c, end], True = attend
+                qj = q[:, :, j * c : (j + 1) * c]
+                parts.append(self._attend(qj, k[:, :, :end], v[:, :, :end], dropout_p, {"attn_mask": mask}))
+        context = torch.cat(parts, dim=2)  # [b, np, 2c, hn]
+        return context.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), -1)
+
+    @contextlib.contextmanager
+    def _dropout_rng(self) -> Iterator[float]:
+        """The dropout probability to use now; under dropout, the RNG stream of DotProductAttention's dropout."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                yield dropout_p
+        else:
+            yield dropout_p
 
     def _attend_packed(
         self,
@@ -121,10 +169,8 @@ class SDPAttention(MegatronModule):
         padded = [p for p in (params.cu_seqlens_q_padded, params.cu_seqlens_kv_padded) if p is not None]
         if not torch.equal(bounds, params.cu_seqlens_kv) or any(not torch.equal(bounds, p) for p in padded):
             raise SDPAttentionUnsupported("packed self-attention needs equal query/key bounds and no padding")
-        dropout_p = self.dropout_p if self.training else 0.0
-        rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p > 0.0 else contextlib.nullcontext()
         parts = []
-        with rng:
+        with self._dropout_rng() as dropout_p:
             edges = bounds.tolist()
             for start, end in itertools.pairwise(edges):
                 q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, h, L, hn]
@@ -158,8 +204,6 @@ class SDPAttention(MegatronModule):
 
 def _refuse_unsupported_config(config: TransformerConfig, layer_number: int) -> None:
     """Settings whose `DotProductAttention` behaviour this module does not reproduce."""
-    if config.context_parallel_size != 1:
-        raise SDPAttentionUnsupported("context parallelism needs Transformer Engine (actor.attention = 'auto' on GPU)")
     if config.softmax_type != "vanilla":
         raise SDPAttentionUnsupported(f"softmax_type {config.softmax_type!r} is not supported; use 'vanilla'")
     if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):

@@ -276,6 +276,11 @@ def train_step(
     # rank r accumulates g_r = R / D * sum_m grad N_rm, and DDP yields (1/R) sum_r g_r = sum_{r,m} grad N_rm / D
     # = grad L. TP ranks all compute the same loss and keep the gradient of their own shard; pipeline stages
     # get theirs through the schedule's backward; neither adds a factor.
+    # Context parallelism (C ranks per replica) changes nothing here: the schedule multiplies the loss by C (its
+    # 2-tuple path) and DDP pre-scales by 1 / (R C) over the data-and-context-parallel group. Every CP rank of a
+    # replica computes the same N_rm from the gathered log-probs, whose backward hands each rank only its own
+    # tokens' share (`context_parallel.gather_token_values`), so the CP ranks' gradients add up to C R / D *
+    # grad N_rm, and DDP's 1 / (R C) leaves grad L.
     scale = len(micro_batches) * ma.data_parallel_group().size()
     head = TokenStatsHead(chunks, vocab_size, actor_cfg.logits_chunk_tokens)
     loss_fn = _MicroBatchLoss(batch, algo, head, denominator, scale)

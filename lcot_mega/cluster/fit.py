@@ -131,12 +131,13 @@ def layout_errors(cfg: Config) -> list[str]:
     colocated mode (its one engine lives in actor rank 0's process). Also run by `trainer.preflight`."""
     c, a = cfg.cluster, cfg.actor
     errors = []
-    model_parallel = a.tensor_parallel * a.pipeline_parallel
+    model_parallel = a.tensor_parallel * a.pipeline_parallel * a.context_parallel
     if c.actor_ranks % model_parallel:
         errors.append(
             f"cluster.actor_ranks = {c.actor_ranks} is not divisible by actor.tensor_parallel x"
-            f" actor.pipeline_parallel = {a.tensor_parallel} x {a.pipeline_parallel}: set cluster.actor_ranks to a"
-            f" multiple of {model_parallel}, or change actor.tensor_parallel / actor.pipeline_parallel"
+            f" actor.pipeline_parallel x actor.context_parallel = {a.tensor_parallel} x {a.pipeline_parallel} x"
+            f" {a.context_parallel}: set cluster.actor_ranks to a multiple of {model_parallel}, or change"
+            " actor.tensor_parallel / actor.pipeline_parallel / actor.context_parallel"
         )
     if c.mode == "colocated" and c.num_engines != 1:
         errors.append(
@@ -208,10 +209,10 @@ def _nodes_text(nodes: Sequence[NodeResources], unit: str) -> str:
 def _summary(cfg: Config, nodes: Sequence[NodeResources], fits: bool) -> str:
     c, a = cfg.cluster, cfg.actor
     unit = "GPU" if c.gpus_per_rank > 0 or (c.mode == "disaggregated" and c.gpus_per_engine > 0) else "CPU"
-    mp = a.tensor_parallel * a.pipeline_parallel
+    mp = a.tensor_parallel * a.pipeline_parallel * a.context_parallel
     dp = f"{c.actor_ranks // mp}" if c.actor_ranks % mp == 0 else "?"
     layout = f"{c.actor_ranks} actor rank{'s' * (c.actor_ranks != 1)} (TP {a.tensor_parallel} x PP"
-    layout += f" {a.pipeline_parallel} x DP {dp})"
+    layout += f" {a.pipeline_parallel}{f' x CP {a.context_parallel}' if a.context_parallel > 1 else ''} x DP {dp})"
     if c.mode == "disaggregated":
         per = c.gpus_per_engine if unit == "GPU" else c.cpus_per_engine
         layout += f" + {c.num_engines} engine{'s' * (c.num_engines != 1)} x {per:g} {unit}"

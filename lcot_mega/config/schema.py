@@ -210,6 +210,12 @@ class ActorConfig:
     """Megatron pipeline-parallel size."""
     virtual_pipeline: int | None = opt(None, ge=2)
     """Virtual pipeline stages per rank (interleaved schedule); None disables it."""
+    context_parallel: int = opt(1, ge=1)
+    """Megatron context-parallel size: each sequence is cut into 2 x this many chunks and every rank of a CP group
+    holds two of them (load-balanced for causal attention), so activation memory per rank falls with it.
+    Transformer Engine's attention on GPU (actor.attention auto), else the sdpa attention with all-gathered keys and
+    values (CPU/gloo too). Rows are padded to a multiple of 2 x context_parallel; not with pack_sequences or
+    attention local. Ranks = tensor x pipeline x context x data parallel."""
     precision: str = opt("auto", choices=("auto", "fp32", "bf16", "bf16_autocast"))
     """Parameter/compute dtype: auto = bf16 on GPU, fp32 on CPU. bf16_autocast keeps parameters, gradients and
     Adam in fp32 and runs the matrix products in bf16 (torch.autocast): every update reaches the weights, at
@@ -320,7 +326,7 @@ class ClusterConfig:
     ray_address: str | None = None
     """None starts a local Ray instance; an address (`ray://host:10001`, `auto`) joins a running cluster."""
     actor_ranks: int = opt(1, ge=1)
-    """Actor processes (tensor x pipeline x data parallel sizes); data parallel = ranks / (TP x PP)."""
+    """Actor processes (tensor x pipeline x context x data parallel sizes); data parallel = ranks / (TP x PP x CP)."""
     num_engines: int = opt(1, ge=1)
     """Rollout engines (servers); requests are spread over them, least loaded first."""
     gpus_per_rank: float = opt(0.0, ge=0.0)

@@ -43,12 +43,13 @@ ALGO = dict(kl_coef=0.05, kl_kind="low_var_kl")
 COMPARED = ("actor/loss", "actor/grad_norm", "actor/lr", "actor/kl_loss", "actor/clipfrac")
 
 
-def _actor(hf_dir: str, tp: int):
+def _actor(hf_dir: str, tp: int, cp: int = 1):
     from lcot_mega.actor.actor import MegatronActor
     from lcot_mega.bridge.arch import arch_from_hf_config
 
     arch = arch_from_hf_config(json.loads((Path(hf_dir) / "config.json").read_text()))
-    return MegatronActor(arch, ActorConfig(tensor_parallel=tp, **OPTIM), AlgoConfig(**ALGO), hf_dir)
+    cfg = ActorConfig(tensor_parallel=tp, context_parallel=cp, **OPTIM)
+    return MegatronActor(arch, cfg, AlgoConfig(**ALGO), hf_dir)
 
 
 def _steps(actor, steps: range) -> list[dict]:
@@ -118,12 +119,12 @@ def _rel(got: float, want: float) -> float:
     return abs(got - want) / max(abs(want), 1e-30)
 
 
-def _assert_same_steps(got: list[dict], want: list[dict], where: str) -> float:
-    """Largest relative difference of the loss and grad norm; every compared metric within 1e-6."""
+def _assert_same_steps(got: list[dict], want: list[dict], where: str, rel: float = 1e-6) -> float:
+    """Largest relative difference of the loss and grad norm; every compared metric within `rel`."""
     worst = 0.0
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         for key in COMPARED:
-            assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-9), (where, i, key, g[key], w[key])
+            assert g[key] == pytest.approx(w[key], rel=rel, abs=1e-9), (where, i, key, g[key], w[key])
         worst = max(worst, _rel(g["actor/loss"], w["actor/loss"]), _rel(g["actor/grad_norm"], w["actor/grad_norm"]))
     return worst
 
@@ -152,7 +153,7 @@ def test_resume_at_another_layout_continues_the_uninterrupted_run(tmp_path):
 
     saved = str(run / f"step_{SAVED_AT:09d}")
     expected_info = {"step": SAVED_AT, "extra": {"consumed_batches": SAVED_AT}, "path": saved}
-    layout_tp2 = {"world_size": 2, "tp": 2, "pp": 1, "dp": 1, "vpp": None}
+    layout_tp2 = {"world_size": 2, "tp": 2, "pp": 1, "dp": 1, "cp": 1, "vpp": None}
     for rank in range(2):
         info, rand = tp2[rank]["same_layout"]
         assert info == {**expected_info, "layout": layout_tp2, "rng_restored": True}
@@ -170,3 +171,37 @@ def test_resume_at_another_layout_continues_the_uninterrupted_run(tmp_path):
     print(f"(largest relative loss/grad-norm difference, largest |w - w_A|) per layout: {report}")
 
     assert "hidden_size: checkpoint 64, model 32" in tp1["mismatch"]
+
+
+def _cp2_run(rank: int, world: int, hf_dir: str, tmp: str) -> dict:
+    """At CP=2: STEPS steps with a checkpoint after SAVED_AT, and the final weights saved (model only)."""
+    from lcot_mega.actor import checkpoint as mc
+
+    torch.set_num_threads(1)
+    actor = _actor(hf_dir, tp=1, cp=2)
+    out = {"before": _steps(actor, range(1, SAVED_AT + 1))}
+    out["saved"] = str(actor.save_checkpoint(f"{tmp}/cp2_step", SAVED_AT))
+    out["after"] = _steps(actor, range(SAVED_AT + 1, STEPS + 1))
+    mc.save(actor.chunks, f"{tmp}/a_final", STEPS)
+    return out
+
+
+def test_a_run_saved_at_cp2_resumes_at_cp1_as_it_would_have_continued(tmp_path):
+    """Context-parallel ranks hold whole weights (CP rank 0 writes them); the distributed optimizer's shards over
+    DP x CP reshard into one process."""
+    hf_dir = str(make_tiny_hf(tmp_path / "llama", "llama"))
+    cp2 = run_gloo(_cp2_run, 2, hf_dir, str(tmp_path))
+    assert cp2[0]["after"] == cp2[1]["after"]
+    other_hf_dir = str(make_tiny_hf(tmp_path / "narrow", "llama", hidden_size=32, intermediate_size=56))
+    cp1 = run_gloo(_tp1_resume, 1, hf_dir, other_hf_dir, str(tmp_path), cp2[0]["saved"])[0]
+    layout = {"world_size": 2, "tp": 1, "pp": 1, "dp": 1, "cp": 2, "vpp": None}
+    assert cp1["info"] == {
+        "step": SAVED_AT,
+        "extra": {},
+        "path": cp2[0]["saved"],
+        "layout": layout,
+        "rng_restored": False,
+    }
+    # 1e-5: attention split over two ranks sums in another order (1.6e-6 measured on the KL term)
+    _assert_same_steps(cp1["steps"], cp2[0]["after"], "CP1 resume of a CP2 run", rel=1e-5)
+    assert cp1["param_diff"] < 1e-6

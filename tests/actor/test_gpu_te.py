@@ -108,3 +108,47 @@ def test_te_packed_sequences_and_chunked_logprobs_equal_padded_full_logits(tmp_p
         got = _te_actor_logprobs(hf_dir, sequences, **settings)
         for i, (a, b) in enumerate(zip(got, reference, strict=True)):
             assert (a - b).abs().max().item() < 0.05, (settings, i)  # bf16 kernels of different shapes
+
+
+def _cp_logprobs(rank: int, world: int, hf_dir: str, sequences: list, layouts: list) -> dict:
+    """Per layout name: MegatronActor log-probs of `sequences` on this rank (NCCL, one GPU per rank)."""
+    from transformers import AutoConfig
+
+    from lcot_mega.actor import megatron_adapter as ma
+    from lcot_mega.actor.actor import MegatronActor
+    from lcot_mega.bridge.arch import arch_from_hf_config
+    from lcot_mega.config import ActorConfig, AlgoConfig
+
+    arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
+    out = {}
+    for name, settings in layouts:
+        cfg = ActorConfig(micro_batch_tokens=256, logits_chunk_tokens=16, **settings)
+        actor = MegatronActor(arch, cfg, AlgoConfig(), hf_dir)
+        out[name] = [t.float() for t in actor.compute_logprobs(sequences)]
+        ma.destroy_parallel()
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="context parallelism over 2 GPUs")
+def test_context_parallel_log_probs_equal_cp1_with_te_attention_and_with_sdpa(tmp_path):
+    """CP2 (each sequence split over the 2 GPUs, load-balanced) against CP1 (DP2) on the same 2 GPUs: Transformer
+    Engine's context-parallel attention (p2p ring) in bf16, and the sdpa attention's all-gathered K/V in fp32."""
+    from helpers.distributed_harness import run_gloo
+
+    hf_dir = str(make_tiny_hf(tmp_path / "qwen2", "qwen2", max_position_embeddings=512))
+    g = torch.Generator().manual_seed(4)
+    shapes = [(17, 150), (5, 61), (40, 203), (3, 8)]
+    sequences = [
+        (torch.randint(0, VOCAB, (p,), generator=g).tolist(), torch.randint(0, VOCAB, (r,), generator=g).tolist())
+        for p, r in shapes
+    ]
+    layouts = [
+        ("te_cp1", dict(precision="bf16")),
+        ("te_cp2", dict(precision="bf16", context_parallel=2)),
+        ("sdpa_cp1", dict(precision="fp32", attention="sdpa")),
+        ("sdpa_cp2", dict(precision="fp32", attention="sdpa", context_parallel=2)),
+    ]
+    for rank, out in enumerate(run_gloo(_cp_logprobs, 2, hf_dir, sequences, layouts)):
+        for backend, tolerance in (("te", 0.05), ("sdpa", 1e-4)):  # bf16 kernels of other shapes; fp32
+            for i, (a, b) in enumerate(zip(out[f"{backend}_cp2"], out[f"{backend}_cp1"], strict=True)):
+                assert a.shape == b.shape and (a - b).abs().max().item() < tolerance, (rank, backend, i)

@@ -159,3 +159,14 @@ def test_logprobs_equal_transformers_at_tp2_pp2_dp2_on_every_rank(tmp_path):
     _check(per_rank, models, sequences)
     # the same launch: the entropy's gradient (used by the entropy bonus) is right across the vocabulary split
     _check_entropy_gradient(per_rank)
+
+
+def test_logprobs_equal_transformers_at_cp2_on_every_rank(tmp_path):
+    """Each sequence cut over two context-parallel ranks (rows padded to a multiple of 4): both ranks return the
+    whole-sequence log-probs and entropy, equal to transformers' (true rotary positions, attention across ranks)."""
+    models, sequences = _models(tmp_path), _sequences()
+    layouts = [
+        ("cp2", 1, 1, dict(context_parallel=2, logits_chunk_tokens=3)),
+        ("cp2_full_logits", 1, 1, dict(context_parallel=2, **FULL)),
+    ]
+    _check(run_gloo(_actor_logprobs, 2, models, layouts, sequences, TEMPERATURE), models, sequences)

@@ -23,7 +23,7 @@ def test_gpu_only_features_are_refused_on_cpu_with_the_key_to_change():
 
 def test_layout_must_fit_the_world():
     assert (
-        "not divisible by actor.tensor_parallel * actor.pipeline_parallel = 2 * 2"
+        "not divisible by actor.tensor_parallel * actor.pipeline_parallel * actor.context_parallel = 2 * 2 * 1"
         in setup_errors(ActorConfig(tensor_parallel=2, pipeline_parallel=2), 6)[0]
     )
     assert setup_errors(ActorConfig(tensor_parallel=2, pipeline_parallel=2), 8) == []
@@ -63,3 +63,32 @@ def test_arch_reads_the_family_features():
         }
     )
     assert (scaled.rope_theta, scaled.rope_scaling_factor) == (500000.0, 32.0)
+
+
+def test_context_parallel_must_fit_the_world_and_refuses_what_it_does_not_split():
+    assert setup_errors(ActorConfig(context_parallel=2, tensor_parallel=2), 8) == []
+    assert (
+        "not divisible by actor.tensor_parallel * actor.pipeline_parallel * actor.context_parallel = 2 * 1 * 2"
+        in setup_errors(ActorConfig(context_parallel=2, tensor_parallel=2), 6)[0]
+    )
+    bad = ActorConfig(
+        context_parallel=2, pack_sequences=True, attention="local", pipeline_parallel=2, virtual_pipeline=2
+    )
+    text = "\n".join(setup_errors(bad, 4))
+    assert "actor.context_parallel = 2 needs actor.pack_sequences=false" in text
+    assert "actor.context_parallel = 2 needs actor.attention auto or sdpa" in text
+    assert (
+        "context_parallel = 2 needs no actor.virtual_pipeline" not in text
+    )  # it splits like the rest (test_train_step)
+
+
+def test_context_parallel_reaches_megatron_config():
+    from lcot_mega.actor.megatron_adapter import transformer_config
+
+    arch = arch_from_hf_config(
+        {"model_type": "llama", "num_attention_heads": 4, "hidden_size": 64, "intermediate_size": 112}
+        | {"num_hidden_layers": 2, "vocab_size": 96}
+    )
+    config = transformer_config(arch, ActorConfig(context_parallel=2))
+    assert (config.context_parallel_size, config.cp_comm_type) == (2, "p2p")  # TE's ring; sdpa all-gathers instead
+    assert transformer_config(arch, ActorConfig()).context_parallel_size == 1

@@ -310,6 +310,27 @@ def test_gradient_and_adam_step_are_the_same_at_tp2_pp2_dp2(tmp_path):
     _check(run_gloo(_train_worker, 2, models, layouts, jobs), expected)
 
 
+def test_loss_gradient_and_adam_step_at_cp2_equal_cp1(tmp_path):
+    """Two context-parallel ranks (each sequence split across them) against the CP1 layout of the same world
+    (DP2) and the transformers reference: the same loss, gradient norm and, after two Adam steps, weights."""
+    models = _models(tmp_path)
+    jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "terms", "own_ref"])
+    layouts = [
+        ("dp2", 1, 1, None, {}),
+        ("cp2", 1, 1, None, dict(context_parallel=2, logits_chunk_tokens=3)),
+        ("cp2_full_logits", 1, 1, None, dict(context_parallel=2, **FULL)),
+        # every layer rerun in the backward: the K/V all-gathers run again there, in the same order on both ranks
+        ("cp2_recompute", 1, 1, None, dict(context_parallel=2, recompute="full")),
+    ]
+    per_rank = run_gloo(_train_worker, 2, models, layouts, jobs)
+    _check(per_rank, expected)
+    for (layout, family, case_name), (metrics, _) in per_rank[0].items():
+        cp1 = per_rank[0]["dp2", family, case_name][0]
+        for key in ("actor/loss", "actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/response_tokens"):
+            got, want = [m[key] for m in metrics], [m[key] for m in cp1]
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-7), (layout, family, case_name, key)
+
+
 @pytest.mark.slow
 def test_gradient_and_adam_step_are_the_same_with_interleaved_pipeline(tmp_path):
     # PP=2 x 2 virtual stages: one layer per chunk; micro-batches of one shape, count a multiple of 2
@@ -323,6 +344,21 @@ def test_gradient_and_adam_step_are_the_same_on_four_ranks(tmp_path):
     models = _models(tmp_path)
     jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "terms"])
     layouts = [("tp2pp2", 2, 2, None, PACKED), ("tp2dp2", 2, 1, None, FULL), ("pp2dp2", 1, 2, None, CHUNK5)]
+    _check(run_gloo(_train_worker, 4, models, layouts, jobs), expected)
+
+
+@pytest.mark.slow
+def test_gradient_and_adam_step_are_the_same_with_cp2_beside_tp_pp_dp_and_interleaving_on_four_ranks(tmp_path):
+    # context parallelism next to each other split: K/V gathered per TP head slice, activations passed between
+    # pipeline stages as CP parts, gradients reduced over DP x CP, one layer per virtual stage
+    models = _models(tmp_path)
+    jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "terms"])
+    layouts = [
+        ("tp2cp2", 2, 1, None, dict(context_parallel=2, logits_chunk_tokens=3)),
+        ("pp2cp2", 1, 2, None, dict(context_parallel=2)),
+        ("dp2cp2", 1, 1, None, dict(context_parallel=2, **FULL)),
+        ("pp2vpp2cp2", 1, 2, 2, dict(context_parallel=2, **CHUNK5)),
+    ]
     _check(run_gloo(_train_worker, 4, models, layouts, jobs), expected)
 
 

@@ -55,6 +55,7 @@ def test_null_is_accepted_for_optional_fields():
         ("rollout.seed=3.5", "rollout.seed must be an integer, got 3.5"),
         ("algo.clip_low=1.5", "algo.clip_low = 1.5 is out of range: it must be < 1"),
         ("rollout.n_samples=0", "rollout.n_samples = 0 is out of range: it must be >= 1"),
+        ("actor.context_parallel=0", "actor.context_parallel = 0 is out of range: it must be >= 1"),
         ("reward.fallbacks=[boxed]", "reward.fallbacks = 'boxed' is not allowed"),
         ("rollout.stop=END", "rollout.stop must be a list"),
         ("algo=3", "algo must be a mapping of keys"),

@@ -89,6 +89,19 @@ def test_colocated_mode_refuses_several_engines_in_the_preflight_and_the_fit_che
     assert preflight_errors(one) == []
 
 
+def test_context_parallel_is_refused_before_any_work_where_it_cannot_run(model_dir):
+    cfg = Config(model=ModelConfig(path=str(model_dir)), cluster=ClusterConfig(mode="colocated", actor_ranks=3))
+    cfg.data.train = ["reasoning_gym:chain_sum"]
+    cfg.actor.context_parallel, cfg.actor.pack_sequences = 2, True
+    errors = preflight_errors(cfg)
+    assert any(
+        "cluster.actor_ranks = 3 is not divisible by" in e and "actor.context_parallel = 1 x 1 x 2" in e for e in errors
+    )
+    assert "actor.context_parallel = 2 needs actor.pack_sequences=false" in "\n".join(errors)
+    cfg.cluster.actor_ranks, cfg.actor.pack_sequences = 4, False
+    assert preflight_errors(cfg) == []
+
+
 def test_a_template_without_the_problem_is_refused_before_any_work(model_dir):
     cfg = load_config(TINY, [f"model.path={model_dir}", "data.prompt_template=Solve."])
     assert preflight_errors(cfg) == ["data.prompt_template = 'Solve.' must contain {problem} where the problem goes"]
