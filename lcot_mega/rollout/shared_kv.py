@@ -4,19 +4,22 @@ GRPO draws n samples per prompt; repeating the prompt's K/V n times (`DynamicCac
 n - 1 needless copies in every layer. `SharedPrefixCache` keeps, per layer, the prompts' K/V once
 ([P, kv, p, d], left padded as prefilled) and each live row's generated K/V ([A, kv, t, d], grown like a
 `DynamicLayer`). `shared_prefix_attention`, registered in transformers' `AttentionInterface` under `ATTENTION`,
-computes a decode step's attention of row a over [prefix of its prompt, its own suffix] as two softmax blocks merged
-by their log-sum-exp (the online-softmax merge of Milakov & Gimelshein 2018, used by FlashAttention, Dao et al.
-2022, Sec. 3.1): the result equals one softmax over the concatenated keys.
+computes a decode step's attention of row a over [prefix of its prompt, its own suffix] as two attention blocks
+merged by their log-sum-exp (the online-softmax merge of Milakov & Gimelshein 2018, used by FlashAttention, Dao et
+al. 2022, Sec. 3.1): o = o_pre e^(lse_pre - lse) + o_suf e^(lse_suf - lse), lse = log(e^lse_pre + e^lse_suf),
+which equals one softmax over the concatenated keys.
 
 The prefix block is grouped by prompt, not gathered per row: the queries of a prompt's live rows are written into
-slots [i * w, i * w + count_i) of a [P * w] grid (w = most live rows of any prompt), so a layer does one batched
-matmul [P, kv, w * g, d] x [P, kv, d, p] (g query heads per kv head) and never copies a prompt's keys per row.
-Slots of finished rows hold zero queries and are never read back; w and the grid shrink when rows finish, and a
-prompt whose rows have all finished leaves the prefix store. Rows must stay ordered by prompt (the engine's rows
-are, and `batch_select_indices` keeps their order).
+slots [i * w, i * w + count_i) of a [P * w] grid (w = most live rows of any prompt), so a layer makes one attention
+call [P, kv, w * g, d] against [P, kv, p, d] (g query heads share a kv head: they are extra query positions) and
+never copies a prompt's keys per row. Slots of finished rows hold zero queries and are never read back; w shrinks
+when rows finish, and a prompt whose rows have all finished leaves the prefix store. Rows must stay ordered by
+prompt (the engine's rows are, and `batch_select_indices` keeps their order). Both blocks run in SDPA's own CPU
+kernel, which returns the log-sum-exp and accumulates bf16 in fp32 as SDPA does on the repeated cache (plain bf16
+matmuls for the scores were 6x farther from an fp32 reference).
 
 Without the `shared_kv` keyword (prefill, `score`) the function is transformers' SDPA attention unchanged, and its
-masks are SDPA's. Models outside `supported_reason`'s list keep the repeated cache (see there).
+masks are SDPA's. Models and devices outside `supported_reason` keep the repeated cache (see there).
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from transformers import AttentionInterface, Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+# SDPA's CPU kernel, called directly because it also returns the log-sum-exp [B, H, L] (fp32) that merges the two
+# blocks; it accumulates in fp32 for bf16 inputs, as SDPA does for the repeated cache.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 ATTENTION = "lcot_shared_prefix"
 """`config._attn_implementation` of a model that decodes over a `SharedPrefixCache`."""
@@ -55,10 +62,11 @@ class SharedPrefixCache(Cache):
         """`prefill`: the cache of one forward over the P left-padded prompts; `prompt_mask` [P, p] its padding
         mask (1 = token); rows are the prompts' n samples, prompt-major (row r belongs to prompt r // n)."""
         super().__init__(layers=[SharedPrefixLayer(layer.keys, layer.values) for layer in prefill.layers])
-        device = prefill.layers[0].keys.device
-        bias = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=device)
-        self.prefix_bias = bias.masked_fill_(prompt_mask.to(device) == 0, float("-inf"))[:, None, None]  # [P,1,1,p]
-        self.row_prompt = torch.arange(prompt_mask.shape[0], device=device).repeat_interleave(n)  # [A]
+        keys = prefill.layers[0].keys
+        bias = torch.zeros(prompt_mask.shape, dtype=keys.dtype, device=keys.device)
+        bias.masked_fill_(prompt_mask.to(keys.device) == 0, float("-inf"))
+        self.prefix_bias = bias[:, None, None]  # [P, 1, 1, p] additive: 0 at tokens, -inf at left padding
+        self.row_prompt = torch.arange(prompt_mask.shape[0], device=keys.device).repeat_interleave(n)  # [A]
         self._regroup()
 
     @property
@@ -124,48 +132,39 @@ def shared_prefix_attention(
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    scale = dim**-0.5 if scaling is None else scaling
-    q = query.reshape(rows, kv_heads, group, dim) * scale  # query head h reads kv head h // group
+    q = query.reshape(rows, kv_heads, group, dim)  # query head h reads kv head h // group
 
     prompts, width = shared_kv.num_prompts, shared_kv.width
     grid = q.new_zeros(prompts * width, kv_heads, group, dim).index_copy_(0, shared_kv.slot, q)
     grid = grid.view(prompts, width, kv_heads, group, dim).transpose(1, 2).reshape(prompts, kv_heads, -1, dim)
-    o_pre, m_pre, l_pre = _partial_softmax(grid, layer.prefix_keys, layer.prefix_values, shared_kv.prefix_bias)
-    o_pre, m_pre, l_pre = (_grid_to_rows(x, shared_kv, width, group) for x in (o_pre, m_pre, l_pre))
+    bias = shared_kv.prefix_bias
+    o_pre, lse_pre = _FLASH_CPU(grid, layer.prefix_keys, layer.prefix_values, attn_mask=bias, scale=scaling)
+    o_pre = _grid_to_rows(o_pre, shared_kv, group)  # [A, kv, g, d]
+    lse_pre = _grid_to_rows(lse_pre.unsqueeze(-1), shared_kv, group)  # [A, kv, g, 1]
 
-    o_suf, m_suf, l_suf = _partial_softmax(q, key, value, None)  # [A, kv, g, d], [A, kv, g, 1] x2
-    m = torch.maximum(m_pre, m_suf)
-    a_pre, a_suf = (m_pre - m).exp_(), (m_suf - m).exp_()
-    out = (o_pre * a_pre + o_suf * a_suf) / (l_pre * a_pre + l_suf * a_suf)  # [A, kv, g, d]
+    o_suf, lse_suf = _FLASH_CPU(q, key, value, scale=scaling)  # the row's own tokens: g queries per kv head
+    lse = torch.logaddexp(lse_pre, lse_suf.unsqueeze(-1))
+    out = o_pre.float() * (lse_pre - lse).exp_() + o_suf.float() * (lse_suf.unsqueeze(-1) - lse).exp_()
     return out.to(query.dtype).view(rows, 1, heads, dim), None
 
 
-def _partial_softmax(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unnormalized output sum_j e^(s_j - m) v_j, row max m and sum_j e^(s_j - m) of softmax(q k^T + bias), in fp32."""
-    s = torch.matmul(q, k.transpose(-1, -2)).float()  # [B, kv, M, L]
-    if bias is not None:
-        s += bias
-    m = s.amax(-1, keepdim=True)
-    e = (s - m).exp_()
-    return torch.matmul(e.to(v.dtype), v).float(), m, e.sum(-1, keepdim=True)
-
-
-def _grid_to_rows(x: torch.Tensor, cache: SharedPrefixCache, width: int, group: int) -> torch.Tensor:
+def _grid_to_rows(x: torch.Tensor, cache: SharedPrefixCache, group: int) -> torch.Tensor:
     """[P, kv, width * g, c] prompt-grouped -> [A, kv, g, c] live rows."""
     prompts, kv_heads, _, c = x.shape
-    x = x.view(prompts, kv_heads, width, group, c).transpose(1, 2).reshape(prompts * width, kv_heads, group, c)
-    return x.index_select(0, cache.slot)
+    x = x.view(prompts, kv_heads, cache.width, group, c).transpose(1, 2)
+    return x.reshape(prompts * cache.width, kv_heads, group, c).index_select(0, cache.slot)
 
 
 def supported_reason(model: torch.nn.Module) -> str | None:
     """None if `model` can decode over a `SharedPrefixCache`, else why not.
 
-    Supported: Llama, Qwen2 and Qwen3 with full attention in every layer under SDPA (the CPU default), as loaded
-    by the engine. Sliding-window layers, other attention implementations (flash, eager, flex) and other families
-    keep the repeated cache."""
+    Supported: Llama, Qwen2 and Qwen3 with full attention in every layer under SDPA (the default), on CPU. Other
+    devices (no CPU kernel there; SGLang/vLLM serve GPUs), sliding-window layers, other attention implementations
+    (eager, flash, flex) and other families keep the repeated cache."""
     cfg = model.config
+    device = next(model.parameters()).device
+    if device.type != "cpu" or _FLASH_CPU is None:
+        return f"no CPU attention kernel with log-sum-exp for device {device}"
     if cfg.model_type not in _FAMILIES:
         return f"model type {cfg.model_type!r} is not one of {_FAMILIES}"
     if cfg._attn_implementation not in ("sdpa", ATTENTION):
