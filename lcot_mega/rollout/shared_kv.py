@@ -98,15 +98,6 @@ class SharedPrefixCache(Cache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("a SharedPrefixCache shares the prompt's K/V across rows; it is never repeated")
 
-    def tensors(self) -> list[torch.Tensor]:
-        """Every K/V tensor held (prefix and suffix, all layers): what the cache really stores."""
-        out = []
-        for layer in self.layers:
-            out += [layer.prefix_keys, layer.prefix_values]
-            if layer.is_initialized:
-                out += [layer.keys, layer.values]
-        return out
-
 
 def shared_prefix_attention(
     module: torch.nn.Module,
