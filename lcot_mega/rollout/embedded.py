@@ -4,13 +4,18 @@ Decoding is our own loop (not `model.generate`), so the log-prob reported for ea
 the processed distribution (`sampling.process_logits`) the token was drawn from.
 
 How a call runs:
-- prompts are sorted by length and cut into chunks of at most `max_batch_tokens` (rows x (longest prompt +
-  max_new_tokens)); a prompt's n samples always share a chunk, so one prompt may exceed the budget alone;
+- prompts are sorted by length and cut into chunks of at most `max_batch_tokens` KV tokens per layer (prompts x
+  longest prompt + rows x max_new_tokens; rows x longest prompt when the prompt cache is repeated); a prompt's n
+  samples always share a chunk, so one prompt may exceed the budget alone;
 - each chunk prefills its prompts once (left padding, attention mask, position ids counted from the first real
-  token), keeps logits of the last position only, then repeats the KV cache n times;
+  token) and keeps logits of the last position only. The n samples of a prompt then share ONE copy of its K/V
+  (`shared_kv.SharedPrefixCache`: [P, kv, p, d] per layer, plus each row's generated K/V), read by a decode
+  attention that groups the rows of a prompt against its keys; `share_prompt_kv=False`, and models it does not
+  support (`shared_kv.supported_reason`: sliding windows, families other than Llama/Qwen2/Qwen3, attention other
+  than SDPA), repeat the prompt's cache n times instead (transformers' DynamicCache), the reference path;
 - every decode step samples all live rows at once; a row that finishes (EOS, stop id, stop string) is dropped
-  from the batch and the KV cache right away, so finished rows cost no further compute. The cache grows by
-  concatenation (transformers' DynamicCache), as in `model.generate`.
+  from the batch and the KV cache right away (with its prompt's K/V once its prompt has no live row), so finished
+  rows cost no further compute. Generated K/V grow by concatenation, as in `model.generate`.
 - a response that hits EOS/stop on its max_new_tokens-th token is COMPLETED, not TRUNCATED (SGLang reports
   "length" there); the EOS/stop token is kept in `token_ids` and `logprobs`, and cut from `text`.
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,7 +48,9 @@ from lcot_mega.types import SampleStatus
 from lcot_mega.utils.host_memory import release_free_heap
 
 if TYPE_CHECKING:
-    from transformers import DynamicCache
+    from transformers import Cache
+
+log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _UPDATE_BUCKET_BYTES = 256 << 20
@@ -75,12 +83,14 @@ class _Rows:
     """Per-row decode state of one chunk; `live` maps the batch rows to the chunk's sample rows."""
 
     live: torch.Tensor  # [A] int64, index into the chunk's sample rows
-    mask: torch.Tensor  # [A, S] int64 attention mask over cache + current token
+    mask: torch.Tensor | None  # [A, S] int64 attention mask over cache + current token; None with a shared prefix
     next_pos: torch.Tensor  # [A] int64, position id of the next token
     keys: np.ndarray | None  # [A] uint64 seeded stream keys, None without a seed
 
     def keep(self, keep: torch.Tensor) -> None:
-        self.live, self.mask, self.next_pos = self.live[keep], self.mask[keep], self.next_pos[keep]
+        self.live, self.next_pos = self.live[keep], self.next_pos[keep]
+        if self.mask is not None:
+            self.mask = self.mask[keep]
         if self.keys is not None:
             self.keys = self.keys[keep.numpy()]
 
@@ -111,7 +121,10 @@ class EmbeddedEngine:
         device: str | torch.device = "cpu",
         max_batch_tokens: int = 65536,
         seed: int = 0,
+        share_prompt_kv: bool = True,
     ) -> None:
+        """`share_prompt_kv=False` repeats each prompt's KV cache n times (the reference path); True shares one copy
+        where the model supports it (`shared_kv.supported_reason`), else falls back to repeating."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if max_batch_tokens < 1:
@@ -121,6 +134,8 @@ class EmbeddedEngine:
         with _no_progress_bar():
             self._model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
         self._cache_kw = _cache_keyword(self._model)
+        self.share_prompt_kv = share_prompt_kv and self._use_shared_prompt_kv()
+        """True when decoding keeps one copy of a prompt's K/V for its n samples (module docstring)."""
         has_tok = any((self.model_dir / f).exists() for f in _TOKENIZER_FILES)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir) if has_tok else None
         self.eos_token_ids = self._find_eos_ids()
@@ -136,6 +151,16 @@ class EmbeddedEngine:
         self._closed = False
         self.tokens_generated = 0
         """Tokens sampled since construction (all calls), for throughput metrics and progress."""
+
+    def _use_shared_prompt_kv(self) -> bool:
+        from lcot_mega.rollout import shared_kv
+
+        reason = shared_kv.supported_reason(self._model)
+        if reason is not None:
+            log.info("%s: each prompt's KV cache is repeated per sample (%s)", self.model_dir, reason)
+            return False
+        self._model.set_attn_implementation(shared_kv.ATTENTION)
+        return True
 
     def _find_eos_ids(self) -> tuple[int, ...]:
         ids: set[int] = set()
@@ -219,17 +244,23 @@ class EmbeddedEngine:
             )
 
     def _chunks(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[int]]:
-        """Prompt indices, longest first, in chunks whose padded rows x length fit max_batch_tokens."""
+        """Prompt indices, longest first, in chunks whose KV tokens (`_kv_tokens`) fit max_batch_tokens."""
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         chunk: list[int] = []
         for i in order:
             longest = len(prompts[chunk[0]]) if chunk else len(prompts[i])
-            if chunk and (len(chunk) + 1) * params.n * (longest + params.max_new_tokens) > self.max_batch_tokens:
+            if chunk and self._kv_tokens(len(chunk) + 1, longest, params) > self.max_batch_tokens:
                 yield chunk
                 chunk = []
             chunk.append(i)
         if chunk:
             yield chunk
+
+    def _kv_tokens(self, num_prompts: int, longest: int, params: SamplingParams) -> int:
+        """Most tokens the KV cache of a chunk holds per layer: P padded prompts once and P * n responses when
+        shared, P * n padded prompts plus responses when repeated."""
+        prompt_copies = num_prompts if self.share_prompt_kv else num_prompts * params.n
+        return prompt_copies * longest + num_prompts * params.n * params.max_new_tokens
 
     def _aborted_empty(self, prompt: list[int]) -> Completion:
         return Completion([], [], SampleStatus.ABORTED, None, "", self._version, len(prompt))
@@ -277,7 +308,9 @@ class EmbeddedEngine:
             logits = self._decode_step(tok, rows, cache)
         return self._completions(prompts, chunk, n, tokens, logps, lengths, finish, matched)
 
-    def _prefill(self, prompts: list[list[int]], n: int) -> tuple[torch.Tensor, _Rows, DynamicCache]:
+    def _prefill(self, prompts: list[list[int]], n: int) -> tuple[torch.Tensor, _Rows, Cache]:
+        """One forward over the left-padded prompts; the cache comes back shared (`SharedPrefixCache`) or repeated
+        n times (`DynamicCache`), rows prompt-major (row r samples prompt r // n)."""
         from transformers import DynamicCache
 
         longest = max(len(p) for p in prompts)
@@ -298,24 +331,31 @@ class EmbeddedEngine:
         )
         if cache.get_seq_length() != longest:  # a renamed keyword lands in **kwargs silently: decode would be wrong
             raise RuntimeError(f"the model ignored its KV cache (passed as {self._cache_kw!r}); transformers changed")
-        cache.batch_repeat_interleave(n)
         logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # [P * n, V]
         rows = _Rows(
-            live=torch.arange(len(prompts) * n),
-            mask=mask.repeat_interleave(n, dim=0),
-            next_pos=mask.sum(-1).repeat_interleave(n),
-            keys=None,
+            live=torch.arange(len(prompts) * n), mask=None, next_pos=mask.sum(-1).repeat_interleave(n), keys=None
         )
+        if self.share_prompt_kv:
+            from lcot_mega.rollout.shared_kv import SharedPrefixCache
+
+            return logits, rows, SharedPrefixCache(cache, mask, n)
+        cache.batch_repeat_interleave(n)
+        rows.mask = mask.repeat_interleave(n, dim=0)
         return logits, rows, cache
 
-    def _decode_step(self, tok: torch.Tensor, rows: _Rows, cache: DynamicCache) -> torch.Tensor:
-        rows.mask = torch.cat([rows.mask, rows.mask.new_ones(rows.mask.shape[0], 1)], dim=1)
+    def _decode_step(self, tok: torch.Tensor, rows: _Rows, cache: Cache) -> torch.Tensor:
+        if rows.mask is None:  # the shared prefix's padding is masked inside the cache's attention
+            mask, extra = None, {"shared_kv": cache}
+        else:
+            rows.mask = torch.cat([rows.mask, rows.mask.new_ones(rows.mask.shape[0], 1)], dim=1)
+            mask, extra = (None if bool(rows.mask.all()) else rows.mask.to(self.device)), {}
         out = self._model(
             input_ids=tok.unsqueeze(-1).to(self.device),
-            attention_mask=None if bool(rows.mask.all()) else rows.mask.to(self.device),
+            attention_mask=mask,
             position_ids=rows.next_pos.unsqueeze(-1).to(self.device),
             use_cache=True,
             **{self._cache_kw: cache},
+            **extra,
         )
         rows.next_pos = rows.next_pos + 1
         return out.logits[:, -1].float()  # [A, V]

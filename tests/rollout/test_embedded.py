@@ -196,7 +196,7 @@ def test_engine_seed_reproduces_unseeded_calls_across_engines(model_dir):
 
 def test_small_max_batch_tokens_splits_into_chunks_with_the_same_samples(model_dir, engine):
     params = SamplingParams(max_new_tokens=10, n=2, seed=8, ignore_eos=True)
-    chunked = EmbeddedEngine(model_dir, max_batch_tokens=40)  # 2 rows x (9 + 10) fit; a second prompt does not
+    chunked = EmbeddedEngine(model_dir, max_batch_tokens=40)  # 9 + 2 x 10 KV tokens fit; a second prompt does not
     assert len(list(chunked._chunks(PROMPTS, params))) == 4
     ref, out = engine.generate(PROMPTS, params), chunked.generate(PROMPTS, params)
     for r_cs, o_cs in zip(ref, out, strict=True):
@@ -209,7 +209,7 @@ def test_small_max_batch_tokens_splits_into_chunks_with_the_same_samples(model_d
 
 
 def test_abort_from_another_thread_returns_partial_aborted_samples(model_dir):
-    eng = EmbeddedEngine(model_dir, max_batch_tokens=2 * 3 * (9 + 3000))  # two chunks: the second never starts
+    eng = EmbeddedEngine(model_dir, max_batch_tokens=2 * 9 + 2 * 3 * 3000)  # two chunks: the second never starts
     params = SamplingParams(max_new_tokens=3000, n=3, ignore_eos=True)
     result: list = []
     worker = threading.Thread(target=lambda: result.append(eng.generate(PROMPTS, params)))
