@@ -100,15 +100,16 @@ def _runs() -> list:
 
     def side(i: int, seed: int, before: float, after: float, **kw) -> object:
         grade = None if i == 0 else 0.25
-        steps = [_step(1, 0.2, grade), _step(2, 0.4, grade, eval_s=20.0)]
+        steps = [_step(1, 0.2, grade), _step(2, 0.4, grade, eval_s=20.0 if i == 0 else 0.0)]
         return bq.SideRun(bq.SIDES[i], seed, 120.0, before, after, 30.0, steps=steps, **kw)
 
+    plain = {"first_eval_s": 10.0, "final_eval_s": 20.0}  # its final evaluation is in no step's record
     return [
         side(0, 1, 0.1, 0.2),
-        side(1, 1, 0.1, 0.15, first_eval_s=10.0),
+        side(1, 1, 0.1, 0.15, **plain),
         side(0, 2, 0.1, None, error="exit code 3"),
         side(0, 3, 0.2, 0.26),
-        side(1, 3, 0.2, 0.18),
+        side(1, 3, 0.2, 0.18, **plain),
     ]
 
 
@@ -157,5 +158,6 @@ def test_json_records_hold_both_sides_per_step(tmp_path: Path) -> None:
     data = json.loads(path.read_text())
     assert [r["side"] for r in data["runs"]] == ["lcot-mega train", "plain PyTorch loop"]
     assert data["runs"][0]["points_per_min"] == pytest.approx(5.0)
-    assert data["runs"][1]["steps"][1] | {"eval_s": 20.0, "grade_s": 0.25} == data["runs"][1]["steps"][1]
+    assert data["runs"][1]["steps"][1] | {"eval_s": 0.0, "grade_s": 0.25} == data["runs"][1]["steps"][1]
+    assert data["runs"][1]["final_eval_s"] == 20.0
     assert not math.isnan(data["runs"][1]["steps"][0]["accuracy"])

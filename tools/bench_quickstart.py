@@ -89,6 +89,8 @@ class SideRun:
     first_eval_s: float | None = None
     """The evaluation before training alone; None where not separable from set-up (the product)."""
     steps: list[StepRecord] = field(default_factory=list)
+    final_eval_s: float = 0.0
+    """The evaluation after the last step where no step's record holds it (the plain loop's)."""
     evals: list[tuple[int, float]] = field(default_factory=list)
     """(step, held-out accuracy) of every evaluation."""
     error: str | None = None
@@ -190,8 +192,8 @@ class PlainLoop:
         torch.manual_seed(cfg.trainer.seed)
         self.cfg = cfg
         self.tok = AutoTokenizer.from_pretrained(cfg.model.path, padding_side="left")
-        self.policy = AutoModelForCausalLM.from_pretrained(cfg.model.path, torch_dtype=torch.float32)
-        self.sampler = AutoModelForCausalLM.from_pretrained(cfg.model.path, torch_dtype=torch.bfloat16).eval()
+        self.policy = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+        self.sampler = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.bfloat16).eval()
         self.policy.get_input_embeddings().weight.requires_grad_(False)  # tied with the output layer: frozen
         a = cfg.actor
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -298,11 +300,11 @@ def run_plain(cfg: Config, budget_s: float) -> SideRun:
         steps.append(replace(record, elapsed_s=time.perf_counter() - t0))
     t3 = time.perf_counter()
     last = loop.accuracy()
-    if steps:  # the final evaluation follows the last step
-        steps[-1] = replace(steps[-1], eval_s=time.perf_counter() - t3, elapsed_s=time.perf_counter() - t0)
+    t4 = time.perf_counter()
     loop.grader.close()
-    evals = [(0, first), (len(steps), last)]
-    return SideRun(SIDES[1], cfg.trainer.seed, time.perf_counter() - t0, first, last, t2 - t0, t2 - t1, steps, evals)
+    run = SideRun(SIDES[1], cfg.trainer.seed, time.perf_counter() - t0, first, last, t2 - t0, t2 - t1, steps, t4 - t3)
+    run.evals = [(0, first), (len(steps), last)]
+    return run
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -421,8 +423,8 @@ def _mean(xs: list[float]) -> float:
 def split_row(runs: list[SideRun]) -> list[str]:
     """One side's time split, means over its runs: totals per run, then seconds per step."""
     steps = [s for r in runs for s in r.steps]
-    evals = [sum(s.eval_s for s in r.steps) for r in runs]
-    other = [r.wall_s - r.setup_s - sum(s.step_s + s.eval_s for s in r.steps) for r in runs]
+    evals = [sum(s.eval_s for s in r.steps) + r.final_eval_s for r in runs]
+    other = [r.wall_s - r.setup_s - sum(s.step_s for s in r.steps) - e for r, e in zip(runs, evals, strict=True)]
     totals = [_mean([r.wall_s for r in runs]), _mean([r.setup_s for r in runs]), _mean([len(r.steps) for r in runs])]
     per_step = [_mean([getattr(s, k) for s in steps]) for k in ("step_s", "rollout_s", "train_s", "sync_s")]
     grades = [s.grade_s for s in steps if s.grade_s is not None]
