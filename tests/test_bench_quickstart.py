@@ -105,7 +105,7 @@ def _runs() -> list:
 
     plain = {"first_eval_s": 10.0, "final_eval_s": 20.0}  # its final evaluation is in no step's record
     return [
-        side(0, 1, 0.1, 0.2),
+        side(0, 1, 0.1, 0.2, load=(1.04, 2.0)),
         side(1, 1, 0.1, 0.15, **plain),
         side(0, 2, 0.1, None, error="exit code 3"),
         side(0, 3, 0.2, 0.26),
@@ -116,13 +116,13 @@ def _runs() -> list:
 def test_report_has_each_seed_the_time_split_and_the_closing_line() -> None:
     report = bq.render_report(_runs(), load_config("configs/quickstart.yaml"))
     lines = report.splitlines()
-    assert "| 1 | lcot-mega train | 120 | 2 | 10.0% | 20.0% | +5.00 | 2.00 |" in lines
-    assert "| 1 | plain PyTorch loop | 120 | 2 | 10.0% | 15.0% | +2.50 |  |" in lines
-    assert "| 2 | lcot-mega train | 120 | 2 | 10.0% | - | - | - (exit code 3) |" in lines
-    assert "| 3 | lcot-mega train | 120 | 2 | 20.0% | 26.0% | +3.00 | undefined (plain gained nothing) |" in lines
+    assert "| 1 | lcot-mega train | 120 | 2 | 10.0% | 20.0% | +5.00 | 1.0 / 2.0 | 2.00 |" in lines
+    assert "| 1 | plain PyTorch loop | 120 | 2 | 10.0% | 15.0% | +2.50 | - |  |" in lines
+    assert "| 2 | lcot-mega train | 120 | 2 | 10.0% | - | - | - | - (exit code 3) |" in lines
+    assert "| 3 | lcot-mega train | 120 | 2 | 20.0% | 26.0% | +3.00 | - | undefined (plain gained nothing) |" in lines
     # wall 120 = 30 set-up + 2 x 4 s steps + 20 s evaluation + 62 other
-    assert "| lcot-mega train | 120 | 30 | 2 | 4.00 | 2.00 | in rollout | 1.50 | 0.50 | 20 | 62 |" in lines
-    assert "| plain PyTorch loop | 120 | 30 | 2 | 4.00 | 2.00 | 0.25 | 1.50 | 0.50 | 20 | 62 |" in lines
+    assert "| lcot-mega train | 120 | 30 | 2.0 | 4.00 | 2.00 | in rollout | 1.50 | 0.50 | 20 | 62 |" in lines
+    assert "| plain PyTorch loop | 120 | 30 | 2.0 | 4.00 | 2.00 | 0.25 | 1.50 | 0.50 | 20 | 62 |" in lines
     assert "| 1 | 20.0% | 20.0% |" in lines and "| 2 | 40.0% | 40.0% |" in lines
     assert (
         "| lcot-mega train | 1e-05 | token-mean, PPO clip 0.2/0.2 | fp32 | bfloat16 engine | 6.0 | 60 | 10.0 |" in lines

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
@@ -94,6 +95,8 @@ class SideRun:
     evals: list[tuple[int, float]] = field(default_factory=list)
     """(step, held-out accuracy) of every evaluation."""
     error: str | None = None
+    load: tuple[float, float] | None = None
+    """The 1-minute load average at the side's start and at its end: whether both sides ran under the same."""
 
     @property
     def points_per_min(self) -> float | None:
@@ -166,12 +169,13 @@ def product_side(records: list[dict[str, Any]], start: float, wall_s: float, see
 def run_product(config: str, overrides: list[str], run_dir: Path, seed: int) -> SideRun:
     """`lcot-mega train` as the README runs it, timed from outside; a failed run (e.g. halted by a guard, exit 3)
     comes back with `error` set and the records it wrote."""
-    start, t0 = time.time(), time.perf_counter()
+    start, t0, load = time.time(), time.perf_counter(), os.getloadavg()[0]
     cmd = [sys.executable, "-m", "lcot_mega.cli", "train", config, *overrides, "--run-dir", str(run_dir), "--no-resume"]
     code = subprocess.run(cmd).returncode
     wall = time.perf_counter() - t0
     metrics = run_dir / "metrics.jsonl"
     run = product_side(read_metrics(metrics) if metrics.exists() else [], start, wall, seed)
+    run.load = (load, os.getloadavg()[0])
     if code != 0 or len(run.evals) < 2:
         run.error = f"exit code {code}" if code != 0 else "fewer than two evaluations"
     return run
@@ -289,7 +293,7 @@ class PlainLoop:
 
 def run_plain(cfg: Config, budget_s: float) -> SideRun:
     """The plain loop for `budget_s` seconds from its own start (set-up and both evaluations included)."""
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), os.getloadavg()[0]
     loop = PlainLoop(cfg)
     t1 = time.perf_counter()
     first = loop.accuracy()
@@ -303,7 +307,7 @@ def run_plain(cfg: Config, budget_s: float) -> SideRun:
     t4 = time.perf_counter()
     loop.grader.close()
     run = SideRun(SIDES[1], cfg.trainer.seed, time.perf_counter() - t0, first, last, t2 - t0, t2 - t1, steps, t4 - t3)
-    run.evals = [(0, first), (len(steps), last)]
+    run.evals, run.load = [(0, first), (len(steps), last)], (load, os.getloadavg()[0])
     return run
 
 
@@ -411,9 +415,11 @@ def seed_table(runs: list[SideRun], stats: RatioStats) -> str:
     for ours, plain in pairs(runs):
         for run in (ours, plain) if plain else (ours,):
             cells = [str(run.seed), run.side, f"{run.wall_s:.0f}", str(len(run.steps)), _pct(run.before)]
-            cells += [_pct(run.after), _rate(run.points_per_min)]
+            load = f"{run.load[0]:.1f} / {run.load[1]:.1f}" if run.load else "-"
+            cells += [_pct(run.after), _rate(run.points_per_min), load]
             rows.append([*cells, _ratio_cell(ours, plain, ratio) if run is ours else ""])
-    return md_table(["seed", "side", "wall s", "steps", "held-out before", "after", "points / min", "ratio"], rows)
+    headers = ["seed", "side", "wall s", "steps", "held-out before", "after", "points / min"]
+    return md_table([*headers, "load 1 min start / end", "ratio"], rows)
 
 
 def _mean(xs: list[float]) -> float:
@@ -429,7 +435,7 @@ def split_row(runs: list[SideRun]) -> list[str]:
     per_step = [_mean([getattr(s, k) for s in steps]) for k in ("step_s", "rollout_s", "train_s", "sync_s")]
     grades = [s.grade_s for s in steps if s.grade_s is not None]
     grade = f"{_mean(grades):.2f}" if grades else "in rollout"
-    cells = [f"{x:.0f}" for x in totals] + [f"{x:.2f}" for x in per_step[:2]] + [grade]
+    cells = [f"{totals[0]:.0f}", f"{totals[1]:.0f}", f"{totals[2]:.1f}"] + [f"{x:.2f}" for x in per_step[:2]] + [grade]
     return [runs[0].side, *cells, *(f"{x:.2f}" for x in per_step[2:]), f"{_mean(evals):.0f}", f"{_mean(other):.0f}"]
 
 
