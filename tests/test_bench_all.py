@@ -232,6 +232,22 @@ def test_skipping_every_benchmark_writes_the_document_without_running_one(tmp_pa
     assert "Not measured in this run (`--skip memory`)." in doc
 
 
+def test_rewrite_keeps_sections_other_tools_wrote_after_its_own(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "PERFORMANCE.md"
+    foreign = "## Learning per minute\n\nWritten by bench_quickstart.\n\n| seed | ratio |\n|---|---|\n| 1 | 1.10 |"
+    first = bench_all.render({"CPU": "old cpu"}, set(), bench_all.bench_specs(quick=True, vllm=False), {}, None, [])
+    out.write_text(first.replace("## Weight sync", foreign + "\n\n## Weight sync"))  # anywhere in the file
+    skips = [arg for area in bench_all.AREAS for arg in ("--skip", area)]
+    monkeypatch.setattr(sys, "argv", ["bench_all.py", *skips, "--out", str(out)])
+    bench_all.main()
+    doc = out.read_text()
+    assert doc.count("## Learning per minute") == 1 and doc.count("\n## ") == 7
+    assert doc.endswith(foreign + "\n")  # after the tool's own sections, as it was, one final newline
+    assert "| CPU | old cpu |" not in doc  # the tool's own sections are rewritten
+    assert bench_all.keep_foreign(doc, doc) == doc  # kept once: a second rewrite changes nothing
+    assert bench_all.keep_foreign(first, "") == first
+
+
 def test_performance_doc_has_every_section_render_writes_in_order() -> None:
     doc = (bench_all.REPO / "docs" / "PERFORMANCE.md").read_text()
     rendered = bench_all.render({}, set(), bench_all.bench_specs(quick=False, vllm=False), {}, None, [])
@@ -239,7 +255,9 @@ def test_performance_doc_has_every_section_render_writes_in_order() -> None:
     def titles(text: str) -> list[str]:
         return [line for line in text.splitlines() if line.startswith("## ")]
 
-    assert titles(doc) == titles(rendered) and "## Long sequences: one train step's memory" in titles(doc)
+    ours = titles(rendered)
+    assert titles(doc)[: len(ours)] == ours and "## Long sequences: one train step's memory" in titles(doc)
+    assert set(titles(doc)[len(ours) :]) <= {"## Learning per minute"}  # other tools' sections come after
 
 
 def test_machine_description_has_every_field() -> None:

@@ -16,6 +16,9 @@ share the cores:
     python tools/bench_all.py [--runs runs/qs3-base ...] [--quick]
         [--skip actor|scaling|sync|rollout|memory|data ...] [--out docs/PERFORMANCE.md]
 
+Sections of --out that this tool does not write (`tools/bench_quickstart.py --write-doc`'s `## Learning per
+minute`) are kept as they were, after its own.
+
 Run it on an otherwise idle machine with about 10 GB free (the SmolLM2 actor step peaks near 8 GB): the run without
 memory took 6 min 40 s on 2 cores (docs/LOG.md, 2026-12-05). Memory adds several minutes more, not yet timed: its
 16k- and 32k-token steps take minutes each on 2 cores; a step whose resident memory passes 20 GiB
@@ -288,14 +291,26 @@ def render_header(machine: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def sections(doc: str) -> dict[str, str]:
+    """Section title -> its whole text (`## title` to the next section, trailing newlines cut), in file order."""
+    return {chunk.split("\n", 1)[0].strip(): "## " + chunk.rstrip("\n") for chunk in doc.split("\n## ")[1:]}
+
+
 def kept_sections(old: str) -> dict[str, str]:
     """Section title -> its whole text from an earlier PERFORMANCE.md, for the measured sections only (`--keep`)."""
-    found = {}
-    for chunk in old.split("\n## ")[1:]:
-        title = chunk.split("\n", 1)[0].strip()
-        if "Not measured in this run" not in chunk and "failed (" not in chunk:
-            found[title] = "## " + chunk.rstrip("\n")
-    return found
+    return {
+        title: text
+        for title, text in sections(old).items()
+        if "Not measured in this run" not in text and "failed (" not in text
+    }
+
+
+def keep_foreign(doc: str, old: str) -> str:
+    """Append the sections of the earlier file that this tool does not write (another tool's, such as
+    bench_quickstart.py's `## Learning per minute`), as they were and in their order: a rewrite never drops them."""
+    ours = sections(doc)
+    foreign = [text for title, text in sections(old).items() if title not in ours]
+    return doc.rstrip("\n") + "\n\n" + "\n\n".join(foreign) + "\n" if foreign else doc
 
 
 def keep_skipped(doc: str, old: dict[str, str], when: str) -> str:
@@ -549,7 +564,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "PERFORMANCE.md")
     ap.add_argument("--keep", action="store_true", help="skipped areas keep their measured sections from --out")
     args = ap.parse_args()
-    old = args.out.read_text() if args.keep and args.out.is_file() else ""
+    old = args.out.read_text() if args.out.is_file() else ""
     areas = set(AREAS) - set(args.skip)
     command = shlex.join(["python", "tools/bench_all.py", *sys.argv[1:]])
     machine = describe_machine(command)  # before the benchmarks: the load average is the one they started under
@@ -560,9 +575,9 @@ def main() -> None:
         for key in needed_runs(areas, args.quick):
             results[key] = run_bench(specs[key], Path(tmp))
     doc = render(machine, areas, specs, results, data, [str(r) for r in args.runs])
-    if old:
+    if args.keep and old:
         doc = keep_skipped(doc, kept_sections(old), _old_date(old))
-    args.out.write_text(doc)
+    args.out.write_text(keep_foreign(doc, old))
     print(f"[bench_all] wrote {args.out}", file=sys.stderr)
 
 
