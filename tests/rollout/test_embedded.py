@@ -209,7 +209,7 @@ def test_small_max_batch_tokens_splits_into_chunks_with_the_same_samples(model_d
 
 
 def test_abort_from_another_thread_returns_partial_aborted_samples(model_dir):
-    eng = EmbeddedEngine(model_dir, max_batch_tokens=2 * 9 + 2 * 3 * 3000)  # two chunks: the second never starts
+    eng = EmbeddedEngine(model_dir, max_batch_tokens=2 * 3 * (9 + 3000))  # two chunks: the second never starts
     params = SamplingParams(max_new_tokens=3000, n=3, ignore_eos=True)
     result: list = []
     worker = threading.Thread(target=lambda: result.append(eng.generate(PROMPTS, params)))

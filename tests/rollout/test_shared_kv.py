@@ -26,7 +26,7 @@ def engines(tmp_path_factory) -> dict[str, tuple[EmbeddedEngine, EmbeddedEngine]
     for family in FAMILIES:
         d = make_tiny_hf(tmp_path_factory.mktemp(family), family, tie=family == "qwen3", **MODEL)
         save_char_tokenizer(d)
-        shared, repeated = EmbeddedEngine(d), EmbeddedEngine(d, share_prompt_kv=False)
+        shared, repeated = EmbeddedEngine(d, share_prompt_kv=True), EmbeddedEngine(d, share_prompt_kv=False)
         assert shared.share_prompt_kv and not repeated.share_prompt_kv
         out[family] = (shared, repeated)
     return out
@@ -234,7 +234,7 @@ def test_chunks_budget_the_kv_tokens_stored_so_more_prompts_fit(engines):
     shared, _ = engines["llama"]
     params = SamplingParams(max_new_tokens=10, n=2, seed=8, ignore_eos=True)
     budget = 2 * 9 + 2 * 2 * 10  # two prompts (longest 9) once + four responses
-    small = EmbeddedEngine(shared.model_dir, max_batch_tokens=budget)
+    small = EmbeddedEngine(shared.model_dir, max_batch_tokens=budget, share_prompt_kv=True)
     assert list(small._chunks(PROMPTS, params)) == [[1, 3], [0, 2]]  # longest first; a third prompt does not fit
     # Repeated, prompts 1 and 3 store 2 x 2 x (9 + 10) = 76 tokens, 3 and 0 still 60; only 0 and 2 share a chunk.
     repeated = EmbeddedEngine(shared.model_dir, max_batch_tokens=budget, share_prompt_kv=False)
@@ -249,7 +249,7 @@ def test_models_the_shared_attention_does_not_serve_keep_the_repeated_cache(tmp_
     from transformers import AutoModelForCausalLM
 
     d = make_tiny_hf(tmp_path / "sliding", "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=2)
-    engine = EmbeddedEngine(d)
+    engine = EmbeddedEngine(d, share_prompt_kv=True)
     assert not engine.share_prompt_kv and engine._model.config._attn_implementation == "sdpa"
     out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, n=2, seed=0, ignore_eos=True))
     assert [len(c.token_ids) for cs in out for c in cs] == [6] * 8
