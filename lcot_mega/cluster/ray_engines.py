@@ -128,7 +128,8 @@ class ServedEngineGroup:
         gpus: float,
         request_timeout_s: float = 600.0,
     ) -> None:
-        """`request_timeout_s`: of the clients handed out; a server that does not answer in this time is hung."""
+        """`request_timeout_s`: of the clients handed out (`SGLangHTTPEngine.timeout_s`: how long a server may stay
+        silent before it is probed, and hung if the probe fails)."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

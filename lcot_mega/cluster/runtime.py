@@ -1,12 +1,13 @@
 """Build the run's actor and rollout engine for `cluster.mode`; the driver never looks inside either.
 
-local: one process, no Ray: the actor is one gloo rank and the embedded engine lives beside it, loaded in
-place after every step (the quick start). With `rollout.served` (or `rollout.engine: sglang`) the engines are
-instead `cluster.num_engines` server processes speaking SGLang's HTTP API (`lcot-mega serve`, or SGLang itself),
-behind an `EnginePool` kept by `cluster.served.ServedEngines`: a server that dies or stops answering within
-`rollout.request_timeout_s` has its requests re-sent to the others, is restarted on the same URL (SIGKILL first: a
-hung server ignores SIGTERM) and gets the actor's current weights before it takes requests again. colocated /
-disaggregated: Ray places the actor ranks and the engines (`lcot_mega.cluster.ray_runtime`).
+local: one process, no Ray: the actor is one gloo rank and the embedded engine lives beside it, loaded in place after
+every step (the quick start). With `rollout.served` (or `rollout.engine: sglang`) the engines are instead
+`cluster.num_engines` server processes speaking SGLang's HTTP API (`lcot-mega serve`, or SGLang itself), behind an
+`EnginePool` kept by `cluster.served.ServedEngines`: a server that dies or stops answering (silent for
+`rollout.request_timeout_s` and failing a /health probe) has its requests re-sent to the others, is restarted on the
+same URL (SIGKILL first: a hung server ignores SIGTERM) and gets the actor's current weights before it takes
+requests again. colocated / disaggregated: Ray places the actor ranks and the engines
+(`lcot_mega.cluster.ray_runtime`).
 """
 
 from __future__ import annotations

@@ -70,8 +70,10 @@ class RolloutConfig:
     """Run the embedded engine as `cluster.num_engines` `lcot-mega serve` server processes (SGLang's HTTP
     protocol) instead of inside the driver; `engine: sglang` is always served. Local mode only."""
     request_timeout_s: float = opt(600.0, gt=0.0)
-    """A served engine that does not answer a request within this time is treated as hung: its requests go to
-    another engine and it is restarted and re-synced."""
+    """How long a served engine may stay silent. A weight or memory call unanswered in this time, or a generate
+    unanswered this long whose server then fails a /health probe too, means the server is hung: its requests go
+    to another engine and it is restarted and re-synced. A generate on a server that answers /health is waited
+    for however long it takes (a queue, a long response)."""
     weight_dtype: str = opt("auto", choices=("auto", "fp8"))
     """Weights the engines receive on every sync: auto = the engine's dtype (model.dtype); fp8 = linear weights
     block-quantized to float8_e4m3fn with a float32 `weight_scale_inv` per 128x128 block (DeepSeek-V3 convention,

@@ -3,16 +3,25 @@
 Connection failures (refused, reset before an answer) are retried with exponential backoff, a bounded number of
 times; a timeout is not retried (the server may still be working on the request). A 400 raises ValueError with
 the server's message, other error statuses raise `EngineHTTPError`.
+
+`timeout_s` bounds silence, not work. A `/generate` may rightly take far longer than any fixed limit: it waits its
+turn behind the requests queued before it, and a 32k-token response takes minutes. So the client waits for a
+generate answer as long as the server stays alive: after every `timeout_s` without an answer it asks `/health`,
+and only a server that does not answer that probe either is hung (TimeoutError). Every other request (weight
+loads, memory calls, `/health` itself) must be answered within `timeout_s`.
+
+The client talks to the server directly over `http.client` (no HTTP proxy from the environment: rollout servers
+live on the cluster's own network).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import select
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,7 +31,11 @@ from lcot_mega.rollout.protocol import Completion, SamplingParams
 from lcot_mega.types import SampleStatus
 
 _FINISH = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED, "abort": SampleStatus.ABORTED}
-_CONNECTION_ERRORS = (ConnectionError, http.client.RemoteDisconnected)
+_PATIENT_PATHS = frozenset({"/generate"})  # waited for while the server answers /health (module docstring)
+
+
+class _ServerHung(TimeoutError):
+    """A generate answer is overdue and the server failed its /health probe."""
 
 
 class EngineHTTPError(RuntimeError):
@@ -84,6 +97,8 @@ class SGLangHTTPEngine:
         self.tp_size, self.flattened_bucket = tp_size, flattened_bucket
         self._update_lock = threading.Lock()
         self._spare_shm: torch.UntypedStorage | None = None  # buffer of the last answered tensor update
+        self.busy_probes = 0
+        """Health probes a slow /generate answer passed (the server was busy, not hung)."""
 
     # ------------------------------------------------------------------------------------------ transport
 
@@ -92,24 +107,50 @@ class SGLangHTTPEngine:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
         wait = timeout_s or self.timeout_s
         where = f"{method} {self.base_url}{path}"
         for attempt in range(self.retries + 1):
             try:
-                with urllib.request.urlopen(req, timeout=wait) as resp:
-                    raw = resp.read()
-                return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw.decode()
-            except urllib.error.HTTPError as e:
-                raise _status_error(e, path) from None
-            except (TimeoutError, urllib.error.URLError, *_CONNECTION_ERRORS) as e:
-                reason = getattr(e, "reason", e)
-                if isinstance(reason, TimeoutError):  # the server may still be working on it: never resend
-                    raise TimeoutError(f"{where}: no answer in {wait}s") from None
+                status, raw = self._exchange(method, path, data, headers, wait, patient=path in _PATIENT_PATHS)
+            except _ServerHung as e:
+                raise TimeoutError(f"{where}: {e}") from None
+            except TimeoutError:  # the server may still be working on it: never resend
+                raise TimeoutError(f"{where}: no answer in {wait}s") from None
+            except (OSError, http.client.RemoteDisconnected) as e:  # refused, reset, unreachable: nothing was answered
                 if attempt == self.retries:
-                    raise ConnectionError(f"{where}: {reason} (after {self.retries + 1} attempts)") from e
+                    raise ConnectionError(f"{where}: {e!r} (after {self.retries + 1} attempts)") from e
                 time.sleep(self.backoff_s * 2**attempt)
+                continue
+            if status >= 400:
+                raise _status_error(status, raw, path)
+            return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw.decode()
         raise AssertionError("unreachable")
+
+    def _exchange(
+        self, method: str, path: str, data: bytes | None, headers: dict[str, str], wait: float, patient: bool
+    ) -> tuple[int, bytes]:
+        """One request on a fresh connection: (status, body). `patient`: wait for the answer while /health answers."""
+        url = urllib.parse.urlsplit(self.base_url + path)
+        connection = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        conn = connection(url.hostname or "localhost", url.port, timeout=wait)
+        try:
+            conn.request(method, url.path + (f"?{url.query}" if url.query else ""), body=data, headers=headers)
+            if patient:
+                self._await_answer(conn, wait)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def _await_answer(self, conn: http.client.HTTPConnection, wait: float) -> None:
+        """Block until the server starts answering on `conn`; after every `wait` seconds of silence probe /health,
+        and give up (TimeoutError) only when the probe fails too: a busy server is not a hung one."""
+        probes = 0
+        while not select.select([conn.sock], [], [], wait)[0]:
+            probes += 1
+            if not self.health():
+                raise _ServerHung(f"no answer in {wait * probes}s, and /health failed")
+            self.busy_probes += 1
 
     # ----------------------------------------------------------------------------------------- protocol
 
@@ -262,12 +303,11 @@ def _check_success(result: Any, path: str) -> None:
         raise RuntimeError(f"{path} failed: {result.get('message')}")
 
 
-def _status_error(e: urllib.error.HTTPError, path: str) -> Exception:
-    raw = e.read()
+def _status_error(status: int, raw: bytes, path: str) -> Exception:
     try:
         message = json.loads(raw).get("error", raw.decode(errors="replace"))
     except (ValueError, AttributeError):
         message = raw.decode(errors="replace")
-    if e.code == 400:
+    if status == 400:
         return ValueError(f"{path}: {message}")
-    return EngineHTTPError(e.code, path, message)
+    return EngineHTTPError(status, path, message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 
@@ -346,17 +347,41 @@ def test_client_retries_connection_errors_then_reports_them():
     assert time.monotonic() - t0 < 5 and not c.health()
 
 
-def test_client_timeout_is_not_retried(engine, server):
+def test_a_generate_outlasting_the_timeout_on_a_live_server_is_waited_for_until_aborted(engine, server):
+    """`timeout_s` bounds silence, not work: the server answers /health, so the client keeps waiting; abort ends it."""
     c = SGLangHTTPEngine(server.url, timeout_s=0.3, retries=3)
-    t0 = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"no answer in 0\.3s"):
-        c.generate([PROMPTS[1]], SamplingParams(max_new_tokens=3000, ignore_eos=True))
-    assert time.monotonic() - t0 < 2
-    c.abort()
+    out: list = []
+    t = threading.Thread(
+        target=lambda: out.append(c.generate([PROMPTS[1]], SamplingParams(max_new_tokens=3000, ignore_eos=True)))
+    )
+    t.start()
     deadline = time.monotonic() + 20
-    while engine.in_flight and time.monotonic() < deadline:
-        time.sleep(0.01)
+    while c.busy_probes < 3 and time.monotonic() < deadline:  # ~1 s: three timeouts' worth of silence
+        time.sleep(0.05)
+    assert c.busy_probes >= 3 and t.is_alive() and engine.in_flight
+    c.abort()
+    t.join(timeout=20)
+    assert not t.is_alive() and out[0][0][0].finish == SampleStatus.ABORTED
     assert not engine.in_flight
+
+
+def _silent_server() -> socket.socket:
+    """A port that accepts connections (the kernel's backlog) and never answers: a SIGSTOPped server."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    return s
+
+
+def test_a_generate_on_a_hung_server_fails_once_health_fails_too_and_is_not_retried():
+    with _silent_server() as s:
+        c = SGLangHTTPEngine(f"http://127.0.0.1:{s.getsockname()[1]}", timeout_s=0.3, retries=3)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"/generate: no answer in 0\.3s, and /health failed"):
+            c.generate([PROMPTS[1]], SamplingParams(max_new_tokens=3))
+        assert time.monotonic() - t0 < 3 and c.busy_probes == 0  # 0.3 s silence + a 0.3 s probe, no resend
+        with pytest.raises(TimeoutError, match=r"/flush_cache: no answer in 0\.3s$"):  # other calls: plain timeout
+            c.flush_cache()
 
 
 def test_serve_command_serves_the_model(model_dir):
