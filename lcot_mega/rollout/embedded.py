@@ -121,7 +121,7 @@ class EmbeddedEngine:
         device: str | torch.device = "cpu",
         max_batch_tokens: int = 65536,
         seed: int = 0,
-        share_prompt_kv: bool = False,
+        share_prompt_kv: bool = True,
     ) -> None:
         """`share_prompt_kv=False` repeats each prompt's KV cache n times (the reference path); True shares one copy
         where the model supports it (`shared_kv.supported_reason`), else falls back to repeating."""
