@@ -185,9 +185,8 @@ def megatron_worker(
     from lcot_mega.config import ActorConfig, AlgoConfig
 
     arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
-    cfg = ActorConfig(
-        tensor_parallel=tp, pipeline_parallel=pp, precision="fp32", **({"micro_batch_tokens": budget} | OPTIM | extra)
-    )
+    settings = {"precision": "fp32", "micro_batch_tokens": budget} | OPTIM | extra  # --actor may change precision
+    cfg = ActorConfig(tensor_parallel=tp, pipeline_parallel=pp, **settings)
     actor = MegatronActor(arch, cfg, AlgoConfig(), hf_dir)
     train_batch = TrainBatch(**batch)
     last: dict[str, float] = {}
