@@ -93,7 +93,7 @@ class MegatronActor:
 
         With algo.kl_coef > 0 and no `batch.ref_logprobs`, the reference log-probs are computed first.
         """
-        if self.algo.kl_coef > 0 and batch.ref_logprobs is None:
+        if self.algo.kl_coef > 0 and batch.ref_logprobs is None and batch.objective == "policy":
             batch = replace(batch, ref_logprobs=self.compute_ref_logprobs(batch.sequences, batch.temperature))
         try:
             return train_step(

@@ -62,8 +62,18 @@ class TrainBatch:
     """The update gate: anything with `rejects(metrics) -> list[str]` (`guards.bounds.UpdateBounds`), asked with
     this step's metrics and pre-clip grad norm; any answer skips the update. None: only a nonfinite gradient
     norm skips it (it always does)."""
+    objective: str = "policy"
+    """policy: the clipped surrogate of `algo` (with its KL and entropy terms). sft: the negative log-likelihood
+    of the response tokens, aggregated by `algo.loss_agg` (token-mean: masked cross entropy), advantages unused."""
+
+    @classmethod
+    def sft(cls, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> TrainBatch:
+        """A supervised batch: the loss is the response tokens' cross entropy; the prompt tokens are context only."""
+        return cls(prompt_ids, response_ids, advantages=[0.0] * len(prompt_ids), objective="sft")
 
     def __post_init__(self) -> None:
+        if self.objective not in ("policy", "sft"):
+            raise ValueError(f"TrainBatch.objective must be 'policy' or 'sft', got {self.objective!r}")
         n = len(self.prompt_ids)
         for name in ("response_ids", "advantages", "old_logprobs", "ref_logprobs", "rollout_logprobs"):
             value = getattr(self, name)
@@ -126,8 +136,12 @@ class _MicroBatchLoss:
         with_grad = self.algo.entropy_coef > 0 and torch.is_grad_enabled()  # the entropy is a loss term
         logp, entropy = self.head(mb, output, self.batch.temperature, entropy=True, entropy_grad=with_grad)  # [n, s]
         stats["actor/entropy"] = torch.where(mask, entropy.detach(), 0.0).sum() / mask.sum().clamp_min(1)
-        pg = self._policy_term(mb, logp, mask, stats)
-        loss = pg + self._regularizers(mb, logp, entropy, mask, stats)
+        if self.batch.objective == "sft":
+            pg = self._aggregate(-logp, mask)  # cross entropy of the response tokens
+            loss = pg
+        else:
+            pg = self._policy_term(mb, logp, mask, stats)
+            loss = pg + self._regularizers(mb, logp, entropy, mask, stats)
         n = mask.sum().float()
         for key in self.keys[1]:
             stats[key] = stats[key] * n  # token means -> sums, divided by all tokens after the reduction
@@ -263,7 +277,7 @@ def train_step(
     `megatron_adapter.build_optimizer`/`build_scheduler`). The loss scaling is derived in the body. The update
     is gated (`gate_passes`): when it is skipped, weights, Adam state and the LR schedule stay as they were.
     """
-    if algo.kl_coef > 0 and batch.ref_logprobs is None:
+    if algo.kl_coef > 0 and batch.ref_logprobs is None and batch.objective == "policy":
         raise ValueError("algo.kl_coef > 0 needs TrainBatch.ref_logprobs (MegatronActor computes them)")
     micro_batches = micro_batches_for_this_rank(batch.sequences, actor_cfg.micro_batch_tokens, actor_cfg.pack_sequences)
     denominator = global_denominator(micro_batches, algo)

@@ -1,4 +1,4 @@
-"""`lcot-mega` command line: `config`, `check`, `train`, `eval`, `plot`, `grade`, `convert`, `serve` and `fit`."""
+"""`lcot-mega` command line: `config`, `check`, `train`, `sft`, `eval`, `plot`, `grade`, `convert`, `serve`, `fit`."""
 
 from __future__ import annotations
 
@@ -60,6 +60,47 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--run-dir", default=None, help="run directory (default: trainer.run_dir)")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_true", default=None, help="continue from the run directory's newest checkpoint"
+    )
+    resume.add_argument(
+        "--no-resume", dest="resume", action="store_false", help="refuse a run directory that has checkpoints"
+    )
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from lcot_mega.checkpoint.store import CheckpointWriteError
+    from lcot_mega.sft.driver import check_sft_config
+
+    overrides = list(args.overrides) + ([f"trainer.run_dir={args.run_dir}"] if args.run_dir else [])
+    cfg = load_config(args.config, overrides)
+    check_sft_config(cfg)  # a bad config answers before the actor is built
+    from lcot_mega.sft.data import SftDataError
+    from lcot_mega.sft.driver import sft
+    from lcot_mega.trainer.run_dir import RunDirError
+
+    try:
+        result = sft(cfg, resume=args.resume)
+    except (RunDirError, SftDataError) as e:
+        print(f"lcot-mega sft: {e}", file=sys.stderr)
+        return 2
+    except CheckpointWriteError as e:
+        print(f"lcot-mega sft: could not write a checkpoint: {e}. The previous checkpoint is intact", file=sys.stderr)
+        return 4
+    print(f"lcot-mega sft: {result.run_dir} at step {result.last_step} of {result.total_steps}")
+    if result.eval_losses:
+        first, last = min(result.eval_losses), max(result.eval_losses)
+        print(
+            f"lcot-mega sft: held-out loss step {first} {result.eval_losses[first]:.4f} -> step {last}"
+            f" {result.eval_losses[last]:.4f} nats/token"
+        )
+    return 0
+
+
 def _cmd_grade(args: argparse.Namespace) -> int:
     from lcot_mega.reward import Grader
 
@@ -116,16 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
         " 2 run directory and --resume/--no-resume disagree; 3 halted by the guards (state saved, see guards.log);"
         " 4 a checkpoint could not be written (the previous one is intact)",
     )
-    _add_config_args(p)
-    p.add_argument("--run-dir", default=None, help="run directory (default: trainer.run_dir)")
-    resume = p.add_mutually_exclusive_group()
-    resume.add_argument(
-        "--resume", action="store_true", default=None, help="continue from the run directory's newest checkpoint"
-    )
-    resume.add_argument(
-        "--no-resume", dest="resume", action="store_false", help="refuse a run directory that has checkpoints"
-    )
+    _add_run_args(p)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on (prompt, response) files (the cold start); writes RUN_DIR/hf",
+        epilog="exit status: 0 finished (the model is in RUN_DIR/hf), or stopped by SIGTERM/SIGINT after a checkpoint"
+        " (the same command resumes); 2 bad config or data, or run directory and --resume/--no-resume disagree;"
+        " 4 a checkpoint could not be written (the previous one is intact)",
+    )
+    _add_run_args(p)
+    p.set_defaults(func=_cmd_sft)
 
     p = sub.add_parser("grade", help="grade one response against a gold answer (math-verify, isolated)")
     p.add_argument("response")

@@ -28,6 +28,7 @@ from lcot_mega.config.schema import (
     RepetitionConfig,
     RewardConfig,
     RolloutConfig,
+    SftConfig,
     TrainerConfig,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "RepetitionConfig",
     "RewardConfig",
     "RolloutConfig",
+    "SftConfig",
     "TrainerConfig",
     "config_from_dict",
     "config_to_dict",

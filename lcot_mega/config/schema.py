@@ -302,6 +302,33 @@ class TrainerConfig:
 
 
 @dataclass
+class SftConfig:
+    """`lcot-mega sft`: supervised fine-tuning (the study's cold start) on the same Megatron actor. It reads
+    `model`, `actor` (parallelism, precision, memory, lr and its schedule), `trainer.run_dir / seed / save_every /
+    keep_last / eval_every` and `logging`; `trainer.steps` is replaced by `epochs` over the data, and the RL-only
+    sections (data, rollout, reward, algo, guards) must keep their defaults."""
+
+    train: list[str] = opt([])
+    """Training examples: .jsonl/.json/.parquet files of rows `{"prompt": str, "response": str}` or
+    `{"messages": [{"role": ..., "content": ...}, ...]}` ending with an assistant message (docs/SFT.md)."""
+    eval: list[str] = opt([])
+    """Held-out example files (same formats) whose mean response-token loss is logged as `sft/eval_loss`
+    (every `trainer.eval_every` steps and at the end)."""
+    eval_fraction: float = opt(0.0, ge=0.0, lt=1.0)
+    """With no `eval` files: this share of the training examples (a fixed random choice) is held out instead."""
+    epochs: float = opt(1.0, gt=0.0)
+    """Passes over the training examples; the run has ceil(epochs x examples / batch_size) optimizer steps."""
+    batch_size: int = opt(32, ge=1)
+    """Examples per optimizer step (the global batch; micro-batches follow actor.micro_batch_tokens)."""
+    max_tokens: int = opt(4096, ge=2)
+    """Prompt plus response tokens an example may have; longer ones are left out and counted (never cut: a
+    truncated chain of thought would teach the model to stop mid-thought)."""
+    chat_template: bool = True
+    """Render rows with the tokenizer's chat template (the prompt as a user turn, the response as the assistant
+    turn, its end-of-turn tokens trained too); false: prompt and response tokens as they are, plus EOS."""
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation during training (data.eval); the full evaluation suite is `lcot-mega eval`."""
 
@@ -452,6 +479,7 @@ class Config:
     cluster: ClusterConfig = opt(ClusterConfig)
     guards: GuardsConfig = opt(GuardsConfig)
     debug: DebugConfig = opt(DebugConfig)
+    sft: SftConfig = opt(SftConfig)
 
 
 def cross_field_errors(cfg: Config) -> list[str]:

@@ -102,6 +102,13 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "eval/<source>/accuracy_stderr",
     "eval/<source>/response_len_mean",
     "eval/<source>/truncated_frac",
+    # sft
+    "sft/loss",
+    "sft/tokens",
+    "sft/epoch",
+    "sft/eval_loss",
+    "sft/step_s",
+    "sft/tokens_per_s",
 )
 """Every key of docs/METRICS.md, in its order; `<source>` / `<k>` stand for one key segment
 (a test checks that the document and this tuple agree)."""

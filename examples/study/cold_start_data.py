@@ -1,0 +1,239 @@
+"""Long chains of thought written by program: the cold-start SFT data of the study's setting, offline, seeded.
+
+    python examples/study/cold_start_data.py --out runs/cold_start/train.jsonl [--n 2000] [--seed 0]
+        [--tasks chain_sum products] [--error-rate 0.25]
+
+Each row is `{"prompt", "response", "answer", "task"}` for `lcot-mega sft` (sft.chat_template renders the prompt
+as the user turn). The prompt is the reasoning-gym question in the study's template ("... Let's think step by
+step and output the final answer within \\boxed{}."); the response is `<think> ... </think>` and then
+`\\boxed{answer}`: the working digit by digit (columns, carries and borrows, partial products), a check by
+another route, and in about `--error-rate` of the traces one step first done wrong, caught by that check of the
+step, and redone: the wrong-step-then-correction pattern of long chains of thought. Every answer is computed, and
+every trace's boxed answer is verified against reasoning-gym's (the script fails otherwise).
+
+Tasks: chain_sum (2-4 terms of 2-3 digits, + and -) and products (two factors of 2-3 digits): 160-890 SmolLM2
+tokens a trace, 93% of them 200-800 (600 traces, seed 0). The RL config that trains on top grades with
+`reward.require_think_close: true`, as the study did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STUDY_TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."
+TASK_ARGS = {
+    "chain_sum": {"min_terms": 2, "max_terms": 4, "min_digits": 2, "max_digits": 3},
+    "products": {"min_digits": 2, "max_digits": 3},
+}
+ONES = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions"]
+
+
+@dataclass
+class Trace:
+    """Lines of one chain of thought; `slip` says whether the trace may still make its one deliberate error."""
+
+    rng: random.Random
+    slip: bool
+    lines: list[str] = field(default_factory=list)
+
+    def say(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def _digits(n: int) -> list[int]:
+    """Digits of n >= 0, ones first."""
+    return [int(c) for c in reversed(str(n))]
+
+
+def column_add(t: Trace, a: int, b: int) -> int:
+    """a + b (both >= 0) column by column, carries said out loud."""
+    da, db = _digits(a), _digits(b)
+    carry, out = 0, []
+    for i in range(max(len(da), len(db))):
+        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+        s = x + y + carry
+        extra = f" plus the carried {carry}" if carry else ""
+        note = f", write {s % 10} and carry 1" if s >= 10 else ""
+        t.say(f"  {ONES[i]}: {x} + {y}{extra} = {s}{note}.")
+        out.append(s % 10)
+        carry = s // 10
+    if carry:
+        t.say(f"  The last carry {carry} becomes the leading digit.")
+        out.append(carry)
+    result = int("".join(map(str, reversed(out))))
+    assert result == a + b
+    return result
+
+
+def column_sub(t: Trace, a: int, b: int) -> int:
+    """a - b (a >= b >= 0) column by column, borrows said out loud."""
+    da, db = _digits(a), _digits(b)
+    borrow, out = 0, []
+    for i in range(len(da)):
+        x, y = da[i] - borrow, (db[i] if i < len(db) else 0)
+        shown = f"{da[i]} (minus the borrowed 1, so {x})" if borrow else f"{da[i]}"
+        if x < y:
+            t.say(f"  {ONES[i]}: {shown} is less than {y}, so borrow 10: {x + 10} - {y} = {x + 10 - y}.")
+            out.append(x + 10 - y)
+            borrow = 1
+        else:
+            t.say(f"  {ONES[i]}: {shown} - {y} = {x - y}.")
+            out.append(x - y)
+            borrow = 0
+    result = int("".join(map(str, reversed(out))) or "0")
+    assert result == a - b
+    return result
+
+
+def combine(t: Trace, total: int, op: str, x: int) -> int:
+    """total op x for any sign of total, reduced to a column addition or subtraction of magnitudes."""
+    if op == "+" and total >= 0:
+        t.say(f"{total} + {x}: add the columns.")
+        return column_add(t, total, x)
+    if op == "-" and total < 0:
+        t.say(f"{total} - {x} is -({-total} + {x}): add the magnitudes.")
+        return -column_add(t, -total, x)
+    a, b = (x, -total) if op == "+" else (total, x)  # a - b
+    if a >= b:
+        t.say(f"{total} {op} {x} is {a} - {b}.")
+        return column_sub(t, a, b)
+    t.say(f"{total} {op} {x} is {a} - {b}, which is negative: -({b} - {a}).")
+    return -column_sub(t, b, a)
+
+
+def maybe_slip(t: Trace, total: int, op: str, x: int, result: int) -> None:
+    """Once per trace, at chance: a wrong value for this step, caught by checking it backwards, then the right one."""
+    if not t.slip or t.rng.random() > 0.5:
+        return
+    t.slip = False
+    wrong = result + t.rng.choice([-10, -1, 1, 10])
+    back = "-" if op == "+" else "+"
+    t.say(f"So {total} {op} {x} = {wrong}.")
+    undone = wrong - x if op == "+" else wrong + x
+    t.say(f"Let me check that step backwards: {wrong} {back} {x} = {undone}, not {total}.")
+    t.say("That is wrong: I must have misread a digit. Redoing the step carefully:")
+    combine(t, total, op, x)
+
+
+def chain_sum_trace(t: Trace, expression: str) -> int:
+    tokens = expression.split()
+    terms = [int(tokens[0])] + [int(v) for v in tokens[2::2]]
+    ops = tokens[1::2]
+    t.say(f"I need {expression}. I will go left to right and keep a running total.")
+    total = terms[0]
+    t.say(f"Start with {total}.")
+    for op, x in zip(ops, terms[1:], strict=True):
+        result = combine(t, total, op, x)
+        maybe_slip(t, total, op, x, result)
+        t.say(f"So {total} {op} {x} = {result}. The running total is {result}.")
+        total = result
+    plus = [terms[0]] + [x for op, x in zip(ops, terms[1:], strict=True) if op == "+"]
+    minus = [x for op, x in zip(ops, terms[1:], strict=True) if op == "-"]
+    t.say("Check another way: add the positive terms, add the subtracted terms, then take the difference.")
+    pos, neg = sum(plus), sum(minus)
+    t.say(f"Positive terms: {' + '.join(map(str, plus))} = {pos}.")
+    if minus:
+        t.say(f"Subtracted terms: {' + '.join(map(str, minus))} = {neg}.")
+        t.say(f"{pos} - {neg} = {pos - neg}.")
+    verdict = "matches" if pos - neg == total else "does not match"
+    t.say(f"The check gives {pos - neg}, which {verdict} the running total {total}.")
+    assert pos - neg == total
+    return total
+
+
+def times_digit(t: Trace, a: int, d: int) -> int:
+    """a x d for one digit d, digit by digit with carries."""
+    carry, out = 0, []
+    for i, x in enumerate(_digits(a)):
+        p = x * d + carry
+        extra = f" plus the carried {carry}" if carry else ""
+        note = f", write {p % 10} and carry {p // 10}" if p >= 10 else ""
+        t.say(f"  {ONES[i]}: {x} x {d}{extra} = {p}{note}.")
+        out.append(p % 10)
+        carry = p // 10
+    if carry:
+        t.say(f"  The last carry {carry} becomes the leading digit.")
+        out.append(carry)
+    result = int("".join(map(str, reversed(out))))
+    assert result == a * d
+    return result
+
+
+def products_trace(t: Trace, expression: str) -> int:
+    a, b = (int(v) for v in expression.split(" * "))
+    t.say(f"I need {a} x {b}. I will multiply {a} by each digit of {b} and add the partial products.")
+    partials = []
+    for i, d in enumerate(_digits(b)):
+        t.say(f"{a} x {d} (the {ONES[i]} digit of {b}):")
+        p = times_digit(t, a, d)
+        if t.slip and t.rng.random() < 0.5:
+            t.slip = False
+            wrong = p + t.rng.choice([1, 2]) if p < 2 else p + t.rng.choice([-2, -1, 1, 2])
+            ones = (a % 10) * d
+            t.say(f"So {a} x {d} = {wrong}.")
+            t.say(f"Check the last digit: {a % 10} x {d} = {ones} ends in {ones % 10}, not in {wrong % 10}.")
+            t.say("So I slipped somewhere. Redoing it:")
+            times_digit(t, a, d)
+        shifted = p * 10**i
+        t.say(f"So {a} x {d} = {p}" + (f", shifted {i} place(s): {shifted}." if i else "."))
+        partials.append(shifted)
+    total = partials[0]
+    for p in partials[1:]:
+        t.say(f"Add the partial products {total} + {p}:")
+        total = column_add(t, total, p)
+    t.say(f"The product is {total}.")
+    nines = (sum(_digits(a)) % 9, sum(_digits(b)) % 9)
+    t.say(
+        f"Check by casting out nines: {a} leaves {nines[0]}, {b} leaves {nines[1]}; {nines[0]} x {nines[1]} ="
+        f" {nines[0] * nines[1]} leaves {nines[0] * nines[1] % 9}, and {total} leaves {sum(_digits(total)) % 9}."
+    )
+    assert total == a * b and (nines[0] * nines[1]) % 9 == sum(_digits(total)) % 9
+    t.say("They agree.")
+    return total
+
+
+TRACERS = {"chain_sum": chain_sum_trace, "products": products_trace}
+
+
+def rows(task: str, n: int, seed: int, error_rate: float) -> Iterator[dict[str, str]]:
+    import reasoning_gym
+
+    rng = random.Random(f"{task}:{seed}")
+    for item in reasoning_gym.create_dataset(task, size=n, seed=seed, **TASK_ARGS[task]):
+        trace = Trace(rng, slip=rng.random() < error_rate)
+        answer = TRACERS[task](trace, item["metadata"]["expression"])
+        if str(answer) != str(item["answer"]):
+            raise AssertionError(f"{task}: traced {answer}, reasoning-gym says {item['answer']} ({item['question']})")
+        body = "\n".join(trace.lines)
+        yield {
+            "prompt": STUDY_TEMPLATE.format(problem=item["question"]),
+            "response": f"<think>\n{body}\n</think>\n\nThe final answer is \\boxed{{{answer}}}.",
+            "answer": str(item["answer"]),
+            "task": task,
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--n", type=int, default=2000, help="examples per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", nargs="+", default=list(TRACERS), choices=list(TRACERS))
+    p.add_argument("--error-rate", type=float, default=0.25, help="share of traces with one corrected mistake")
+    args = p.parse_args(argv)
+    out = [r for task in args.tasks for r in rows(task, args.n, args.seed, args.error_rate)]
+    random.Random(args.seed).shuffle(out)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    print(f"wrote {len(out)} examples to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

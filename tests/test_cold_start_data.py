@@ -1,0 +1,59 @@
+"""examples/study/cold_start_data.py: seeded long chains of thought whose boxed answers the product's own grader
+(math-verify, `require_think_close` as the study) scores correct, with corrected slips where asked."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("reasoning_gym")
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "study" / "cold_start_data.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("cold_start_data", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path: Path, *args: str) -> list[dict]:
+    out = tmp_path / "d.jsonl"
+    assert _module().main(["--out", str(out), *args]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_traces_think_then_box_the_right_answer_and_grade_correct(tmp_path):
+    from lcot_mega.reward import Grader
+
+    rows = _run(tmp_path, "--n", "15", "--seed", "4")
+    assert len(rows) == 30 and {r["task"] for r in rows} == {"chain_sum", "products"}
+    for r in rows:
+        assert r["response"].startswith("<think>\n") and "\n</think>\n" in r["response"]
+        assert re.search(r"\\boxed\{(-?\d+)\}", r["response"]).group(1) == r["answer"]
+        assert r["prompt"].endswith("Let's think step by step and output the final answer within \\boxed{}.")
+    with Grader(num_workers=1, require_think_close=True) as grader:
+        graded = grader.grade_batch([r["response"] for r in rows], [r["answer"] for r in rows])
+        assert all(g.correct for g in graded)
+        # a wrong box is graded wrong, and so is a right one with no closed </think> (the study's verifier)
+        wrong = rows[0]["response"].replace(f"\\boxed{{{rows[0]['answer']}}}", "\\boxed{123456789}")
+        unclosed = rows[0]["response"].replace("</think>", "")
+        assert [g.correct for g in grader.grade_batch([wrong, unclosed], [rows[0]["answer"]] * 2)] == [False, False]
+
+
+def test_every_trace_can_carry_one_caught_and_redone_slip(tmp_path):
+    rows = _run(tmp_path, "--n", "10", "--error-rate", "1.0")
+    slipped = [r for r in rows if "That is wrong" in r["response"] or "I slipped" in r["response"]]
+    assert len(slipped) >= len(rows) // 3  # each step offers the slip at even odds, until one is made
+    assert not [r for r in _run(tmp_path, "--n", "10", "--error-rate", "0.0") if "Redoing" in r["response"]]
+
+
+def test_the_same_seed_writes_the_same_file(tmp_path):
+    assert _run(tmp_path, "--n", "5", "--seed", "2") == _run(tmp_path, "--n", "5", "--seed", "2")
+    assert _run(tmp_path, "--n", "5", "--seed", "2") != _run(tmp_path, "--n", "5", "--seed", "3")
