@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 GIB_PER_WORKER = 3
 SLOW_FIRST = ("tests/trainer/", "tests/cluster/", "tests/evaluation/test_eval_command.py")
 """Files whose tests take minutes in all: handed out first, so the last file a worker gets is a short one."""
@@ -38,3 +40,14 @@ def pytest_collection_modifyitems(session, config, items) -> None:
         return next((i for i, prefix in enumerate(SLOW_FIRST) if path.startswith(prefix)), len(SLOW_FIRST))
 
     items[:] = sorted(items, key=slow_rank)  # stable: the order within a rank is the collection order
+
+
+@pytest.fixture(scope="session")
+def char_tok(tmp_path_factory):
+    """The one-character-per-token tokenizer of the tiny models (no chat template)."""
+    from helpers.tiny_models import save_char_tokenizer
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("char_tok")
+    save_char_tokenizer(d)
+    return AutoTokenizer.from_pretrained(d)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
-from helpers.tiny_models import save_char_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
@@ -12,20 +13,8 @@ CHAT_TEMPLATE = (
 
 
 @pytest.fixture(scope="session")
-def char_tok(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    d = tmp_path_factory.mktemp("char_tok")
-    save_char_tokenizer(d)
-    return AutoTokenizer.from_pretrained(d)
-
-
-@pytest.fixture(scope="session")
-def chat_tok(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    d = tmp_path_factory.mktemp("chat_tok")
-    save_char_tokenizer(d)
-    tok = AutoTokenizer.from_pretrained(d)
+def chat_tok(char_tok):
+    """`char_tok` (tests/conftest.py) with a chat template."""
+    tok = copy.deepcopy(char_tok)
     tok.chat_template = CHAT_TEMPLATE
     return tok

@@ -3,11 +3,11 @@ line, long examples left out and counted, held-out split and epoch order seeded 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
-from helpers.tiny_models import save_char_tokenizer
 
 from lcot_mega.config import SftConfig
 from lcot_mega.sft.data import EpochSampler, SftDataError, load_sft_data, total_steps
@@ -20,21 +20,13 @@ TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    d = tmp_path_factory.mktemp("tok")
-    save_char_tokenizer(d)
-    return AutoTokenizer.from_pretrained(d)
+def tokenizer(char_tok):
+    return char_tok
 
 
 @pytest.fixture(scope="module")
-def chat_tokenizer(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    d = tmp_path_factory.mktemp("chat")
-    save_char_tokenizer(d)
-    tok = AutoTokenizer.from_pretrained(d)
+def chat_tokenizer(char_tok):
+    tok = copy.deepcopy(char_tok)
     tok.chat_template = TEMPLATE
     return tok
 
