@@ -1,7 +1,7 @@
 """Long chains of thought written by program: the cold-start SFT data of the study's setting, offline, seeded.
 
     python examples/study/cold_start_data.py --out runs/cold_start/train.jsonl [--n 2000] [--seed 0]
-        [--tasks chain_sum products] [--error-rate 0.25]
+        [--tasks chain_sum products] [--error-rate 0.25] [--for sft|rl]
 
 Each row is `{"prompt", "response", "answer", "task"}` for `lcot-mega sft` (sft.chat_template renders the prompt
 as the user turn). The prompt is the reasoning-gym question in the study's template ("... Let's think step by
@@ -10,6 +10,10 @@ step and output the final answer within \\boxed{}."); the response is `<think> .
 another route, and in about `--error-rate` of the traces one step first done wrong, caught by that check of the
 step, and redone: the wrong-step-then-correction pattern of long chains of thought. Every answer is computed, and
 every trace's boxed answer is verified against reasoning-gym's (the script fails otherwise).
+
+With `--for rl` each row is a prompt-file row for `lcot-mega train` instead: `{"prompt": the question, "answer",
+"solution": the trace, "source": task}` (data.prompt_template wraps the question): the offline solutions that
+`algo.injection` puts into hard groups. Use another `--seed` than the SFT data's.
 
 Tasks: chain_sum (2-4 terms of 2-3 digits, + and -) and products (two factors of 2-3 digits): 160-890 SmolLM2
 tokens a trace, 93% of them 200-800 (600 traces, seed 0). The RL config that trains on top grades with
@@ -200,7 +204,7 @@ def products_trace(t: Trace, expression: str) -> int:
 TRACERS = {"chain_sum": chain_sum_trace, "products": products_trace}
 
 
-def rows(task: str, n: int, seed: int, error_rate: float) -> Iterator[dict[str, str]]:
+def rows(task: str, n: int, seed: int, error_rate: float, purpose: str = "sft") -> Iterator[dict[str, str]]:
     import reasoning_gym
 
     rng = random.Random(f"{task}:{seed}")
@@ -210,9 +214,13 @@ def rows(task: str, n: int, seed: int, error_rate: float) -> Iterator[dict[str, 
         if str(answer) != str(item["answer"]):
             raise AssertionError(f"{task}: traced {answer}, reasoning-gym says {item['answer']} ({item['question']})")
         body = "\n".join(trace.lines)
+        response = f"<think>\n{body}\n</think>\n\nThe final answer is \\boxed{{{answer}}}."
+        if purpose == "rl":
+            yield {"prompt": item["question"], "answer": str(item["answer"]), "solution": response, "source": task}
+            continue
         yield {
             "prompt": STUDY_TEMPLATE.format(problem=item["question"]),
-            "response": f"<think>\n{body}\n</think>\n\nThe final answer is \\boxed{{{answer}}}.",
+            "response": response,
             "answer": str(item["answer"]),
             "task": task,
         }
@@ -225,8 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", nargs="+", default=list(TRACERS), choices=list(TRACERS))
     p.add_argument("--error-rate", type=float, default=0.25, help="share of traces with one corrected mistake")
+    p.add_argument(
+        "--for",
+        dest="purpose",
+        choices=("sft", "rl"),
+        default="sft",
+        help="sft: (prompt, response) rows for lcot-mega sft; rl: prompt rows with a `solution` for algo.injection",
+    )
     args = p.parse_args(argv)
-    out = [r for task in args.tasks for r in rows(task, args.n, args.seed, args.error_rate)]
+    out = [r for task in args.tasks for r in rows(task, args.n, args.seed, args.error_rate, args.purpose)]
     random.Random(args.seed).shuffle(out)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)

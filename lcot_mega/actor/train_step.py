@@ -2,9 +2,10 @@
 
 The loss of the whole batch is L = (sum over tokens of pg + kl_coef * kl - entropy_coef * H) / D, each term
 aggregated with `algo.loss_agg` over the SAME global denominator D (the sum of `aggregation_denominator`
-over every micro-batch of every data-parallel rank). Its gradient does not depend on how the batch is cut
-into micro-batches or spread over DP/TP/PP ranks; `train_step` says how megatron-core's own scaling is
-undone.
+over every micro-batch of every data-parallel rank); pg is the clipped surrogate on sampled tokens and the
+policy-shaping term -A p / (p + gamma) on injected offline ones (`TrainBatch.offline`, Mu et al. 2025).
+Its gradient does not depend on how the batch is cut into micro-batches or spread over DP/TP/PP ranks;
+`train_step` says how megatron-core's own scaling is undone.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import torch.distributed as dist
 from lcot_mega.actor import megatron_adapter as ma
 from lcot_mega.actor.batching import MicroBatch, TokenSequence, to_token_layout
 from lcot_mega.actor.logprobs import TokenStatsHead, is_reporting_rank, micro_batches_for_this_rank, run_schedule
-from lcot_mega.algo import aggregate, aggregation_denominator, importance_correction, kl_penalty, policy_loss
+from lcot_mega.algo import (
+    aggregate,
+    aggregation_denominator,
+    importance_correction,
+    kl_penalty,
+    offpolicy_shaped_loss,
+    policy_loss,
+)
 from lcot_mega.config import ActorConfig, AlgoConfig
 
 _POLICY_MEAN_KEYS = (
@@ -62,6 +70,11 @@ class TrainBatch:
     """The update gate: anything with `rejects(metrics) -> list[str]` (`guards.bounds.UpdateBounds`), asked with
     this step's metrics and pre-clip grad norm; any answer skips the update. None: only a nonfinite gradient
     norm skips it (it always does)."""
+    offline: Sequence[bool] | None = None
+    """Per sequence: an injected offline solution (`algo.injection`, Mu et al. 2025), trained with the policy-shaping
+    loss -A p / (p + gamma) instead of the clipped surrogate, and left out of the importance and train-vs-rollout
+    statistics (its `rollout_logprobs` entry is a placeholder: no engine sampled it). None: every sequence is
+    on-policy."""
     objective: str = "policy"
     """policy: the clipped surrogate of `algo` (with its KL and entropy terms). sft: the negative log-likelihood
     of the response tokens, aggregated by `algo.loss_agg` (token-mean: masked cross entropy), advantages unused."""
@@ -75,7 +88,7 @@ class TrainBatch:
         if self.objective not in ("policy", "sft"):
             raise ValueError(f"TrainBatch.objective must be 'policy' or 'sft', got {self.objective!r}")
         n = len(self.prompt_ids)
-        for name in ("response_ids", "advantages", "old_logprobs", "ref_logprobs", "rollout_logprobs"):
+        for name in ("response_ids", "advantages", "old_logprobs", "ref_logprobs", "rollout_logprobs", "offline"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"TrainBatch.{name} has {len(value)} entries for {n} sequences")
@@ -97,24 +110,29 @@ def global_denominator(micro_batches: list[MicroBatch], algo: AlgoConfig) -> tor
     return local
 
 
-def metric_keys(
-    algo: AlgoConfig, with_is: bool, with_gap: bool | None = None
-) -> tuple[list[str], list[str], list[str]]:
-    """(summed, token-mean, max) keys of the per-micro-batch statistics, the same on every rank.
+@dataclass(frozen=True)
+class StatKeys:
+    """The per-micro-batch statistics by how they are reduced; the same on every rank.
 
-    Summed ones are loss terms (each micro-batch's share of the whole-batch value); token means travel as
-    sums over tokens and are divided by the batch's token count after the reduction. `with_gap` (the batch
-    has rollout log-probs; default: `with_is`) adds the train-vs-rollout log-prob gap.
+    Summed ones are loss terms (each micro-batch's share of the whole-batch value). Token means travel as sums
+    over tokens and are divided after the reduction: `token_means` by every response token, `policy_means` (ratio,
+    clip, importance and train-vs-rollout statistics) by the on-policy tokens only, since injected offline tokens
+    have no sampling policy to compare with.
     """
+
+    sums: list[str]
+    token_means: list[str]
+    policy_means: list[str]
+    maxes: list[str]
+
+
+def metric_keys(algo: AlgoConfig, with_is: bool, with_gap: bool | None = None) -> StatKeys:
+    """The statistics a step reports; `with_gap` (the batch has rollout log-probs; default: `with_is`) adds the
+    train-vs-rollout log-prob gap, `with_is` the truncated importance weights."""
     with_gap = with_is if with_gap is None else with_gap or with_is
-    sums = ["tokens", "actor/loss", "actor/pg_loss"] + (["actor/kl_loss"] if algo.kl_coef > 0 else [])
-    means = [
-        "actor/entropy",
-        *_POLICY_MEAN_KEYS,
-        *(_GAP_MEAN_KEYS if with_gap else ()),
-        *(_IS_MEAN_KEYS if with_is else ()),
-    ]
-    return sums, means, list(_MAX_KEYS if with_gap else _MAX_KEYS[:1])
+    sums = ["tokens", "policy_tokens", "actor/loss", "actor/pg_loss"] + (["actor/kl_loss"] if algo.kl_coef > 0 else [])
+    policy = [*_POLICY_MEAN_KEYS, *(_GAP_MEAN_KEYS if with_gap else ()), *(_IS_MEAN_KEYS if with_is else ())]
+    return StatKeys(sums, ["actor/entropy"], policy, list(_MAX_KEYS if with_gap else _MAX_KEYS[:1]))
 
 
 class _MicroBatchLoss:
@@ -129,31 +147,54 @@ class _MicroBatchLoss:
         self.keys = metric_keys(algo, self.with_is, self.with_gap)
 
     def __call__(self, mb: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        stats = {k: 0.0 for keys in self.keys for k in keys}
+        k = self.keys
+        stats = {key: 0.0 for key in (*k.sums, *k.token_means, *k.policy_means, *k.maxes)}
         if mb.num_rows == 0:  # keeps the schedules aligned; a zero loss that still reaches every parameter
             return self.head.zero_loss(output), _as_tensors(stats, output.device)
         mask = mb.rows(mb.loss_mask)  # [n, s]
         with_grad = self.algo.entropy_coef > 0 and torch.is_grad_enabled()  # the entropy is a loss term
         logp, entropy = self.head(mb, output, self.batch.temperature, entropy=True, entropy_grad=with_grad)  # [n, s]
         stats["actor/entropy"] = torch.where(mask, entropy.detach(), 0.0).sum() / mask.sum().clamp_min(1)
+        offline = self._offline_mask(mb, mask)  # [n, s]
+        on_policy = mask & ~offline
         if self.batch.objective == "sft":
             pg = self._aggregate(-logp, mask)  # cross entropy of the response tokens
             loss = pg
         else:
-            pg = self._policy_term(mb, logp, mask, stats)
+            pg = self._policy_term(mb, logp, on_policy, stats)
+            if offline.any():
+                pg = pg + offpolicy_shaped_loss(
+                    logp,
+                    to_token_layout(self.batch.advantages, mb),
+                    offline,
+                    gamma=self.algo.injection.gamma,
+                    agg=self.algo.loss_agg,
+                    max_len=self.algo.loss_max_len,
+                    denominator=self.den,
+                )
             loss = pg + self._regularizers(mb, logp, entropy, mask, stats)
-        n = mask.sum().float()
-        for key in self.keys[1]:
+        n, n_policy = mask.sum().float(), on_policy.sum().float()
+        for key in self.keys.token_means:
             stats[key] = stats[key] * n  # token means -> sums, divided by all tokens after the reduction
-        stats.update({"tokens": n, "actor/loss": loss.detach(), "actor/pg_loss": pg.detach()})
+        for key in self.keys.policy_means:
+            stats[key] = stats[key] * n_policy  # divided by the on-policy tokens after the reduction
+        stats |= {"tokens": n, "policy_tokens": n_policy, "actor/loss": loss.detach(), "actor/pg_loss": pg.detach()}
         # a fresh tensor: the schedule divides the returned loss in place
         return loss * self.scale, _as_tensors(stats, output.device)
+
+    def _offline_mask(self, mb: MicroBatch, mask: torch.Tensor) -> torch.Tensor:
+        """[n, s] bool: the response tokens of injected offline sequences (none without `TrainBatch.offline`)."""
+        if self.batch.offline is None or not any(self.batch.offline):
+            return torch.zeros_like(mask)
+        flags = [float(bool(f)) for f in self.batch.offline]
+        return mask & (to_token_layout(flags, mb) > 0.5)
 
     def _aggregate(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return aggregate(tokens, mask, self.algo.loss_agg, self.algo.loss_max_len, denominator=self.den)
 
     def _policy_term(self, mb: MicroBatch, logp: torch.Tensor, mask: torch.Tensor, stats: dict) -> torch.Tensor:
-        """Clipped surrogate over the global denominator, with truncated IS weights when configured."""
+        """Clipped surrogate of the on-policy tokens (`mask`) over the global denominator, with truncated IS weights
+        when configured."""
         algo, b = self.algo, self.batch
         old = to_token_layout(b.old_logprobs, mb) if b.old_logprobs is not None else logp.detach()  # [n, s]
         is_weights = None
@@ -197,14 +238,12 @@ def _as_tensors(stats: dict, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(v, dtype=torch.float32).detach().to(device, copy=True) for k, v in stats.items()}
 
 
-def reduce_stats(
-    per_micro_batch: list[dict[str, torch.Tensor]], keys: tuple[list[str], list[str], list[str]]
-) -> dict[str, float]:
+def reduce_stats(per_micro_batch: list[dict[str, torch.Tensor]], keys: StatKeys) -> dict[str, float]:
     """Sum (or max) the statistics over micro-batches and data-parallel replicas; the same dict on every rank.
 
     Only the reporting rank of each replica (last stage, TP rank 0) contributes; others add zeros.
     """
-    sum_keys, max_keys = keys[0] + keys[1], keys[2]
+    sum_keys, max_keys = keys.sums + keys.token_means + keys.policy_means, keys.maxes
     device = ma.compute_device()
     sums = torch.zeros(len(sum_keys), device=device)
     maxes = torch.zeros(len(max_keys), device=device)
@@ -216,9 +255,11 @@ def reduce_stats(
         dist.all_reduce(sums)
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX)  # every value is >= 0 (ratios, |gaps|)
     out = dict(zip(sum_keys, sums.tolist(), strict=True)) | dict(zip(max_keys, maxes.tolist(), strict=True))
-    tokens = out.pop("tokens")
-    for key in keys[1]:
+    tokens, policy_tokens = out.pop("tokens"), out.pop("policy_tokens")
+    for key in keys.token_means:
         out[key] /= max(tokens, 1.0)
+    for key in keys.policy_means:
+        out[key] /= max(policy_tokens, 1.0)
     out["actor/response_tokens"] = tokens
     return out
 

@@ -12,7 +12,7 @@ from lcot_mega.algo.advantages import (
 from lcot_mega.algo.divergence import entropy_from_logits, kl_penalty
 from lcot_mega.algo.groups import group_stats
 from lcot_mega.algo.importance import importance_correction
-from lcot_mega.algo.injection import injected_rewards, offline_injection_mask
+from lcot_mega.algo.injection import offline_injection_mask
 from lcot_mega.algo.losses import (
     aggregate,
     aggregation_denominator,
@@ -47,7 +47,6 @@ __all__ = [
     "group_stats",
     "importance_correction",
     "informative_groups",
-    "injected_rewards",
     "kl_penalty",
     "offline_injection_mask",
     "offpolicy_shaped_loss",

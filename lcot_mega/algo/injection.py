@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from lcot_mega.algo._checks import as_bool_mask, check_finite
+from lcot_mega.algo._checks import as_bool_mask
 from lcot_mega.algo.groups import check_per_sample, group_mean, group_rank
 
-__all__ = ["injected_rewards", "offline_injection_mask"]
+__all__ = ["offline_injection_mask"]
 
 
 def _check_available(available: torch.Tensor, group_ids: torch.Tensor) -> None:
@@ -57,18 +55,3 @@ def offline_injection_mask(
     rank = group_rank(candidates, group_ids)  # [N], -1 off candidates
     budget = available.to(group_ids.device)[group_ids]  # [N]
     return candidates & (rank < budget)
-
-
-def injected_rewards(rewards: torch.Tensor, replaced: torch.Tensor, offline_reward: float = 1.0) -> torch.Tensor:
-    """Rewards [N] float32 with replaced samples set to `offline_reward` (the reward of a correct answer),
-    ready for `group_advantages` to recompute advantages over the mixed group (Mu et al. 2025, code)."""
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be a flat per-sample tensor [N], got shape {tuple(rewards.shape)}")
-    if rewards.shape != replaced.shape:
-        raise ValueError(f"shape mismatch: rewards {tuple(rewards.shape)}, replaced {tuple(replaced.shape)}")
-    check_finite("rewards", rewards)
-    if not math.isfinite(offline_reward):
-        raise ValueError(f"offline_reward must be finite, got {offline_reward}")
-    replaced = as_bool_mask("replaced", replaced)
-    out = rewards.to(torch.float32)
-    return torch.where(replaced, torch.full_like(out, offline_reward), out)

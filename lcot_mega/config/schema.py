@@ -154,9 +154,11 @@ class InjectionConfig:
     """Offline correct solutions injected into hard groups (Mu et al. 2025, data efficiency)."""
 
     enabled: bool = False
-    """Not wired into the train loop yet (the pure functions are in algo/injection.py): true is refused."""
+    """Replace incorrect responses of hard groups by the problem's offline solution (the `solution` field of a
+    data.train prompt file), grade the group again and train those tokens with the policy-shaping loss
+    (docs/ALGORITHMS.md, "Offline injection")."""
     alpha: float = opt(0.125, ge=0.0, le=1.0)
-    """Groups with accuracy <= alpha get incorrect samples replaced by offline solutions."""
+    """Groups with accuracy <= alpha get incorrect samples replaced by offline solutions (one per solution)."""
     gamma: float = opt(0.1, gt=0.0)
     """Policy-shaping constant of the injected samples' loss: -A * p / (p + gamma)."""
 

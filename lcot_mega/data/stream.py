@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from lcot_mega.data.problems import SourceReport
@@ -51,6 +52,11 @@ class PromptStream:
     def progress(self) -> float:
         """Epochs completed, fractional (for logging)."""
         return self.epoch + (self.position / len(self._prompts) if self._prompts else 0.0)
+
+    @property
+    def solutions(self) -> Mapping[str, str]:
+        """Offline correct solutions by prompt uid (read-only), for the training prompts whose source has one."""
+        return MappingProxyType(self._solutions)
 
     def solution(self, uid: str) -> str | None:
         """The offline correct solution of a training prompt, when its source has one (for injection)."""

@@ -38,6 +38,13 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "polarity/kept_neg_share",
     "select/kept_frac",
     "select/masked_truncated",
+    # offline injection (lcot_mega/trainer/inject.py, trainer/update.py)
+    "injection/replaced",
+    "injection/groups",
+    "injection/rejected",
+    "injection/trained",
+    "injection/token_share",
+    "injection/adv_share",
     # rollout
     "rollout/zero_adv_frac",
     "rollout/response_len_mean",

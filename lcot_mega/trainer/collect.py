@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lcot_mega.algo.advantages import group_advantages
 from lcot_mega.algo.selection import informative_groups
@@ -30,6 +31,9 @@ from lcot_mega.reward.repetition import ends_in_loop
 from lcot_mega.reward.score import score_batch
 from lcot_mega.rollout.protocol import RolloutEngine, SamplingParams, to_samples
 from lcot_mega.types import Batch, Group, Prompt, SampleStatus
+
+if TYPE_CHECKING:
+    from lcot_mega.trainer.inject import InjectionCounts, OfflineInjector
 
 
 class ShortfallError(RuntimeError):
@@ -117,6 +121,7 @@ class _Tally:
         self.shaped = 0
         self.reward_sum = 0.0
         self.rounds = 0
+        self.injection: InjectionCounts | None = None  # set when algo.injection is on
 
     def add(self, groups: list[Group], informative: list[bool], counts: ScoreCounts) -> None:
         self.grade_timeouts += counts.timeouts
@@ -151,7 +156,7 @@ class _Tally:
             "rollout/repetition_frac": self.looping / n,
             "perf/rollout_s": seconds,
             "perf/rollout_tok_s": self.tokens / seconds if seconds > 0 else 0.0,
-        }
+        } | (self.injection.metrics() if self.injection is not None else {})
 
 
 class DynamicSampler:
@@ -163,14 +168,26 @@ class DynamicSampler:
     """
 
     def __init__(
-        self, engine: RolloutEngine, grader: Grader, cfg: Config, step: int, *, reseed: int = 0, parallelism: int = 1
+        self,
+        engine: RolloutEngine,
+        grader: Grader,
+        cfg: Config,
+        step: int,
+        *,
+        reseed: int = 0,
+        parallelism: int = 1,
+        injector: OfflineInjector | None = None,
     ) -> None:
         self.engine, self.grader, self.cfg, self.step = engine, grader, cfg, step
-        self.reseed, self.parallelism = reseed, parallelism
+        self.reseed, self.parallelism, self.injector = reseed, parallelism, injector
         self.ds, self.target = cfg.algo.dynamic_sampling, cfg.trainer.prompts_per_step
         self.kept: list[Group] = []
         self.spare: list[Group] = []  # scored groups without signal: the drop_with_fallback top-up
         self.tally = _Tally()
+        if injector is not None:
+            from lcot_mega.trainer.inject import InjectionCounts
+
+            self.tally.injection = InjectionCounts()
 
     @property
     def full(self) -> bool:
@@ -209,10 +226,14 @@ class DynamicSampler:
                 return
 
     def _absorb(self, groups: list[Group]) -> None:
-        """Score a finished chunk, count it and sort its groups into kept / spare."""
+        """Score a finished chunk, count it, inject offline solutions (`algo.injection`) and sort its groups into
+        kept / spare. The tally counts what the policy sampled; selection sees the groups after injection."""
         counts = score_groups(groups, self.grader, self.cfg)
         flags = informative_flags(groups)
         self.tally.add(groups, flags, counts)
+        if self.injector is not None and self.tally.injection is not None:
+            self.tally.injection += self.injector.inject(groups, self.grader)
+            flags = informative_flags(groups)
         for g, flag in zip(groups, flags, strict=True):
             (self.kept if flag or self.ds.mode == "off" else self.spare).append(g)
 
@@ -249,12 +270,14 @@ def collect(
     *,
     parallelism: int = 1,
     reseed: int = 0,
+    injector: OfflineInjector | None = None,
 ) -> Collected:
     """Sample, score and select the groups of one step (see the module docstring).
 
     `next_prompts(k)` hands out the next k training prompts; `parallelism` is how many generate calls may
     run at once (the number of engines behind `engine`); `reseed` > 0 draws other sampling seeds for the same
-    step (after a guard rollback).
+    step (after a guard rollback); `injector` replaces wrong responses of hard groups by offline solutions
+    (`algo.injection`, `lcot_mega.trainer.inject`).
     """
-    sampler = DynamicSampler(engine, grader, cfg, step, reseed=reseed, parallelism=parallelism)
+    sampler = DynamicSampler(engine, grader, cfg, step, reseed=reseed, parallelism=parallelism, injector=injector)
     return sampler.run(next_prompts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from lcot_mega.cluster.runtime import Runtime, build_runtime
@@ -20,6 +21,7 @@ from lcot_mega.guards import Verdict
 from lcot_mega.reward.grader import Grader, grader_for
 from lcot_mega.trainer.collect import collect, step_seed
 from lcot_mega.trainer.faults import inject_faults
+from lcot_mega.trainer.inject import OfflineInjector
 from lcot_mega.trainer.recovery import StopSignals
 from lcot_mega.trainer.respond import Halted, Watch, passes, respond
 from lcot_mega.trainer.run_dir import RunDir
@@ -60,11 +62,13 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
     run = RunDir.open(cfg, resume)
     with ExitStack() as stack:
         rt = stack.enter_context(build_runtime(cfg))
-        rt, step_fn = inject_faults(cfg, rt, run_step)  # unchanged unless the config asks for fault drills
         grader = stack.enter_context(grader_for(cfg.reward))
         stream, eval_sets = build_data(cfg.data, rt.tokenizer, cfg.trainer.seed)
         for report in stream.report:
             print(f"lcot-mega: {report.summary()}", flush=True)
+        injector = OfflineInjector(stream.solutions, rt.tokenizer, cfg) if cfg.algo.injection.enabled else None
+        # unchanged unless the config asks for fault drills
+        rt, step_fn = inject_faults(cfg, rt, partial(run_step, injector=injector))
         watch = Watch.open(cfg, run)
         stack.callback(watch.log.close)
         start = restore(rt, stream, run, watch)
@@ -103,11 +107,28 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
         return TrainResult(run.path, step, evals, signals.received)
 
 
-def run_step(rt: Runtime, grader: Grader, next_prompts, cfg: Config, step: int, watch: Watch) -> tuple[dict, Verdict]:
-    """One RL step; its metrics (keys in docs/METRICS.md) and the guards' verdict on it."""
+def run_step(
+    rt: Runtime,
+    grader: Grader,
+    next_prompts,
+    cfg: Config,
+    step: int,
+    watch: Watch,
+    *,
+    injector: OfflineInjector | None = None,
+) -> tuple[dict, Verdict]:
+    """One RL step; its metrics (keys in docs/METRICS.md) and the guards' verdict on it. `injector`: offline
+    solutions for hard groups (`algo.injection`)."""
     t0 = time.perf_counter()
     collected = collect(
-        rt.engine, next_prompts, grader, cfg, step, parallelism=cfg.cluster.num_engines, reseed=watch.recovery.reseed
+        rt.engine,
+        next_prompts,
+        grader,
+        cfg,
+        step,
+        parallelism=cfg.cluster.num_engines,
+        reseed=watch.recovery.reseed,
+        injector=injector,
     )
     batch, metrics = select_for_update(collected.batch, cfg.algo, step_seed(cfg, step, salt=-1))
     metrics |= collected.metrics | rt.engine_metrics()

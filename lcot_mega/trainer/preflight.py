@@ -38,7 +38,7 @@ def preflight_errors(cfg: Config) -> list[str]:
         + _cluster_errors(cfg)
         + rollout_engine_errors(cfg)
         + weight_dtype_errors(cfg)
-        + unwired_errors(cfg)
+        + injection_errors(cfg)
     )
 
 
@@ -156,11 +156,14 @@ def weight_dtype_errors(cfg: Config) -> list[str]:
     return []
 
 
-def unwired_errors(cfg: Config) -> list[str]:
-    """Documented options the train loop does not read yet: refused, so a run never silently ignores them."""
-    if cfg.algo.injection.enabled:
+def injection_errors(cfg: Config) -> list[str]:
+    """`algo.injection` needs offline solutions, and only prompt files carry them (the `solution` field)."""
+    from lcot_mega.data.files import is_file_source
+
+    if cfg.algo.injection.enabled and not any(is_file_source(spec) for spec in cfg.data.train):
         return [
-            "algo.injection.enabled = true: offline-sample injection is not wired into the train loop yet (the pure"
-            " functions exist in lcot_mega.algo.injection, docs/ALGORITHMS.md); set algo.injection.enabled=false"
+            "algo.injection.enabled = true needs offline solutions, and no data.train entry is a prompt file (only"
+            " files carry them, as a `solution` field: docs/DATA.md); add one, e.g. written by"
+            " examples/study/cold_start_data.py --for rl, or set algo.injection.enabled=false"
         ]
     return []

@@ -17,7 +17,7 @@ from lcot_mega.actor.train_step import TrainBatch
 from lcot_mega.algo.metrics import batch_metrics
 from lcot_mega.algo.selection import positive_weight, select_by_polarity
 from lcot_mega.config import AlgoConfig
-from lcot_mega.types import Batch
+from lcot_mega.types import Batch, Sample
 
 
 def select_for_update(batch: Batch, algo: AlgoConfig, seed: int) -> tuple[Batch, dict[str, float]]:
@@ -39,19 +39,45 @@ def select_for_update(batch: Batch, algo: AlgoConfig, seed: int) -> tuple[Batch,
     metrics = batch_metrics(adv, t.correct, t.group_ids, keep, update_advantages=trained)
     metrics.pop("reward/accuracy")  # the rollout stage reports accuracy over everything generated
     metrics["select/masked_truncated"] = float(masked.sum())
+    if algo.injection.enabled:
+        metrics |= injection_share(trained, t.offline, t.lengths, keep)
     if trained is not adv:
         batch.set_advantages(trained)
     return batch.filter(keep), metrics
 
 
+def injection_share(adv: torch.Tensor, offline: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor) -> dict:
+    """What injected offline solutions weigh in the update: how many train, their share of the trained response
+    tokens, and their share of the |advantage| mass (the measure `polarity/*_share` uses)."""
+    off = offline & keep  # [N]
+    tokens = float(lengths[keep].sum())
+    mass = float(adv[keep].abs().sum())
+    return {
+        "injection/trained": float(off.sum()),
+        "injection/token_share": float(lengths[off].sum()) / tokens if tokens else 0.0,
+        "injection/adv_share": float(adv[off].abs().sum()) / mass if mass else 0.0,
+    }
+
+
 def to_train_batch(batch: Batch, temperature: float) -> TrainBatch:
-    """The actor's input: token ids, one advantage per sequence, and the engine's log-probs (for the gap
-    metric and, with `algo.is_cap`, truncated importance sampling)."""
+    """The actor's input: token ids, one advantage per sequence, the engine's log-probs (for the gap metric and,
+    with `algo.is_cap`, truncated importance sampling) and which sequences are injected offline solutions (their
+    log-prob entry is a placeholder of zeros: no engine sampled them, and the actor reads none of it)."""
     samples = batch.samples
+
+    def rollout_logprobs(s: Sample) -> torch.Tensor:
+        if s.rollout_logprobs is None:
+            if not s.offline:
+                raise ValueError(f"a sampled response of prompt {s.prompt.uid!r} came without rollout log-probs")
+            return torch.zeros(s.response_len, dtype=torch.float32)
+        return torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+
+    offline = [s.offline for s in samples]
     return TrainBatch(
         prompt_ids=[list(s.prompt_ids) for s in samples],
         response_ids=[list(s.response_ids) for s in samples],
         advantages=[s.advantage for s in samples],
-        rollout_logprobs=[torch.tensor(s.rollout_logprobs, dtype=torch.float32) for s in samples],
+        rollout_logprobs=[rollout_logprobs(s) for s in samples],
         temperature=temperature,
+        offline=offline if any(offline) else None,
     )

@@ -15,7 +15,7 @@ from helpers.tiny_models import FAMILIES, make_tiny_hf
 
 from lcot_mega.actor.batching import plan_micro_batches
 from lcot_mega.actor.train_step import TrainBatch
-from lcot_mega.algo import aggregate, importance_correction, kl_penalty, policy_loss
+from lcot_mega.algo import aggregate, aggregation_denominator, importance_correction, kl_penalty, policy_loss
 from lcot_mega.bridge.arch import arch_from_hf_config
 from lcot_mega.config import ActorConfig, AlgoConfig
 
@@ -44,9 +44,14 @@ class Case:
     with_ref: bool = False  # pass ref log-probs; else computed by the actor (only with kl_coef > 0)
     per_token_adv: bool = False
     with_rollout: bool = False
+    offline: tuple[int, ...] = ()  # sequences trained as injected offline solutions (policy-shaping loss)
 
     def algo_config(self) -> AlgoConfig:
-        return AlgoConfig(**self.algo)
+        from lcot_mega.config.schema import InjectionConfig
+
+        algo = dict(self.algo)
+        injection = InjectionConfig(**algo.pop("injection", {}))
+        return AlgoConfig(**algo, injection=injection)
 
 
 CASES = {
@@ -74,6 +79,23 @@ CASES = {
     ),
     # KL against the actor's own frozen reference, GRPO aggregation
     "own_ref": Case("own_ref", budget=24, algo=dict(kl_coef=0.2, loss_agg="seq-mean-token-mean")),
+    # injected offline solutions beside sampled sequences: -A p / (p + gamma) on theirs, the clipped surrogate with
+    # truncated IS on the others (their rollout log-probs are noise here: the IS weights must skip them), KL and
+    # entropy on all, GRPO aggregation over one denominator
+    "injected": Case(
+        "injected",
+        budget=24,
+        algo=dict(
+            loss_agg="seq-mean-token-mean",
+            kl_coef=0.1,
+            entropy_coef=0.2,
+            is_cap=1.5,
+            injection=dict(enabled=True, gamma=0.3),
+        ),
+        with_ref=True,
+        with_rollout=True,
+        offline=(1, 3, 6),
+    ),
 }
 
 
@@ -135,13 +157,31 @@ def _reference_loss(model, batch: TrainBatch, algo: AlgoConfig) -> torch.Tensor:
     width = mask.shape[1]
     adv = _padded(batch.advantages, width)
     old = _padded(batch.old_logprobs, width)
+    offline = torch.tensor(batch.offline or [False] * len(sequences))[:, None] & mask  # [B, T]
+    sampled = mask & ~offline
     is_weights = None
     if batch.rollout_logprobs is not None and algo.is_cap is not None:
-        is_weights, _ = importance_correction(old, _padded(batch.rollout_logprobs, width), mask, algo.is_cap)
+        is_weights, _ = importance_correction(old, _padded(batch.rollout_logprobs, width), sampled, algo.is_cap)
     agg = dict(agg=algo.loss_agg, max_len=algo.loss_max_len)
+    den = aggregation_denominator(mask, algo.loss_agg, algo.loss_max_len)  # sampled and offline tokens together
     loss, _ = policy_loss(
-        logp, old, adv, mask, algo.clip_low, algo.clip_high, algo.dual_clip, is_weights=is_weights, **agg
+        logp,
+        old,
+        adv,
+        sampled,
+        algo.clip_low,
+        algo.clip_high,
+        algo.dual_clip,
+        is_weights=is_weights,
+        denominator=den,
+        agg=algo.loss_agg,
+        max_len=algo.loss_max_len,
     )
+    if offline.any():  # written out: -A p / (p + gamma), summed per sequence over its tokens (GRPO's token mean)
+        shaped = -adv * logp.exp() / (logp.exp() + algo.injection.gamma)  # [B, T]
+        assert algo.loss_agg == "seq-mean-token-mean"
+        per_seq = torch.where(offline, shaped, 0.0).sum(-1) / mask.sum(-1).clamp_min(1)  # [B]
+        loss = loss + per_seq.sum() / den
     if algo.kl_coef > 0:
         ref = _padded(batch.ref_logprobs, width) if batch.ref_logprobs is not None else logp.detach()
         loss = loss + algo.kl_coef * aggregate(kl_penalty(logp, ref, algo.kl_kind, mask), mask, **agg)
@@ -173,6 +213,7 @@ def _make_batch(model, sequences, case: Case) -> TrainBatch:
         ref_logprobs=noisy(0.3) if case.with_ref else None,
         rollout_logprobs=[o + 0.2 * torch.randn(o.shape, generator=g) for o in old] if case.with_rollout else None,
         temperature=TEMPERATURE,
+        offline=[i in case.offline for i in range(len(sequences))] if case.offline else None,
     )
 
 
@@ -281,7 +322,7 @@ def _check(per_rank: list[dict], expected: dict) -> None:
 
 def test_single_process_gradient_and_adam_step_equal_transformers(tmp_path):
     models = _models(tmp_path)
-    jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "ppo_1mb", "terms", "own_ref"])
+    jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "ppo_1mb", "terms", "own_ref", "injected"])
     # log-probs from hidden states 5 response tokens at a time (several chunks per micro-batch), from the
     # model's full logits, and over packed micro-batches: all equal the transformers reference
     layouts = [("tp1", 1, 1, None, CHUNK5), ("tp1_full_logits", 1, 1, None, FULL), ("tp1_packed", 1, 1, None, PACKED)]
@@ -293,11 +334,19 @@ def test_single_process_gradient_and_adam_step_equal_transformers(tmp_path):
     metrics = results[0]["tp1", "qwen2", "own_ref"][0][0]
     assert metrics["actor/kl_loss"] == 0.0  # the reference is the initial policy
     assert metrics["actor/lr"] == pytest.approx(ADAM["lr"])
+    # injected sequences count in the trained tokens but not in the train-vs-rollout statistics
+    batch = next(b for _, case, b, _ in jobs if case.name == "injected")
+    sampled = [i for i, off in enumerate(batch.offline) if not off]
+    gaps = torch.cat([(batch.old_logprobs[i] - batch.rollout_logprobs[i]).abs() for i in sampled])
+    metrics = results[0]["tp1", "llama", "injected"][0][0]
+    assert metrics["rollout/logp_gap_mean"] == pytest.approx(gaps.mean().item(), rel=1e-5)
+    assert metrics["rollout/logp_gap_max"] == pytest.approx(gaps.max().item(), rel=1e-5)
+    assert metrics["actor/response_tokens"] == sum(len(r) for r in batch.response_ids)
 
 
 def test_gradient_and_adam_step_are_the_same_at_tp2_pp2_dp2(tmp_path):
     models = _models(tmp_path)
-    jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "terms", "own_ref"])
+    jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "terms", "own_ref", "injected"])
     # chunked log-probs across the vocabulary split (3 tokens a chunk), full logits under PP, packing at TP, PP, DP
     layouts = [
         ("tp2", 2, 1, None, dict(logits_chunk_tokens=3)),

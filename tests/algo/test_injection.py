@@ -6,9 +6,8 @@ import pytest
 import torch
 from helpers.tensor_helpers import b, bits, ids, t
 
-from lcot_mega.algo.advantages import group_advantages
 from lcot_mega.algo.groups import group_rank
-from lcot_mega.algo.injection import injected_rewards, offline_injection_mask
+from lcot_mega.algo.injection import offline_injection_mask
 
 # interleaved groups: group 5 = even positions, correct [0,1,0,0] (accuracy .25);
 # group 2 = odd positions, correct [0,1,1,0] (accuracy .5)
@@ -74,27 +73,3 @@ def test_group_rank_counts_earlier_true_samples_per_group():
     out = group_rank(b(1, 1, 0, 1, 1, 1), ids(3, 1, 3, 3, 1, 7))
     assert out.tolist() == [0, 0, -1, 1, 1, 0]
     assert group_rank(b(), ids()).tolist() == []
-
-
-# ---- injected rewards ----
-
-
-def test_injected_rewards_and_recomputed_advantages():
-    r, replaced = t(0, 0, 1, 0), b(1, 0, 0, 1)
-    out = injected_rewards(r, replaced)
-    assert out.tolist() == [1, 0, 1, 1] and out.dtype == torch.float32
-    assert r.tolist() == [0, 0, 1, 0]
-    # regrouped [1,0,1,1]: mean .75, deviations [.25,-.75,.25,.25], unbiased var .75/3 = .25, std .5
-    adv = group_advantages(out, ids(0, 0, 0, 0))
-    assert adv.tolist() == pytest.approx([0.5, -1.5, 0.5, 0.5], abs=1e-5)
-    assert injected_rewards(r, replaced, offline_reward=2.0).tolist() == [2, 0, 1, 2]
-    assert injected_rewards(t(), b()).shape == (0,)
-
-
-def test_injected_rewards_rejections():
-    with pytest.raises(ValueError, match=r"rewards contains 1 NaN/Inf"):
-        injected_rewards(t(float("nan"), 0), b(0, 1))
-    with pytest.raises(ValueError, match="shape mismatch"):
-        injected_rewards(t(0, 0), b(1))
-    with pytest.raises(ValueError, match="offline_reward"):
-        injected_rewards(t(0), b(1), offline_reward=float("inf"))

@@ -14,6 +14,8 @@ from lcot_mega.algo.metrics import KEEP_METRIC_KEYS, METRIC_KEYS
 from lcot_mega.config import AlgoConfig
 from lcot_mega.guards import Verdict
 from lcot_mega.observe import DOCUMENTED_KEYS, KEY_PATTERN, LABEL_KEYS, check_key, is_documented, key_segment
+from lcot_mega.trainer.inject import InjectionCounts
+from lcot_mega.trainer.update import injection_share
 from lcot_mega.weight_sync.consistency import logprob_gap
 from lcot_mega.weight_sync.push import SyncReport
 
@@ -53,8 +55,11 @@ def produced_keys() -> set[str]:
     keys = set(METRIC_KEYS) | set(KEEP_METRIC_KEYS) | set(TRAIN_STEP_EXTRA_KEYS)
     for kl_coef in (0.0, 0.1):
         for with_is in (False, True):
-            keys |= {k for group in metric_keys(AlgoConfig(kl_coef=kl_coef), with_is) for k in group}
-    keys.discard("tokens")
+            k = metric_keys(AlgoConfig(kl_coef=kl_coef), with_is)
+            keys |= {*k.sums, *k.token_means, *k.policy_means, *k.maxes}
+    keys -= {"tokens", "policy_tokens"}  # the denominators, divided out before logging
+    keys |= set(InjectionCounts().metrics())
+    keys |= set(injection_share(torch.ones(2), torch.tensor([True, False]), torch.ones(2), torch.ones(2, dtype=bool)))
     logp, mask = torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool)
     keys |= set(policy_loss(logp, logp, torch.ones(1, 2), mask)[1])
     keys |= set(importance_correction(logp, logp, mask, 2.0)[1])

@@ -6,12 +6,12 @@ informative and zero-advantage groups is exact; grading goes through the real is
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 
 import pytest
 import torch
+from helpers.scripted_engine import G, ScriptedEngine, feeder, scripted_prompts
 
 from lcot_mega.algo import advantages
 from lcot_mega.algo.advantages import grpo_advantages
@@ -19,71 +19,7 @@ from lcot_mega.config import Config, config_from_dict
 from lcot_mega.reward.grader import Grader
 from lcot_mega.rollout.protocol import Completion, SamplingParams
 from lcot_mega.trainer.collect import ShortfallError, collect
-from lcot_mega.types import Prompt, SampleStatus
-
-G = 4
-PATTERNS = {"all": "1111", "none": "0000", "mixed": "1100", "one": "1000"}
-
-
-class ScriptedEngine:
-    """Answers prompt k with G responses whose correctness follows PATTERNS[prompt kind]; optional delay per call
-    (calls holding a `slow_kinds` prompt take `slow_s`) and an abort that makes in-flight calls return ABORTED samples,
-    like the real engines. `fast_waits_for_slow`: a fast call returns only once a slow one is running (so a test
-    of aborting in-flight work does not depend on how soon a loaded machine starts the slow call's thread)."""
-
-    def __init__(
-        self,
-        kinds: dict[tuple[int, ...], str],
-        slow_kinds: tuple[str, ...] = (),
-        slow_s: float = 30.0,
-        fast_waits_for_slow: bool = False,
-    ) -> None:
-        self.kinds, self.slow_kinds, self.slow_s = kinds, slow_kinds, slow_s
-        self.fast_waits_for_slow = fast_waits_for_slow
-        self.calls: list[int] = []
-        self.aborts = 0
-        self._abort = threading.Event()
-        self._slow_running = threading.Event()
-
-    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        self.calls.append(len(prompt_ids))
-        slow = any(self.kinds[tuple(ids)] in self.slow_kinds for ids in prompt_ids)
-        if slow:
-            self._slow_running.set()
-        elif self.fast_waits_for_slow:
-            assert self._slow_running.wait(30), "the slow call never started"
-        deadline = time.monotonic() + (self.slow_s if slow else 0.0)
-        while time.monotonic() < deadline and not self._abort.is_set():
-            time.sleep(0.01)
-        status = SampleStatus.ABORTED if self._abort.is_set() else SampleStatus.COMPLETED
-        out = []
-        for ids in prompt_ids:
-            pattern = PATTERNS[self.kinds[tuple(ids)]]
-            out.append(
-                [Completion([7, 8], [-0.5, -0.5], status, text=f"\\boxed{{{bit}}}") for bit in pattern[: params.n]]
-            )
-        return out
-
-    def abort(self) -> None:
-        self.aborts += 1
-        self._abort.set()
-
-
-def _prompts(kinds: list[str]) -> tuple[list[Prompt], dict[tuple[int, ...], str]]:
-    prompts = [Prompt(f"p{i}", f"problem {i}", "1", token_ids=(i + 1,)) for i in range(len(kinds))]
-    return prompts, {p.token_ids: k for p, k in zip(prompts, kinds, strict=True)}
-
-
-def _feeder(prompts: list[Prompt]):
-    state = {"pos": 0, "asked": []}
-
-    def next_prompts(k: int) -> list[Prompt]:
-        state["asked"].append(k)
-        out = prompts[state["pos"] : state["pos"] + k]
-        state["pos"] += k
-        return out
-
-    return next_prompts, state
+from lcot_mega.types import SampleStatus
 
 
 def _cfg(mode: str, target: int, **ds) -> Config:
@@ -106,8 +42,8 @@ def test_drop_refills_until_the_batch_holds_enough_informative_groups(grader):
     # round 1 asks for 4 (oversample 1): 2 informative; round 2 asks for the 2 missing: 1 informative;
     # round 3 asks for 1: informative -> full after 3 rounds, 7 groups generated for 4 kept
     kinds = ["all", "mixed", "none", "one", "none", "mixed", "mixed", "all"]
-    prompts, table = _prompts(kinds)
-    next_prompts, state = _feeder(prompts)
+    prompts, table = scripted_prompts(kinds)
+    next_prompts, state = feeder(prompts)
     got = collect(ScriptedEngine(table), next_prompts, grader, _cfg("drop", 4, max_rounds=4), step=1)
     assert state["asked"] == [4, 2, 1]
     assert [g.prompt.uid for g in got.batch.groups] == ["p1", "p3", "p5", "p6"]
@@ -124,8 +60,8 @@ def test_drop_refills_until_the_batch_holds_enough_informative_groups(grader):
 
 def test_oversampling_asks_for_more_prompts_and_keeps_only_the_target(grader):
     kinds = ["mixed"] * 6
-    prompts, table = _prompts(kinds)
-    next_prompts, state = _feeder(prompts)
+    prompts, table = scripted_prompts(kinds)
+    next_prompts, state = feeder(prompts)
     got = collect(ScriptedEngine(table), next_prompts, grader, _cfg("drop", 4, oversample=1.5), step=1)
     assert state["asked"] == [6] and len(got.batch.groups) == 4
     assert got.metrics["rollout/groups_generated"] == 6
@@ -137,21 +73,21 @@ def test_shortfall_trains_on_what_there_is_or_stops_or_falls_back(grader):
         ("drop", "train", ["p1"]),
         ("drop_with_fallback", "train", ["p1", "p0", "p2", "p3"]),
     ]:
-        prompts, table = _prompts(kinds)
-        next_prompts, _ = _feeder(prompts)
+        prompts, table = scripted_prompts(kinds)
+        next_prompts, _ = feeder(prompts)
         cfg = _cfg(mode, 4, max_rounds=2, on_shortfall=on_shortfall)
         got = collect(ScriptedEngine(table), next_prompts, grader, cfg, step=1)
         assert [g.prompt.uid for g in got.batch.groups] == expected
         assert got.metrics["rollout/rounds"] == 2
-    prompts, table = _prompts(kinds)
-    next_prompts, _ = _feeder(prompts)
+    prompts, table = scripted_prompts(kinds)
+    next_prompts, _ = feeder(prompts)
     with pytest.raises(ShortfallError, match="1 informative groups of 4 in 2 rounds"):
         collect(ScriptedEngine(table), next_prompts, grader, _cfg("drop", 4, max_rounds=2, on_shortfall="stop"), 1)
 
 
 def test_off_keeps_every_group_in_one_round(grader):
-    prompts, table = _prompts(["all", "none", "mixed"])
-    next_prompts, state = _feeder(prompts)
+    prompts, table = scripted_prompts(["all", "none", "mixed"])
+    next_prompts, state = feeder(prompts)
     got = collect(ScriptedEngine(table), next_prompts, grader, _cfg("off", 3), step=1)
     assert state["asked"] == [3] and len(got.batch.groups) == 3
     assert got.metrics["rollout/zero_adv_frac"] == pytest.approx(2 / 3)
@@ -161,10 +97,10 @@ def test_off_keeps_every_group_in_one_round(grader):
 def test_shaped_frac_counts_samples_a_shaping_term_moved(grader, buffer_len, shaped):
     # every response is 2 tokens, the limit 8: DAPO's overlong term starts at 8 - buffer_len tokens, so a buffer of 7
     # costs each sample (1 - 2) / 7 and a buffer of 6 costs nothing (2 <= 8 - 6)
-    prompts, table = _prompts(["all", "mixed"])
+    prompts, table = scripted_prompts(["all", "mixed"])
     cfg = _cfg("off", 2)
     cfg.reward.overlong.enabled, cfg.reward.overlong.buffer_len = True, buffer_len
-    got = collect(ScriptedEngine(table), _feeder(prompts)[0], grader, cfg, step=1)
+    got = collect(ScriptedEngine(table), feeder(prompts)[0], grader, cfg, step=1)
     assert got.metrics["reward/shaped_frac"] == shaped
     assert got.metrics["reward/mean"] == pytest.approx(6 / 8 - shaped / 7)  # 6 of 8 correct, minus the penalty
     assert got.metrics["reward/accuracy"] == pytest.approx(6 / 8)
@@ -172,8 +108,8 @@ def test_shaped_frac_counts_samples_a_shaping_term_moved(grader, buffer_len, sha
 
 def test_surplus_in_flight_generation_is_aborted_once_the_batch_is_full(grader):
     # two engines' worth of parallelism: the first chunk fills the batch, the second is still running
-    prompts, table = _prompts(["mixed", "mixed", "none", "none"])
-    next_prompts, _ = _feeder(prompts)
+    prompts, table = scripted_prompts(["mixed", "mixed", "none", "none"])
+    next_prompts, _ = feeder(prompts)
     engine = ScriptedEngine(table, slow_kinds=("none",), fast_waits_for_slow=True)
     start = time.monotonic()
     got = collect(engine, next_prompts, grader, _cfg("drop", 2, oversample=2.0), step=1, parallelism=2)
@@ -185,9 +121,9 @@ def test_surplus_in_flight_generation_is_aborted_once_the_batch_is_full(grader):
 def test_chunks_are_scored_in_order_whichever_engine_finishes_first(grader):
     # two chunks of one prompt each, both informative; the first is slower, yet it is the one kept, and the second
     # (finished but surplus) counts as aborted without an abort call, since nothing was running any more
-    prompts, table = _prompts(["one", "mixed"])
+    prompts, table = scripted_prompts(["one", "mixed"])
     engine = ScriptedEngine(table, slow_kinds=("one",), slow_s=0.5)
-    got = collect(engine, _feeder(prompts)[0], grader, _cfg("drop", 1, oversample=2.0), step=1, parallelism=2)
+    got = collect(engine, feeder(prompts)[0], grader, _cfg("drop", 1, oversample=2.0), step=1, parallelism=2)
     assert [g.prompt.uid for g in got.batch.groups] == ["p0"]
     assert engine.aborts == 0 and got.metrics["rollout/aborted_groups"] == 1
     assert got.metrics["rollout/groups_generated"] == 1
@@ -209,8 +145,8 @@ class LoopingEngine(ScriptedEngine):
 def test_repetition_frac_counts_looping_samples_of_every_generated_group(grader):
     # round 1 asks for 2: 'none' (dropped) + 'mixed'; round 2 asks for 1: 'mixed' -> 3 groups, 12 samples,
     # one looping sample in each group (the dropped one included) -> 3 / 12
-    prompts, table = _prompts(["none", "mixed", "mixed"])
-    next_prompts, state = _feeder(prompts)
+    prompts, table = scripted_prompts(["none", "mixed", "mixed"])
+    next_prompts, state = feeder(prompts)
     got = collect(LoopingEngine(table), next_prompts, grader, _cfg("drop", 2, max_rounds=2), step=1)
     assert state["asked"] == [2, 1] and got.metrics["rollout/groups_generated"] == 3
     assert got.metrics["rollout/repetition_frac"] == pytest.approx(3 / 12)
@@ -218,8 +154,8 @@ def test_repetition_frac_counts_looping_samples_of_every_generated_group(grader)
 
 
 def test_repetition_frac_is_zero_without_loops(grader):
-    prompts, table = _prompts(["mixed", "all"])
-    next_prompts, _ = _feeder(prompts)
+    prompts, table = scripted_prompts(["mixed", "all"])
+    next_prompts, _ = feeder(prompts)
     got = collect(ScriptedEngine(table), next_prompts, grader, _cfg("off", 2), step=1)
     assert got.metrics["rollout/repetition_frac"] == 0.0
 
@@ -244,10 +180,10 @@ def spy_estimator(monkeypatch):
 def test_advantages_are_computed_once_over_the_kept_groups(grader, spy_estimator, parallelism):
     # same pattern as the refill test: 3 rounds, 7 groups scored, 4 kept ('mixed', 'one', 'mixed', 'mixed')
     kinds = ["all", "mixed", "none", "one", "none", "mixed", "mixed", "all"]
-    prompts, table = _prompts(kinds)
+    prompts, table = scripted_prompts(kinds)
     cfg = _cfg("drop", 4, max_rounds=4)
     cfg.algo.advantage = "spy"
-    got = collect(ScriptedEngine(table), _feeder(prompts)[0], grader, cfg, step=1, parallelism=parallelism)
+    got = collect(ScriptedEngine(table), feeder(prompts)[0], grader, cfg, step=1, parallelism=parallelism)
     mixed, one = [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]
     assert spy_estimator == [mixed + one + mixed + mixed]
     assert [s.advantage for s in got.batch.groups[0].samples] == pytest.approx(
@@ -269,10 +205,10 @@ def test_advantages_are_computed_once_over_the_kept_groups(grader, spy_estimator
     ],
 )
 def test_reinforce_pp_advantages_are_normalised_over_the_final_batch(grader, mode, kinds, expected):
-    prompts, table = _prompts(kinds)
+    prompts, table = scripted_prompts(kinds)
     cfg = _cfg(mode, 2, max_rounds=4)
     cfg.algo.advantage = "reinforce_pp"
-    got = collect(ScriptedEngine(table), _feeder(prompts)[0], grader, cfg, step=1)
+    got = collect(ScriptedEngine(table), feeder(prompts)[0], grader, cfg, step=1)
     assert [s.advantage for s in got.batch.samples] == pytest.approx(expected, abs=1e-5)
 
 
@@ -280,10 +216,10 @@ def test_reinforce_pp_advantages_are_normalised_over_the_final_batch(grader, mod
 def test_every_estimator_keeps_the_groups_with_unequal_rewards(grader, estimator):
     # 'all' and 'none' are constant (dropped), 'mixed' and 'one' are not; each kept group trains on a nonzero
     # advantage and the dropped ones count as zero-advantage groups under every estimator
-    prompts, table = _prompts(["all", "mixed", "none", "one", "all", "mixed"])
+    prompts, table = scripted_prompts(["all", "mixed", "none", "one", "all", "mixed"])
     cfg = _cfg("drop", 3, max_rounds=1, oversample=2.0)
     cfg.algo.advantage = estimator
-    got = collect(ScriptedEngine(table), _feeder(prompts)[0], grader, cfg, step=1)
+    got = collect(ScriptedEngine(table), feeder(prompts)[0], grader, cfg, step=1)
     assert [g.prompt.uid for g in got.batch.groups] == ["p1", "p3", "p5"]
     assert all(max(abs(s.advantage) for s in g.samples) > 0.1 for g in got.batch.groups)
     assert got.metrics["rollout/zero_adv_frac"] == pytest.approx(3 / 6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,20 @@ def model(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
+def _solutions_file(path: Path) -> Path:
+    """Prompt rows with offline solutions (`algo.injection`): sums a tiny random model almost never gets right."""
+    rows = [
+        {"prompt": f"{a} + {b} =", "answer": str(a + b), "solution": f"\\boxed{{{a + b}}}"}
+        for a in range(4)
+        for b in range(4)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+INJECTION = ("algo.injection.enabled=true", "rollout.max_new_tokens=16")
+
+
 def _comparable(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "time" and not k.startswith(_TIMING)}
 
@@ -51,6 +66,34 @@ def test_resumed_run_reproduces_the_next_step_exactly(tmp_path, model):
         assert _comparable(a) == _comparable(b), a["step"]
     # the step after the resume really trained (a vacuous comparison would pass on empty metrics)
     assert straight[2]["actor/response_tokens"] > 0 and "actor/grad_norm" in straight[2]
+
+
+def test_injection_trains_offline_solutions_of_hard_groups_and_resumes_exactly(tmp_path, model):
+    data = f"data.train=[{_solutions_file(tmp_path / 'sums.jsonl')}]"
+    common = (data, *INJECTION, "trainer.save_every=1", "trainer.eval_every=0", "eval.at_start=false")
+    _ok(_train(tmp_path / "straight", model, "trainer.steps=2", *common))
+    _ok(_train(tmp_path / "resumed", model, "trainer.steps=1", *common))
+    _ok(_train(tmp_path / "resumed", model, "trainer.steps=2", *common))
+    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    for a, b in zip(straight, resumed, strict=True):
+        assert _comparable(a) == _comparable(b), a["step"]
+    for record in straight:
+        # every group the random model got all wrong gets one solution, and it trains (polarity both)
+        assert record["injection/replaced"] >= 1 and record["injection/rejected"] == 0
+        assert record["injection/trained"] == record["injection/replaced"] == record["injection/groups"]
+        assert 0 < record["injection/token_share"] < 1 and 0 < record["injection/adv_share"] < 1
+        # the tally is what the policy sampled: an all-wrong group has zero advantage before injection
+        assert record["rollout/zero_adv_frac"] >= record["injection/groups"] / record["rollout/groups_generated"]
+
+
+def test_injection_without_a_prompt_file_is_refused(tmp_path, model):
+    refused = _train(tmp_path / "run", model, *INJECTION)
+    assert refused.returncode == 2 and "no data.train entry is a prompt file" in refused.stderr
+    empty = tmp_path / "plain.jsonl"
+    empty.write_text(json.dumps({"prompt": "1 + 1 =", "answer": "2"}) + "\n")
+    refused = _train(tmp_path / "run", model, *INJECTION, f"data.train=[{empty}]")
+    assert refused.returncode == 2 and "no training prompt has an offline solution" in refused.stderr
 
 
 def test_run_directory_holds_config_metrics_checkpoints_and_evals(tmp_path, model):
@@ -85,10 +128,14 @@ def test_one_step_through_ray(tmp_path, model, mode):
     pytest.importorskip("ray")
     run = tmp_path / "run"
     common = ("trainer.steps=1", "trainer.eval_every=0", "eval.at_start=false", "trainer.save_every=0")
-    _ok(_train(run, model, *common, *mode))
+    # disaggregated: with injected offline solutions, which travel to the Ray actor ranks flagged as such
+    inject = (f"data.train=[{_solutions_file(tmp_path / 'sums.jsonl')}]", *INJECTION) if "disagg" in mode[0] else ()
+    _ok(_train(run, model, *common, *mode, *inject))
     (record,) = read_metrics(run / "metrics.jsonl")
     assert record["step"] == 1 and record["rollout/groups_generated"] == 4
     assert record["actor/response_tokens"] > 0 and record["sync/gb"] > 0
-    # fp32 on both sides and the engine freshly synced from the same weights: train and rollout agree
+    # fp32 on both sides and the engine freshly synced from the same weights: train and rollout agree (an injected
+    # solution's placeholder log-probs would show here as a gap of whole nats)
     assert record["rollout/logp_gap_max"] < 1e-4
+    assert record.get("injection/trained", 1) > 0
     assert (run / "checkpoints" / "step_000000001").is_dir()

@@ -15,7 +15,7 @@ from lcot_mega.trainer.preflight import check_before_training, preflight_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
-INJECTION = "algo.injection.enabled = true: offline-sample injection is not wired into the train loop yet"
+INJECTION = "algo.injection.enabled = true needs offline solutions, and no data.train entry is a prompt file"
 
 
 @pytest.fixture
@@ -45,13 +45,14 @@ def test_check_and_train_refuse_a_bad_config_with_the_same_error_list(tmp_path, 
     assert not (tmp_path / "check").exists() and not (tmp_path / "train").exists()  # nothing written
 
 
-def test_injection_is_refused_naming_the_key_by_check_and_train(tmp_path, model_dir, capsys):
-    args = (TINY, f"model.path={model_dir}", "algo.injection.enabled=true")
+def test_injection_without_a_prompt_file_is_refused_by_check_and_train(tmp_path, model_dir, capsys):
+    args = (TINY, f"model.path={model_dir}", "algo.injection.enabled=true")  # tiny_cpu trains on reasoning-gym
     for command in ("check", "train"):
         status, errors = _cli_errors(capsys, command, *args, "--run-dir", str(tmp_path / command))
         assert status == 2 and len(errors) == 1 and errors[0].startswith(INJECTION), errors
-        assert "lcot_mega.algo.injection" in errors[0] and "algo.injection.enabled=false" in errors[0]
-    assert preflight_errors(load_config(TINY, [args[1]])) == []  # the same config without injection passes
+        assert "algo.injection.enabled=false" in errors[0]
+    with_file = load_config(TINY, [*args[1:], f"data.train=[{tmp_path / 'solutions.jsonl'}]"])
+    assert preflight_errors(with_file) == []  # whether the file carries solutions is seen when it is read
 
 
 def test_train_from_python_runs_the_preflight_before_any_work(tmp_path, model_dir):
