@@ -1,6 +1,6 @@
 """Turn the study runs' own metrics.jsonl and `lcot-mega eval` outputs into the tables of docs/REPRODUCTION.md.
 
-python examples/study/tables.py polarity|zero_adv|length|uncertain|all [RUNS_ROOT=runs/study]
+python examples/study/tables.py polarity|zero_adv|length|uncertain|cold_start|zero_rl_long|all [RUNS_ROOT=runs/study]
 python examples/study/tables.py export [RUNS_ROOT=runs/study] DEST
 
 `export` copies what the tables read (config.yaml, metrics.jsonl, each evaluation's summary.json and problems.jsonl;
@@ -22,6 +22,7 @@ import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -132,11 +133,12 @@ def _bench_names(groups: dict[str, list[Path]]) -> list[str]:
     return []
 
 
-def polarity(root: Path) -> str:
-    groups = runs_of(root, "polarity")
+def polarity(root: Path, experiment: str = "polarity", base_eval: str = "base-eval") -> str:
+    """The polarity modes of `experiment` (one directory of runs) against the untrained model of `base_eval`."""
+    groups = runs_of(root, experiment)
     names = _bench_names(groups)
     if not names:
-        return "no finished polarity runs under " + str(root / "polarity")
+        return f"no finished runs under {root / experiment}"
     passes = [eval_summary(r).get(names[0], {}).get("pass@k", {}) for runs in groups.values() for r in runs]
     k = max((int(j) for p in passes for j in p), default=1)  # a run still training has no evaluation yet
     head = ["mode", "seeds"]
@@ -153,7 +155,7 @@ def polarity(root: Path) -> str:
         tr = [training_row(r) for r in runs]
         row += [mean_ci([t["entropy_first5"] for t in tr]), mean_ci([t["entropy_last5"] for t in tr])]
         rows.append(row)
-    base = eval_summary(root, "base-eval")
+    base = eval_summary(root, base_eval)
     if base:
         row = ["untrained model", "-"]
         for n in names:
@@ -299,7 +301,15 @@ def export(root: Path, dest: Path) -> list[Path]:
     return written
 
 
-EXPERIMENTS = {"polarity": polarity, "zero_adv": zero_adv, "length": length, "uncertain": uncertain}
+EXPERIMENTS = {
+    "polarity": polarity,
+    "zero_adv": zero_adv,
+    "length": length,
+    "uncertain": uncertain,
+    # issue 18: the polarity modes from the cold-start model and, with the same long responses, from the instruct model
+    "cold_start": partial(polarity, experiment="cold_start", base_eval="cold-start-eval"),
+    "zero_rl_long": partial(polarity, experiment="zero_rl_long", base_eval="base-eval-long"),
+}
 
 
 def main(argv: Sequence[str]) -> int:
