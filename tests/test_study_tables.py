@@ -19,8 +19,8 @@ def tables():
     return module
 
 
-def _run(root: Path, name: str, acc: float, entropy: list[float], zero: float) -> None:
-    run = root / "polarity" / name
+def _run(root: Path, name: str, acc: float, entropy: list[float], zero: float, experiment: str = "polarity") -> None:
+    run = root / experiment / name
     (run / "eval-final").mkdir(parents=True)
     lines = [
         {"step": s + 1, "actor/entropy": e, "adv/zero_frac_samples": zero, "perf/step_s": 30.0, "guard/action": "ok"}
@@ -91,3 +91,16 @@ def test_paired_table_differences_each_mode_from_both_at_the_same_seed(tables, t
     # avg: +10, +10 points -> 10.0 with no spread; pass@2 (2 * acc): +20, +20
     assert "| negative | 1,2 | 10.0 ± 0.0 | 20.0 ± 0.0 |" in text
     assert "| positive |" not in text.split("Paired by seed")[1]
+
+
+def test_cold_start_table_reads_its_own_runs_against_the_cold_start_model(tables, tmp_path, capsys):
+    _run(tmp_path, "negative-seed1", 0.5, [1.0] * 6, 0.5, experiment="cold_start")
+    _run(tmp_path, "both-seed1", 0.2, [1.0] * 6, 0.5)  # a zero-RL polarity run: not in this table
+    base = {"avg@k": 0.3, "pass@k": {"1": 0.3, "2": 0.4}, "greedy": {"accuracy": 0.44}}
+    (tmp_path / "cold-start-eval").mkdir()
+    (tmp_path / "cold-start-eval" / "summary.json").write_text(json.dumps({"benchmarks": {"chain_sum": base}}))
+    assert tables.main(["cold_start", str(tmp_path)]) == 0
+    text = (tmp_path / "tables" / "cold_start.md").read_text()
+    assert "| negative | 1 | 50.0 | 100.0 | 50.0 |" in text and "| both |" not in text
+    assert "| untrained model | - | 30.0 | 40.0 | 44.0 | - | - |" in text
+    assert "no finished runs under" in tables.polarity(tmp_path, experiment="zero_rl_long", base_eval="base-eval-long")
