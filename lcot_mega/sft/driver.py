@@ -85,7 +85,7 @@ def sft(cfg: Config, *, resume: bool | None = None) -> SftResult:
     """Fine-tune `cfg.model.path` on `cfg.sft`; `resume` None continues a run directory that has a checkpoint."""
     from lcot_mega.cluster.actor_group import ActorRank, local_actor
     from lcot_mega.cluster.runtime import load_tokenizer
-    from lcot_mega.observe import MetricsLogger, Progress
+    from lcot_mega.observe import Progress
     from lcot_mega.trainer.recovery import StopSignals
     from lcot_mega.trainer.run_dir import RunDir, RunDirError
 
@@ -107,15 +107,7 @@ def sft(cfg: Config, *, resume: bool | None = None) -> SftResult:
         if start > steps:
             raise RunDirError(f"{run.path} is at step {start}, past this run's {steps} steps: pick another --run-dir")
         signals = stack.enter_context(StopSignals())
-        log = stack.enter_context(
-            MetricsLogger(
-                run.path,
-                cfg.logging,
-                config_dict=config_to_dict(cfg),
-                resume_step=start or None,
-                extra_sinks=[Progress(steps, start, keys=PROGRESS_KEYS)],
-            )
-        )
+        log = stack.enter_context(run.metrics_logger(cfg, start, Progress(steps, start, keys=PROGRESS_KEYS)))
         evals: dict[int, float] = {}
         if start == 0 and data.eval and cfg.trainer.eval_every > 0:
             evals[0] = held_out_loss(actor, data.eval)

@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from lcot_mega.cluster.runtime import Runtime, build_runtime
-from lcot_mega.config import Config, config_to_dict
+from lcot_mega.config import Config
 from lcot_mega.evaluation.core import EvalResult, eval_params, evaluate
 from lcot_mega.guards import Verdict
 from lcot_mega.reward.grader import Grader, grader_for
@@ -55,7 +55,7 @@ class TrainResult:
 def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
     """Train `cfg.trainer.steps` steps; `resume` None continues a run directory that has a checkpoint."""
     from lcot_mega.data import build_data
-    from lcot_mega.observe import MetricsLogger, Progress
+    from lcot_mega.observe import Progress
     from lcot_mega.trainer.preflight import check_before_training
 
     check_before_training(cfg)
@@ -73,15 +73,7 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
         stack.callback(watch.log.close)
         start = restore(rt, stream, run, watch)
         signals = stack.enter_context(StopSignals())
-        log = stack.enter_context(
-            MetricsLogger(
-                run.path,
-                cfg.logging,
-                config_dict=config_to_dict(cfg),
-                resume_step=start or None,
-                extra_sinks=[Progress(cfg.trainer.steps, start)],
-            )
-        )
+        log = stack.enter_context(run.metrics_logger(cfg, start, Progress(cfg.trainer.steps, start)))
         evals: dict[int, dict[str, EvalResult]] = {}
         if start == 0 and cfg.eval.at_start and eval_sets:
             evals[0] = run_evals(rt, grader, eval_sets, cfg, 0, run)

@@ -10,11 +10,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from lcot_mega.checkpoint.store import CheckpointStore
 from lcot_mega.config import Config, config_to_dict, save_config
+
+if TYPE_CHECKING:
+    from lcot_mega.observe import MetricsLogger
+    from lcot_mega.observe.sinks import MetricSink
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
@@ -53,6 +58,15 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
+
+    def metrics_logger(self, cfg: Config, start: int, progress: MetricSink) -> MetricsLogger:
+        """The run's metrics logger (enter it): the config's sinks, the resolved config recorded, the records after
+        `start` of a resumed run set aside, and `progress` on the console."""
+        from lcot_mega.observe import MetricsLogger
+
+        return MetricsLogger(
+            self.path, cfg.logging, config_dict=config_to_dict(cfg), resume_step=start or None, extra_sinks=[progress]
+        )
 
     def eval_path(self, source: str, step: int) -> Path:
         return self.path / "eval" / source.replace("/", "_").replace(":", "_") / f"step_{step}.json"
