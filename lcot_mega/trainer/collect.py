@@ -121,7 +121,7 @@ class _Tally:
         self.shaped = 0
         self.reward_sum = 0.0
         self.rounds = 0
-        self.injection: InjectionCounts | None = None  # set when algo.injection is on
+        self.injection: InjectionCounts | None = None  # what algo.injection did, when it is on
 
     def add(self, groups: list[Group], informative: list[bool], counts: ScoreCounts) -> None:
         self.grade_timeouts += counts.timeouts
@@ -184,10 +184,6 @@ class DynamicSampler:
         self.kept: list[Group] = []
         self.spare: list[Group] = []  # scored groups without signal: the drop_with_fallback top-up
         self.tally = _Tally()
-        if injector is not None:
-            from lcot_mega.trainer.inject import InjectionCounts
-
-            self.tally.injection = InjectionCounts()
 
     @property
     def full(self) -> bool:
@@ -231,8 +227,9 @@ class DynamicSampler:
         counts = score_groups(groups, self.grader, self.cfg)
         flags = informative_flags(groups)
         self.tally.add(groups, flags, counts)
-        if self.injector is not None and self.tally.injection is not None:
-            self.tally.injection += self.injector.inject(groups, self.grader)
+        if self.injector is not None:
+            done = self.injector.inject(groups, self.grader)
+            self.tally.injection = done if self.tally.injection is None else self.tally.injection + done
             flags = informative_flags(groups)
         for g, flag in zip(groups, flags, strict=True):
             (self.kept if flag or self.ds.mode == "off" else self.spare).append(g)

@@ -49,11 +49,10 @@ class InjectionCounts:
     rejected: int = 0
     """Solutions the grader did not find correct: their groups got their samples back."""
 
-    def __iadd__(self, other: InjectionCounts) -> InjectionCounts:
-        self.replaced += other.replaced
-        self.groups += other.groups
-        self.rejected += other.rejected
-        return self
+    def __add__(self, other: InjectionCounts) -> InjectionCounts:
+        return InjectionCounts(
+            self.replaced + other.replaced, self.groups + other.groups, self.rejected + other.rejected
+        )
 
     def metrics(self) -> dict[str, float]:
         return {
