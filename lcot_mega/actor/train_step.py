@@ -23,8 +23,8 @@ from lcot_mega.actor.logprobs import TokenStatsHead, is_reporting_rank, micro_ba
 from lcot_mega.algo import (
     aggregate,
     aggregation_denominator,
-    importance_correction,
     kl_penalty,
+    off_policy_weights,
     offpolicy_shaped_loss,
     policy_loss,
 )
@@ -40,10 +40,17 @@ _POLICY_MEAN_KEYS = (
     "actor/ratio_mean",
 )
 _GAP_MEAN_KEYS = ("rollout/logp_gap_mean",)
-_IS_MEAN_KEYS = ("rollout/is_weight_mean", "rollout/is_capped_frac")
+_IS_MEAN_KEYS = ("rollout/is_weight_mean", "rollout/is_capped_frac", "rollout/is_masked_frac")
 _MAX_KEYS = ("actor/ratio_max", "rollout/logp_gap_max")
-_NO_CAP = 1e30
-"""Importance cap that never binds: the train/rollout gap is measured without reweighting anything."""
+
+
+def off_policy_correction(algo: AlgoConfig) -> tuple[str, float | None, float | None]:
+    """The correction the loss applies (name, low, high): `algo.off_policy`, or `tis` at `algo.is_cap` (its
+    shorthand; the config refuses both at once)."""
+    if algo.is_cap is not None:
+        return "tis", None, algo.is_cap
+    op = algo.off_policy
+    return op.correction, op.low, op.high
 
 
 @dataclass
@@ -63,7 +70,8 @@ class TrainBatch:
     ref_logprobs: Sequence[torch.Tensor] | None = None
     """Reference-policy log-probs for the KL loss; needed only when algo.kl_coef > 0."""
     rollout_logprobs: Sequence[torch.Tensor] | None = None
-    """The rollout engine's log-probs, for truncated importance sampling when algo.is_cap is set."""
+    """The rollout engine's log-probs (the behaviour policy): the train-vs-rollout gap, and the weights of
+    `algo.off_policy` (docs/ALGORITHMS.md, "Off-policy corrections")."""
     temperature: float = 1.0
     """Sampling temperature of the rollout: logits are divided by it, as the engine did."""
     update_bounds: object | None = None
@@ -128,7 +136,7 @@ class StatKeys:
 
 def metric_keys(algo: AlgoConfig, with_is: bool, with_gap: bool | None = None) -> StatKeys:
     """The statistics a step reports; `with_gap` (the batch has rollout log-probs; default: `with_is`) adds the
-    train-vs-rollout log-prob gap, `with_is` the truncated importance weights."""
+    train-vs-rollout log-prob gap, `with_is` the off-policy weights' statistics."""
     with_gap = with_is if with_gap is None else with_gap or with_is
     sums = ["tokens", "policy_tokens", "actor/loss", "actor/pg_loss"] + (["actor/kl_loss"] if algo.kl_coef > 0 else [])
     policy = [*_POLICY_MEAN_KEYS, *(_GAP_MEAN_KEYS if with_gap else ()), *(_IS_MEAN_KEYS if with_is else ())]
@@ -143,7 +151,13 @@ class _MicroBatchLoss:
     ):
         self.batch, self.algo, self.head, self.den, self.scale = batch, algo, head, denominator, scale
         self.with_gap = batch.rollout_logprobs is not None
-        self.with_is = algo.is_cap is not None and self.with_gap
+        self.correction = off_policy_correction(algo)
+        self.with_is = self.correction[0] != "none" and self.with_gap
+        if self.correction[0] != "none" and batch.objective == "policy" and not self.with_gap:
+            raise ValueError(
+                f"algo.off_policy correction {self.correction[0]!r} needs TrainBatch.rollout_logprobs (the behaviour"
+                " policy's log-probs)"
+            )
         self.keys = metric_keys(algo, self.with_is, self.with_gap)
 
     def __call__(self, mb: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -193,15 +207,14 @@ class _MicroBatchLoss:
         return aggregate(tokens, mask, self.algo.loss_agg, self.algo.loss_max_len, denominator=self.den)
 
     def _policy_term(self, mb: MicroBatch, logp: torch.Tensor, mask: torch.Tensor, stats: dict) -> torch.Tensor:
-        """Clipped surrogate of the on-policy tokens (`mask`) over the global denominator, with truncated IS weights
-        when configured."""
+        """Clipped surrogate of the on-policy tokens (`mask`) over the global denominator, weighted by the
+        off-policy correction when one is configured."""
         algo, b = self.algo, self.batch
         old = to_token_layout(b.old_logprobs, mb) if b.old_logprobs is not None else logp.detach()  # [n, s]
         is_weights = None
         if self.with_gap:
             rollout = to_token_layout(b.rollout_logprobs, mb)  # [n, s]
-            weights, is_metrics = importance_correction(old, rollout, mask, algo.is_cap or _NO_CAP)
-            is_weights = weights if self.with_is else None
+            is_weights, is_metrics = off_policy_weights(old, rollout, mask, *self.correction)
             stats.update({k: v for k, v in is_metrics.items() if self.with_is or "logp_gap" in k})
         pg, metrics = policy_loss(
             logp,

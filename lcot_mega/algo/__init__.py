@@ -11,7 +11,6 @@ from lcot_mega.algo.advantages import (
 )
 from lcot_mega.algo.divergence import entropy_from_logits, kl_penalty
 from lcot_mega.algo.groups import group_stats
-from lcot_mega.algo.importance import importance_correction
 from lcot_mega.algo.injection import offline_injection_mask
 from lcot_mega.algo.losses import (
     aggregate,
@@ -23,6 +22,7 @@ from lcot_mega.algo.losses import (
     register_aggregation,
 )
 from lcot_mega.algo.metrics import batch_metrics
+from lcot_mega.algo.off_policy import available_corrections, correction_bounds, off_policy_weights
 from lcot_mega.algo.selection import (
     POLARITY_MODES,
     informative_groups,
@@ -41,13 +41,15 @@ __all__ = [
     "aggregation_uses_max_len",
     "available_advantages",
     "available_aggregations",
+    "available_corrections",
     "batch_metrics",
+    "correction_bounds",
     "entropy_from_logits",
     "group_advantages",
     "group_stats",
-    "importance_correction",
     "informative_groups",
     "kl_penalty",
+    "off_policy_weights",
     "offline_injection_mask",
     "offpolicy_shaped_loss",
     "overlong_penalty",

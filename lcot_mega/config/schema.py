@@ -164,6 +164,26 @@ class InjectionConfig:
 
 
 @dataclass
+class OffPolicyConfig:
+    """How the policy loss weights tokens that a policy other than the clipped-against one sampled: the rollout
+    engine's weights lag the trainer's under asynchronous training and differ in precision always
+    (docs/ALGORITHMS.md, "Off-policy corrections")."""
+
+    correction: str = opt(
+        "none", choices=("none", "tis", "seq_tis", "mis", "seq_mis", "icepop", "geo_mask", "decoupled")
+    )
+    """none: no weights (the train-vs-rollout gap is still measured); tis / seq_tis: importance ratio truncated at
+    `high`, per token / per sequence; mis / seq_mis: the ratio, masked to 0 above `high`; icepop: masked outside
+    [low, high] per token; geo_mask: sequences whose geometric-mean ratio leaves [low, high] masked, the rest
+    weight 1; decoupled: decoupled PPO, the full ratio (tokens above `high` masked when it is set)."""
+    low: float | None = opt(None, gt=0.0)
+    """Lower bound of icepop and geo_mask (defaults 0.5); refused by corrections that have none."""
+    high: float | None = opt(None, gt=0.0)
+    """Cap or upper mask bound (defaults: tis, seq_tis, mis, seq_mis 2.0; icepop 5.0; geo_mask 2.0; decoupled
+    none); refused by `none`."""
+
+
+@dataclass
 class AlgoConfig:
     advantage: str = "grpo"
     """Advantage estimator by registered name: grpo, drgrpo, rloo, reinforce_pp (or one you register)."""
@@ -201,7 +221,9 @@ class AlgoConfig:
     entropy_coef: float = opt(0.0, ge=0.0)
     """Weight of the entropy bonus."""
     is_cap: float | None = opt(None, ge=1.0)
-    """Truncated importance sampling for the train/rollout mismatch: weights capped here; None disables it."""
+    """Shorthand for off_policy.correction = tis with off_policy.high = is_cap (truncated importance sampling of the
+    train/rollout mismatch); refused together with another off_policy.correction. None: off_policy decides."""
+    off_policy: OffPolicyConfig = opt(OffPolicyConfig)
     dynamic_sampling: DynamicSamplingConfig = opt(DynamicSamplingConfig)
     injection: InjectionConfig = opt(InjectionConfig)
 
@@ -508,6 +530,11 @@ def cross_field_errors(cfg: Config) -> list[str]:
         errors.append(
             f"algo.positive_weight = {cfg.algo.positive_weight} only applies with algo.polarity = 'weighted'"
             f" (got {cfg.algo.polarity!r})"
+        )
+    if cfg.algo.is_cap is not None and cfg.algo.off_policy.correction != "none":
+        errors.append(
+            f"algo.is_cap = {cfg.algo.is_cap} is shorthand for algo.off_policy.correction = 'tis'; it cannot be"
+            f" combined with algo.off_policy.correction = {cfg.algo.off_policy.correction!r}: set one of them"
         )
     if cfg.algo.polarity in ("both", "weighted") and (cfg.algo.reserve_ratio or cfg.algo.reserve_min):
         errors.append("algo.reserve_ratio / algo.reserve_min only apply with algo.polarity = 'positive' or 'negative'")

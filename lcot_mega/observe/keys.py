@@ -61,6 +61,7 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "rollout/aborted_groups",
     "rollout/is_weight_mean",
     "rollout/is_capped_frac",
+    "rollout/is_masked_frac",
     "rollout/logp_gap_mean",
     "rollout/logp_gap_max",
     # actor (lcot_mega/actor/train_step.py, lcot_mega/algo/losses.py)

@@ -58,6 +58,11 @@ def registry_errors(cfg: Config) -> list[str]:
         errors.append(_unregistered("algo.loss_agg", cfg.algo.loss_agg, algo.available_aggregations()))
     elif cfg.algo.loss_max_len is not None and not algo.aggregation_uses_max_len(cfg.algo.loss_agg):
         errors.append(_unused_max_len(cfg.algo.loss_agg, cfg.algo.loss_max_len))
+    op = cfg.algo.off_policy
+    try:
+        algo.correction_bounds(op.correction, op.low, op.high)
+    except ValueError as e:
+        errors.append(f"algo.off_policy: {e}")
     try:
         resolve_reward(cfg.reward.fn)
     except (ValueError, ImportError, AttributeError) as e:

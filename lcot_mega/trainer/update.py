@@ -61,7 +61,7 @@ def injection_share(adv: torch.Tensor, offline: torch.Tensor, lengths: torch.Ten
 
 def to_train_batch(batch: Batch, temperature: float) -> TrainBatch:
     """The actor's input: token ids, one advantage per sequence, the engine's log-probs (for the gap metric and,
-    with `algo.is_cap`, truncated importance sampling) and which sequences are injected offline solutions (their
+    the weights of `algo.off_policy`) and which sequences are injected offline solutions (their
     log-prob entry is a placeholder of zeros: no engine sampled them, and the actor reads none of it)."""
     samples = batch.samples
 

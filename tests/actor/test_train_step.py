@@ -5,6 +5,7 @@ exactly as torch.optim.Adam moves the transformers weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -15,7 +16,7 @@ from helpers.tiny_models import FAMILIES, make_tiny_hf
 
 from lcot_mega.actor.batching import plan_micro_batches
 from lcot_mega.actor.train_step import TrainBatch
-from lcot_mega.algo import aggregate, aggregation_denominator, importance_correction, kl_penalty, policy_loss
+from lcot_mega.algo import aggregate, aggregation_denominator, kl_penalty, policy_loss
 from lcot_mega.bridge.arch import arch_from_hf_config
 from lcot_mega.config import ActorConfig, AlgoConfig
 
@@ -47,11 +48,12 @@ class Case:
     offline: tuple[int, ...] = ()  # sequences trained as injected offline solutions (policy-shaping loss)
 
     def algo_config(self) -> AlgoConfig:
-        from lcot_mega.config.schema import InjectionConfig
+        from lcot_mega.config.schema import InjectionConfig, OffPolicyConfig
 
         algo = dict(self.algo)
         injection = InjectionConfig(**algo.pop("injection", {}))
-        return AlgoConfig(**algo, injection=injection)
+        off_policy = OffPolicyConfig(**algo.pop("off_policy", {}))
+        return AlgoConfig(**algo, injection=injection, off_policy=off_policy)
 
 
 CASES = {
@@ -95,6 +97,14 @@ CASES = {
         with_ref=True,
         with_rollout=True,
         offline=(1, 3, 6),
+    ),
+    # a sequence-level off-policy correction (masked IS on the product of a sequence's ratios): its sums must
+    # follow sequences through chunking, packing and the pipeline; the cap masks some sequences and keeps others
+    "seq_mis": Case(
+        "seq_mis",
+        budget=24,
+        algo=dict(off_policy=dict(correction="seq_mis", high=1.1)),
+        with_rollout=True,
     ),
 }
 
@@ -151,6 +161,21 @@ def _padded(values: list, width: int) -> torch.Tensor:
     return out
 
 
+def _reference_weights(old, rollout, sampled, algo: AlgoConfig) -> torch.Tensor | None:
+    """The off-policy weights written out: TIS min(rho, cap) per token; sequence masked IS rho_seq [rho_seq <= high]
+    with rho_seq the product of the sequence's token ratios."""
+    log_rho = torch.where(sampled, old - rollout, 0.0)  # [B, T]
+    if algo.is_cap is not None:
+        return torch.where(sampled, log_rho.exp().clamp_max(algo.is_cap), 0.0)
+    if algo.off_policy.correction == "seq_mis":
+        rho_seq = log_rho.sum(-1, keepdim=True).exp()  # [B, 1]
+        kept = rho_seq <= algo.off_policy.high
+        assert 0 < int(kept.sum()) < len(kept)  # the case masks some sequences and keeps others
+        return torch.where(sampled & kept, rho_seq, 0.0)
+    assert algo.off_policy.correction == "none"
+    return None
+
+
 def _reference_loss(model, batch: TrainBatch, algo: AlgoConfig) -> torch.Tensor:
     sequences = batch.sequences
     logp, ent, mask = _hf_logprobs_entropy(model, sequences)
@@ -160,8 +185,8 @@ def _reference_loss(model, batch: TrainBatch, algo: AlgoConfig) -> torch.Tensor:
     offline = torch.tensor(batch.offline or [False] * len(sequences))[:, None] & mask  # [B, T]
     sampled = mask & ~offline
     is_weights = None
-    if batch.rollout_logprobs is not None and algo.is_cap is not None:
-        is_weights, _ = importance_correction(old, _padded(batch.rollout_logprobs, width), sampled, algo.is_cap)
+    if batch.rollout_logprobs is not None:
+        is_weights = _reference_weights(old, _padded(batch.rollout_logprobs, width), sampled, algo)
     agg = dict(agg=algo.loss_agg, max_len=algo.loss_max_len)
     den = aggregation_denominator(mask, algo.loss_agg, algo.loss_max_len)  # sampled and offline tokens together
     loss, _ = policy_loss(
@@ -322,7 +347,9 @@ def _check(per_rank: list[dict], expected: dict) -> None:
 
 def test_single_process_gradient_and_adam_step_equal_transformers(tmp_path):
     models = _models(tmp_path)
-    jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "ppo_1mb", "terms", "own_ref", "injected"])
+    jobs, expected = _jobs_and_reference(
+        tmp_path, models, ["ppo", "ppo_1mb", "terms", "own_ref", "injected", "seq_mis"]
+    )
     # log-probs from hidden states 5 response tokens at a time (several chunks per micro-batch), from the
     # model's full logits, and over packed micro-batches: all equal the transformers reference
     layouts = [("tp1", 1, 1, None, CHUNK5), ("tp1_full_logits", 1, 1, None, FULL), ("tp1_packed", 1, 1, None, PACKED)]
@@ -342,11 +369,18 @@ def test_single_process_gradient_and_adam_step_equal_transformers(tmp_path):
     assert metrics["rollout/logp_gap_mean"] == pytest.approx(gaps.mean().item(), rel=1e-5)
     assert metrics["rollout/logp_gap_max"] == pytest.approx(gaps.max().item(), rel=1e-5)
     assert metrics["actor/response_tokens"] == sum(len(r) for r in batch.response_ids)
+    # seq_mis: the share of tokens in sequences whose ratio product exceeds the cap, in each layout
+    batch = next(b for _, case, b, _ in jobs if case.name == "seq_mis")
+    tokens = [len(r) for r in batch.response_ids]
+    log_rho = [float((o - r).sum()) for o, r in zip(batch.old_logprobs, batch.rollout_logprobs, strict=True)]
+    masked = sum(n for n, lr in zip(tokens, log_rho, strict=True) if lr > math.log(1.1)) / sum(tokens)
+    for layout in ("tp1", "tp1_packed"):
+        assert results[0][layout, "llama", "seq_mis"][0][0]["rollout/is_masked_frac"] == pytest.approx(masked)
 
 
 def test_gradient_and_adam_step_are_the_same_at_tp2_pp2_dp2(tmp_path):
     models = _models(tmp_path)
-    jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "terms", "own_ref", "injected"])
+    jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "terms", "own_ref", "injected", "seq_mis"])
     # chunked log-probs across the vocabulary split (3 tokens a chunk), full logits under PP, packing at TP, PP, DP
     layouts = [
         ("tp2", 2, 1, None, dict(logits_chunk_tokens=3)),

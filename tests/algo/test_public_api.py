@@ -11,7 +11,7 @@ ISSUE_NAMES = [
     "policy_loss",
     "kl_penalty",
     "entropy_from_logits",
-    "importance_correction",
+    "off_policy_weights",
     "offpolicy_shaped_loss",
     "offline_injection_mask",
     "batch_metrics",
@@ -29,3 +29,13 @@ def test_registries_list_the_built_ins():
     assert {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"} <= set(
         algo.available_aggregations()
     )
+    assert set(algo.available_corrections()) == {
+        "none",
+        "tis",
+        "seq_tis",
+        "mis",
+        "seq_mis",
+        "icepop",
+        "geo_mask",
+        "decoupled",
+    }

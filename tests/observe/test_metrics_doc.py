@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lcot_mega.actor.train_step import metric_keys
-from lcot_mega.algo import importance_correction, policy_loss
+from lcot_mega.algo import off_policy_weights, policy_loss
 from lcot_mega.algo.metrics import KEEP_METRIC_KEYS, METRIC_KEYS
 from lcot_mega.config import AlgoConfig
 from lcot_mega.guards import Verdict
@@ -62,7 +62,7 @@ def produced_keys() -> set[str]:
     keys |= set(injection_share(torch.ones(2), torch.tensor([True, False]), torch.ones(2), torch.ones(2, dtype=bool)))
     logp, mask = torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool)
     keys |= set(policy_loss(logp, logp, torch.ones(1, 2), mask)[1])
-    keys |= set(importance_correction(logp, logp, mask, 2.0)[1])
+    keys |= set(off_policy_weights(logp, logp, mask, "tis")[1])
     keys |= set(logprob_gap([torch.zeros(2)], [torch.zeros(2)]))
     keys |= set(SyncReport(seconds=1.0, bytes=10, buckets=1, probe_max_diff=0.0).metrics())
     keys |= set(Verdict(0).metrics())

@@ -124,3 +124,17 @@ def test_a_loss_max_len_the_loss_aggregation_does_not_read_is_refused(model_dir)
     ]
     dr_grpo = ["algo.loss_agg=seq-mean-token-sum-norm", "algo.loss_max_len=8"]
     assert preflight_errors(load_config(TINY, [f"model.path={model_dir}", *dr_grpo])) == []
+
+
+def test_off_policy_bounds_a_correction_does_not_read_are_refused(model_dir):
+    base = [f"model.path={model_dir}"]
+    cfg = load_config(TINY, [*base, "algo.off_policy.correction=tis", "algo.off_policy.low=0.5"])
+    assert preflight_errors(cfg) == [
+        "algo.off_policy: off-policy correction 'tis' has no lower bound; leave algo.off_policy.low unset"
+    ]
+    icepop = ["algo.off_policy.correction=icepop", "algo.off_policy.low=3", "algo.off_policy.high=2"]
+    cfg = load_config(TINY, [*base, *icepop])
+    assert preflight_errors(cfg) == ["algo.off_policy: algo.off_policy.low (3.0) must be below high (2.0)"]
+    assert preflight_errors(load_config(TINY, [*base, "algo.off_policy.correction=geo_mask"])) == []
+    with pytest.raises(ConfigError, match=r"algo\.is_cap = 2\.0 is shorthand for algo\.off_policy\.correction = 'tis'"):
+        load_config(TINY, [*base, "algo.is_cap=2.0", "algo.off_policy.correction=mis"])
