@@ -18,6 +18,7 @@ from lcot_mega.actor import checkpoint as megatron_ckpt
 from lcot_mega.actor import megatron_adapter as ma
 from lcot_mega.actor.batching import TokenSequence
 from lcot_mega.actor.logprobs import TokenLogProbs, compute_logprobs
+from lcot_mega.actor.mini_batches import combine_metrics, split_batch
 from lcot_mega.actor.train_step import TrainBatch, train_step
 from lcot_mega.bridge.arch import ArchSpec
 from lcot_mega.bridge.hf_load import load_hf_weights
@@ -89,15 +90,26 @@ class MegatronActor:
         return self._token_logprobs(self.ref_chunks, sequences, temperature, entropy=False).logprobs
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on the whole `batch`; metrics (loss, grad_norm, lr, clip fractions, entropy, kl).
+        """`actor.updates_per_batch` optimizer steps on `batch` (one mini-batch each: `actor.mini_batches`); metrics
+        (loss, grad_norm, lr, clip fractions, entropy, kl) combined over them.
 
-        With algo.kl_coef > 0 and no `batch.ref_logprobs`, the reference log-probs are computed first.
+        With algo.kl_coef > 0 and no `batch.ref_logprobs`, the reference log-probs are computed first; with more
+        than one update and no `batch.old_logprobs`, so are the current policy's (the clip's anchor for all of them).
         """
-        if self.algo.kl_coef > 0 and batch.ref_logprobs is None and batch.objective == "policy":
+        policy = batch.objective == "policy"
+        if self.algo.kl_coef > 0 and batch.ref_logprobs is None and policy:
             batch = replace(batch, ref_logprobs=self.compute_ref_logprobs(batch.sequences, batch.temperature))
+        updates = self.cfg.updates_per_batch if policy else 1
+        if updates > 1 and batch.old_logprobs is None:
+            batch = replace(batch, old_logprobs=self.compute_logprobs(batch.sequences, batch.temperature))
         try:
-            return train_step(
-                self.chunks, self.optimizer, self.scheduler, batch, self.cfg, self.algo, self.arch.vocab_size
+            return combine_metrics(
+                [
+                    train_step(
+                        self.chunks, self.optimizer, self.scheduler, part, self.cfg, self.algo, self.arch.vocab_size
+                    )
+                    for part in split_batch(batch, updates)
+                ]
             )
         finally:
             release_free_heap()  # the step's activations and logits chunks: free, but resident until trimmed

@@ -305,7 +305,9 @@ class ActorConfig:
     (memory flat in the response length). 0: the model's full logits, ~5 MB per token on a 49k vocabulary (the
     reference path)."""
     updates_per_batch: int = opt(1, ge=1)
-    """Optimizer steps per rollout batch (the study: 1, fully on-policy)."""
+    """Optimizer steps per rollout batch (the study: 1, fully on-policy): the batch is cut into this many
+    consecutive mini-batches, each one gated update with its own loss denominator, all clipped against the policy
+    at the start of the step (its log-probs computed once first). RL only; `lcot-mega sft` refuses it."""
 
 
 @dataclass

@@ -81,6 +81,7 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "actor/grad_norm",
     "actor/lr",
     "actor/update_ok",
+    "actor/updates",
     "actor/micro_batches",
     "actor/skipped",
     "actor/gate_skipped",

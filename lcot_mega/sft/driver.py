@@ -57,6 +57,11 @@ def sft_config_errors(cfg: Config) -> list[str]:
             f"cluster.mode = {cfg.cluster.mode!r}: lcot-mega sft runs in cluster.mode=local (one actor rank) so far"
         )
     errors += _cluster_errors(cfg)
+    if cfg.actor.updates_per_batch != 1:
+        errors.append(
+            f"actor.updates_per_batch = {cfg.actor.updates_per_batch}: an SFT step is one optimizer step on"
+            " sft.batch_size rows; set the batch size instead"
+        )
     defaults = config_to_dict(Config())
     ours = config_to_dict(cfg)
     for section in RL_ONLY_SECTIONS:

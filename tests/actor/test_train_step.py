@@ -6,7 +6,7 @@ exactly as torch.optim.Adam moves the transformers weights.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -46,6 +46,8 @@ class Case:
     per_token_adv: bool = False
     with_rollout: bool = False
     offline: tuple[int, ...] = ()  # sequences trained as injected offline solutions (policy-shaping loss)
+    updates: int = 1  # actor.updates_per_batch: mini-batches of one step, each an Adam step
+    own_old: bool = False  # no old log-probs given: the actor computes them at the start of each step
 
     def algo_config(self) -> AlgoConfig:
         from lcot_mega.config.schema import InjectionConfig, OffPolicyConfig
@@ -100,6 +102,17 @@ CASES = {
     ),
     # a sequence-level off-policy correction (masked IS on the product of a sequence's ratios): its sums must
     # follow sequences through chunking, packing and the pipeline; the cap masks some sequences and keeps others
+    # PPO mini-batches: two Adam steps per batch, both clipped against the policy at the start of the step (whose
+    # log-probs the actor computes), decoupled PPO's behaviour weight pi_prox / mu on top, capped by masking
+    "minibatch": Case(
+        "minibatch",
+        budget=24,
+        steps=2,
+        algo=dict(off_policy=dict(correction="decoupled", high=1.3)),
+        with_rollout=True,
+        updates=2,
+        own_old=True,
+    ),
     "seq_mis": Case(
         "seq_mis",
         budget=24,
@@ -167,6 +180,9 @@ def _reference_weights(old, rollout, sampled, algo: AlgoConfig) -> torch.Tensor 
     log_rho = torch.where(sampled, old - rollout, 0.0)  # [B, T]
     if algo.is_cap is not None:
         return torch.where(sampled, log_rho.exp().clamp_max(algo.is_cap), 0.0)
+    if algo.off_policy.correction == "decoupled":
+        rho = log_rho.exp()
+        return torch.where(sampled & (rho <= algo.off_policy.high), rho, 0.0)
     if algo.off_policy.correction == "seq_mis":
         rho_seq = log_rho.sum(-1, keepdim=True).exp()  # [B, 1]
         kept = rho_seq <= algo.off_policy.high
@@ -230,16 +246,34 @@ def _make_batch(model, sequences, case: Case) -> TrainBatch:
     if case.per_token_adv:
         adv = [a + 0.5 * torch.randn(n, generator=g) for a, n in zip(adv, lengths, strict=True)]
     old = noisy(0.3)
+    behaviour = old if not case.own_old else rows
     return TrainBatch(
         prompt_ids=[p for p, _ in sequences],
         response_ids=[r for _, r in sequences],
         advantages=adv,
-        old_logprobs=old,
+        old_logprobs=None if case.own_old else old,
         ref_logprobs=noisy(0.3) if case.with_ref else None,
-        rollout_logprobs=[o + 0.2 * torch.randn(o.shape, generator=g) for o in old] if case.with_rollout else None,
+        rollout_logprobs=[o + 0.2 * torch.randn(o.shape, generator=g) for o in behaviour]
+        if case.with_rollout
+        else None,
         temperature=TEMPERATURE,
         offline=[i in case.offline for i in range(len(sequences))] if case.offline else None,
     )
+
+
+_PER_SEQUENCE = (
+    "prompt_ids",
+    "response_ids",
+    "advantages",
+    "old_logprobs",
+    "ref_logprobs",
+    "rollout_logprobs",
+    "offline",
+)
+
+
+def _part(values, lo: int, hi: int):
+    return None if values is None else list(values[lo:hi])
 
 
 def _reference_steps(hf_dir: str, batch: TrainBatch, case: Case, out_dir) -> list[float]:
@@ -252,10 +286,20 @@ def _reference_steps(hf_dir: str, batch: TrainBatch, case: Case, out_dir) -> lis
     )
     norms = []
     for _ in range(case.steps):
-        adam.zero_grad()
-        _reference_loss(model, batch, case.algo_config()).backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), ADAM["grad_clip"])))
-        adam.step()
+        step_batch, step_norms = batch, []
+        if case.own_old:  # the policy at the start of the step, for every mini-batch of it
+            with torch.no_grad():
+                logp, _, mask = _hf_logprobs_entropy(model, batch.sequences)
+            step_batch = replace(batch, old_logprobs=[logp[i, : int(n)] for i, n in enumerate(mask.sum(-1))])
+        n = len(batch.sequences)
+        for k in range(case.updates):  # consecutive mini-batches, sizes n * k // updates apart
+            lo, hi = n * k // case.updates, n * (k + 1) // case.updates
+            part = replace(step_batch, **{f: _part(getattr(step_batch, f), lo, hi) for f in _PER_SEQUENCE})
+            adam.zero_grad()
+            _reference_loss(model, part, case.algo_config()).backward()
+            step_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), ADAM["grad_clip"])))
+            adam.step()
+        norms.append(sum(step_norms) / len(step_norms))
     if out_dir is not None:
         model.save_pretrained(out_dir)
     return norms
@@ -301,6 +345,7 @@ def _train_worker(rank: int, world: int, models: dict, layouts: list, jobs: list
                 pipeline_parallel=pp,
                 virtual_pipeline=vpp,
                 micro_batch_tokens=case.budget,
+                updates_per_batch=case.updates,
                 **(ADAM | extra),
             )
             actor = MegatronActor(arch, cfg, case.algo_config(), hf_dir)
@@ -348,7 +393,7 @@ def _check(per_rank: list[dict], expected: dict) -> None:
 def test_single_process_gradient_and_adam_step_equal_transformers(tmp_path):
     models = _models(tmp_path)
     jobs, expected = _jobs_and_reference(
-        tmp_path, models, ["ppo", "ppo_1mb", "terms", "own_ref", "injected", "seq_mis"]
+        tmp_path, models, ["ppo", "ppo_1mb", "terms", "own_ref", "injected", "seq_mis", "minibatch"]
     )
     # log-probs from hidden states 5 response tokens at a time (several chunks per micro-batch), from the
     # model's full logits, and over packed micro-batches: all equal the transformers reference
@@ -369,6 +414,12 @@ def test_single_process_gradient_and_adam_step_equal_transformers(tmp_path):
     assert metrics["rollout/logp_gap_mean"] == pytest.approx(gaps.mean().item(), rel=1e-5)
     assert metrics["rollout/logp_gap_max"] == pytest.approx(gaps.max().item(), rel=1e-5)
     assert metrics["actor/response_tokens"] == sum(len(r) for r in batch.response_ids)
+    # two updates a step: the second one's ratio has left 1 (ppo_kl, clip), the cap masked some tokens
+    for layout in ("tp1", "tp1_packed"):
+        first_step = results[0][layout, "qwen2", "minibatch"][0][0]
+        assert first_step["actor/updates"] == 2.0
+        assert first_step["actor/ppo_kl"] != 0.0 and first_step["actor/clipfrac"] > 0
+        assert 0 < first_step["rollout/is_masked_frac"] < 1
     # seq_mis: the share of tokens in sequences whose ratio product exceeds the cap, in each layout
     batch = next(b for _, case, b, _ in jobs if case.name == "seq_mis")
     tokens = [len(r) for r in batch.response_ids]
@@ -380,7 +431,9 @@ def test_single_process_gradient_and_adam_step_equal_transformers(tmp_path):
 
 def test_gradient_and_adam_step_are_the_same_at_tp2_pp2_dp2(tmp_path):
     models = _models(tmp_path)
-    jobs, expected = _jobs_and_reference(tmp_path, models, ["ppo", "terms", "own_ref", "injected", "seq_mis"])
+    jobs, expected = _jobs_and_reference(
+        tmp_path, models, ["ppo", "terms", "own_ref", "injected", "seq_mis", "minibatch"]
+    )
     # chunked log-probs across the vocabulary split (3 tokens a chunk), full logits under PP, packing at TP, PP, DP
     layouts = [
         ("tp2", 2, 1, None, dict(logits_chunk_tokens=3)),
