@@ -325,6 +325,12 @@ class TrainerConfig:
     """Checkpoints kept on disk (older ones are deleted after a newer one is written)."""
     eval_every: int = opt(10, ge=0)
     """Evaluate on data.eval every N steps; 0 disables it."""
+    max_staleness: int = opt(0, ge=0)
+    """Asynchronous RL: how many weight versions older than the weights it trains a sample may be. 0 is the
+    synchronous loop. k > 0: while the actor trains step t, the engine samples step t+k's batch with the weights
+    of step t-1, so steps train on samples k versions old; groups over the bound are dropped and counted. Needs an
+    engine that does not share the actor's devices (cluster.mode local or disaggregated, not SGLang on the
+    actor's GPU); docs/ASYNC.md."""
 
 
 @dataclass

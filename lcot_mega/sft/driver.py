@@ -57,6 +57,8 @@ def sft_config_errors(cfg: Config) -> list[str]:
             f"cluster.mode = {cfg.cluster.mode!r}: lcot-mega sft runs in cluster.mode=local (one actor rank) so far"
         )
     errors += _cluster_errors(cfg)
+    if cfg.trainer.max_staleness != 0:
+        errors.append(f"trainer.max_staleness = {cfg.trainer.max_staleness}: lcot-mega sft samples nothing (RL only)")
     if cfg.actor.updates_per_batch != 1:
         errors.append(
             f"actor.updates_per_batch = {cfg.actor.updates_per_batch}: an SFT step is one optimizer step on"

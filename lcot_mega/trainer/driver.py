@@ -19,6 +19,7 @@ from lcot_mega.config import Config
 from lcot_mega.evaluation.core import EvalResult, eval_params, evaluate
 from lcot_mega.guards import Verdict
 from lcot_mega.reward.grader import Grader, grader_for
+from lcot_mega.trainer.ahead import RolloutAhead
 from lcot_mega.trainer.collect import collect, step_seed
 from lcot_mega.trainer.faults import inject_faults
 from lcot_mega.trainer.inject import OfflineInjector
@@ -67,11 +68,15 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
         for report in stream.report:
             print(f"lcot-mega: {report.summary()}", flush=True)
         injector = OfflineInjector(stream.solutions, rt.tokenizer, cfg) if cfg.algo.injection.enabled else None
+        ahead = None
+        if cfg.trainer.max_staleness > 0:
+            ahead = RolloutAhead(cfg.trainer.max_staleness, cfg.trainer.steps, rt.engine)
+            stack.callback(ahead.close)  # before the runtime closes: nothing may sample on a closed engine
         # unchanged unless the config asks for fault drills
-        rt, step_fn = inject_faults(cfg, rt, partial(run_step, injector=injector))
+        rt, step_fn = inject_faults(cfg, rt, partial(run_step, injector=injector, ahead=ahead))
         watch = Watch.open(cfg, run)
         stack.callback(watch.log.close)
-        start = restore(rt, stream, run, watch)
+        start = restore(rt, stream, run, watch, ahead)
         signals = stack.enter_context(StopSignals())
         log = stack.enter_context(run.metrics_logger(cfg, start, Progress(cfg.trainer.steps, start)))
         evals: dict[int, dict[str, EvalResult]] = {}
@@ -83,6 +88,9 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
             step += 1
             metrics, verdict = step_fn(rt, grader, stream.next_prompts, cfg, step, watch)
             halt = respond(rt, watch, step, metrics, verdict)
+            if ahead is not None and verdict.action == "rollback" and not halt:
+                metrics["rollout/rollback_dropped_groups"] = float(ahead.discard())
+                ahead.synced(step)
             if not halt and eval_sets and _due(step, cfg.trainer.eval_every, cfg.trainer.steps, off_when_zero=True):
                 evals[step] = run_evals(rt, grader, eval_sets, cfg, step, run)
                 metrics |= _eval_metrics(evals[step])
@@ -90,10 +98,10 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
             log.log(step, metrics | decision | _watch_metrics(watch) | {"data/epoch": stream.progress})
             if halt:
                 watch.log.event(step, f"halted: {halt}")
-                path = save(rt, stream, watch, step, cfg, passed=False)
+                path = save(rt, stream, watch, step, cfg, passed=False, ahead=ahead)
                 raise Halted(f"{halt}. State saved in {path}; see {run.path / 'guards.log'}")
             if _due(step, cfg.trainer.save_every, cfg.trainer.steps) or signals.received:
-                save(rt, stream, watch, step, cfg, passed=passes(verdict))
+                save(rt, stream, watch, step, cfg, passed=passes(verdict), ahead=ahead)
         if signals.received:
             print(f"lcot-mega: stopped by {signals.received} after step {step}; the same command resumes", flush=True)
         return TrainResult(run.path, step, evals, signals.received)
@@ -108,20 +116,27 @@ def run_step(
     watch: Watch,
     *,
     injector: OfflineInjector | None = None,
+    ahead: RolloutAhead | None = None,
 ) -> tuple[dict, Verdict]:
     """One RL step; its metrics (keys in docs/METRICS.md) and the guards' verdict on it. `injector`: offline
-    solutions for hard groups (`algo.injection`)."""
+    solutions for hard groups (`algo.injection`); `ahead`: the batches sampled ahead of the actor
+    (`trainer.max_staleness` > 0), None for the synchronous loop."""
     t0 = time.perf_counter()
-    collected = collect(
+    collect_fn = partial(
+        _collect_step,
         rt.engine,
         next_prompts,
         grader,
         cfg,
-        step,
         parallelism=cfg.cluster.num_engines,
         reseed=watch.recovery.reseed,
         injector=injector,
     )
+    if ahead is None:
+        collected = collect_fn(step)
+    else:  # this step's batch, sampled during an earlier step; the engine goes on to sample the next ones
+        collected = ahead.take(step, collect_fn)
+        ahead.start(step, collect_fn)
     batch, metrics = select_for_update(collected.batch, cfg.algo, step_seed(cfg, step, salt=-1))
     metrics |= collected.metrics | rt.engine_metrics()
     if not len(batch):
@@ -135,15 +150,24 @@ def run_step(
         updated = bool(metrics.get("actor/update_ok", 1.0))
         verdict = watch.guard.check(step, metrics)
     metrics["actor/skipped"] = float(not updated)
+    if ahead is not None:
+        metrics |= ahead.join()  # the engine holds the previous weights until the batches ahead are sampled
     t2 = time.perf_counter()
     if updated:
         metrics |= rt.sync_weights(step)
+        if ahead is not None:
+            ahead.synced(step)
     metrics |= {
         "perf/train_s": t2 - t1,
         "perf/sync_s": time.perf_counter() - t2,
         "perf/step_s": time.perf_counter() - t0,
     }
     return metrics, verdict
+
+
+def _collect_step(engine, next_prompts, grader, cfg, step, **kwargs):
+    """`collect` with the step last, for `RolloutAhead` (which passes the step it samples for)."""
+    return collect(engine, next_prompts, grader, cfg, step, **kwargs)
 
 
 def _nothing_to_train(metrics: dict[str, float]) -> str:
@@ -164,9 +188,14 @@ def train_on(rt: Runtime, update) -> dict[str, float]:
             rt.engine.resume_memory()
 
 
-def save(rt: Runtime, stream, watch: Watch, step: int, cfg: Config, *, passed: bool) -> str:
-    """Checkpoint the run at `step` (actor state, data position, guard state); it becomes good once confirmed."""
+def save(
+    rt: Runtime, stream, watch: Watch, step: int, cfg: Config, *, passed: bool, ahead: RolloutAhead | None = None
+) -> str:
+    """Checkpoint the run at `step` (actor state, data position, guard state, the batches sampled ahead); it
+    becomes good once confirmed."""
     extra = {"data": stream.state_dict(), "weight_version": step, "watch": watch.state_dict()}
+    if ahead is not None:
+        extra["ahead"] = ahead.state_dict()
     path = rt.actor.save_checkpoint(step, extra)
     if passed:
         watch.mark_good(watch.recovery.saved(step))
@@ -185,9 +214,10 @@ def run_evals(
     return results
 
 
-def restore(rt: Runtime, stream, run: RunDir, watch: Watch) -> int:
-    """Load the newest valid checkpoint when resuming (weights, optimizer, data position, guard state, LR scale);
-    the step to continue from. A corrupt newest checkpoint is skipped with a warning (the store falls back)."""
+def restore(rt: Runtime, stream, run: RunDir, watch: Watch, ahead: RolloutAhead | None = None) -> int:
+    """Load the newest valid checkpoint when resuming (weights, optimizer, data position, guard state, LR scale,
+    the batches sampled ahead); the step to continue from. A corrupt newest checkpoint is skipped with a warning
+    (the store falls back)."""
     if not run.resuming:
         return 0
     step, extra = rt.actor.load_checkpoint()
@@ -195,7 +225,11 @@ def restore(rt: Runtime, stream, run: RunDir, watch: Watch) -> int:
     watch.load_state_dict(extra.get("watch", {}))
     if watch.recovery.lr_scale != 1.0:
         rt.actor.set_lr_scale(watch.recovery.lr_scale)
-    rt.sync_weights(int(extra.get("weight_version", step)))
+    version = int(extra.get("weight_version", step))
+    rt.sync_weights(version)
+    if ahead is not None:
+        ahead.load_state_dict(extra.get("ahead", {}))
+        ahead.synced(version)
     print(f"lcot-mega: resumed {run.path} at step {step}", flush=True)
     return step
 

@@ -39,7 +39,30 @@ def preflight_errors(cfg: Config) -> list[str]:
         + rollout_engine_errors(cfg)
         + weight_dtype_errors(cfg)
         + injection_errors(cfg)
+        + staleness_errors(cfg)
     )
+
+
+def staleness_errors(cfg: Config) -> list[str]:
+    """`trainer.max_staleness` > 0 samples while the actor trains: the engine must not hand its devices to the
+    actor for the update (SGLang's release_memory_occupation), which a colocated engine and an SGLang server on
+    the actor's GPU do."""
+    k = cfg.trainer.max_staleness
+    if k == 0:
+        return []
+    if cfg.cluster.mode == "colocated":
+        return [
+            f"trainer.max_staleness = {k} samples while the actor trains, but cluster.mode = 'colocated' puts the"
+            " engine in actor rank 0's process, on its devices, and releases its memory during the update: use"
+            " cluster.mode = 'disaggregated' (or local), or trainer.max_staleness = 0"
+        ]
+    if cfg.cluster.mode == "local" and cfg.rollout.engine == "sglang":
+        return [
+            f"trainer.max_staleness = {k} samples while the actor trains, but a local SGLang server shares the"
+            " actor's GPU and releases its memory during the update: use cluster.mode = 'disaggregated', or"
+            " trainer.max_staleness = 0"
+        ]
+    return []
 
 
 def _unregistered(key: str, value: str, names: list[str]) -> str:

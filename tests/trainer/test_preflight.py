@@ -138,3 +138,10 @@ def test_off_policy_bounds_a_correction_does_not_read_are_refused(model_dir):
     assert preflight_errors(load_config(TINY, [*base, "algo.off_policy.correction=geo_mask"])) == []
     with pytest.raises(ConfigError, match=r"algo\.is_cap = 2\.0 is shorthand for algo\.off_policy\.correction = 'tis'"):
         load_config(TINY, [*base, "algo.is_cap=2.0", "algo.off_policy.correction=mis"])
+
+
+def test_sampling_ahead_is_refused_where_the_engine_hands_its_devices_to_the_actor(model_dir):
+    base = [f"model.path={model_dir}", "trainer.max_staleness=1"]
+    colocated = preflight_errors(load_config(TINY, [*base, "cluster.mode=colocated"]))
+    assert any("trainer.max_staleness = 1 samples while the actor trains" in e and "colocated" in e for e in colocated)
+    assert preflight_errors(load_config(TINY, base)) == []  # local, embedded engine
