@@ -127,15 +127,21 @@ def test_bad_config_stops_before_any_work(tmp_path, model):
 def test_one_step_through_ray(tmp_path, model, mode):
     pytest.importorskip("ray")
     run = tmp_path / "run"
-    common = ("trainer.steps=1", "trainer.eval_every=0", "eval.at_start=false", "trainer.save_every=0")
-    # disaggregated: with injected offline solutions, which travel to the Ray actor ranks flagged as such
-    inject = (f"data.train=[{_solutions_file(tmp_path / 'sums.jsonl')}]", *INJECTION) if "disagg" in mode[0] else ()
-    _ok(_train(run, model, *common, *mode, *inject))
-    (record,) = read_metrics(run / "metrics.jsonl")
+    disaggregated = "disagg" in mode[0]
+    common = ("trainer.eval_every=0", "eval.at_start=false", "trainer.save_every=0")
+    # disaggregated: with injected offline solutions, which travel to the Ray actor ranks flagged as such, and a
+    # second step trained on samples the engines drew during the first (trainer.max_staleness)
+    inject = (f"data.train=[{_solutions_file(tmp_path / 'sums.jsonl')}]", *INJECTION) if disaggregated else ()
+    ahead = ("trainer.steps=2", "trainer.max_staleness=1") if disaggregated else ("trainer.steps=1",)
+    _ok(_train(run, model, *common, *mode, *inject, *ahead))
+    record, *rest = read_metrics(run / "metrics.jsonl")
     assert record["step"] == 1 and record["rollout/groups_generated"] == 4
     assert record["actor/response_tokens"] > 0 and record["sync/gb"] > 0
     # fp32 on both sides and the engine freshly synced from the same weights: train and rollout agree (an injected
     # solution's placeholder log-probs would show here as a gap of whole nats)
     assert record["rollout/logp_gap_max"] < 1e-4
     assert record.get("injection/trained", 1) > 0
-    assert (run / "checkpoints" / "step_000000001").is_dir()
+    if disaggregated:  # step 2's samples came from the weights before step 1's update: the gap shows the update
+        (second,) = rest
+        assert second["rollout/staleness_max"] == 1.0 and second["rollout/logp_gap_max"] > 1e-4
+    assert (run / "checkpoints" / f"step_00000000{1 + len(rest)}").is_dir()
