@@ -56,6 +56,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         merged = OmegaConf.to_container(OmegaConf.merge(*layers) if layers else OmegaConf.create(), resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError([f"could not parse config or overrides: {e}"]) from None
+    except yaml.YAMLError as e:  # an override's value is parsed as YAML: `key={a}` is a flow mapping
+        problem = " ".join(str(e).split())
+        raise ConfigError(
+            [f"an override's value is not valid YAML ({problem}); quote it, e.g. 'key=\"{{problem}} ...\"'"]
+        ) from None
     return config_from_dict(merged)
 
 

@@ -133,3 +133,11 @@ def test_overriding_one_key_of_a_monitor_keeps_that_monitors_own_defaults():
         5,
     )
     assert cfg.guards.clipfrac.max == 0.5  # untouched monitors keep theirs too
+
+
+def test_an_override_value_that_is_not_yaml_is_a_config_error_not_a_traceback():
+    with pytest.raises(ConfigError, match="an override's value is not valid YAML") as info:
+        load_config(None, ["data.prompt_template={problem} Let's think"])  # `{` opens a YAML flow mapping
+    assert "quote it, e.g. 'key=\"{problem} ...\"'" in str(info.value)
+    quoted = load_config(None, ['data.prompt_template="{problem} Let\'s think"'])
+    assert quoted.data.prompt_template == "{problem} Let's think"
