@@ -451,6 +451,12 @@ class GuardsConfig:
     """rollout/logp_gap_mean: train-vs-rollout log-prob mismatch (a broken weight sync or kernel drift)."""
     reward: MonitorConfig = _monitor("warn", min_ratio=0.3, window=10)
     """reward/mean: collapse against its recent median."""
+    staleness: MonitorConfig = _monitor("warn")
+    """rollout/staleness_mean: how many updates old the trained samples are on average (trainer.max_staleness > 0;
+    the hard bound is the drop at max_staleness); none by default, set `max` to act below it."""
+    off_policy_masked: MonitorConfig = _monitor("warn", max=0.2)
+    """rollout/is_masked_frac: share of tokens an off-policy correction masked out (algo.off_policy): the behaviour
+    policy has drifted too far from the trained one."""
     max_rollbacks: int = opt(3, ge=0)
     """Rollbacks allowed in one run; the next one halts instead."""
     rollback_lr_factor: float = opt(0.5, gt=0.0, le=1.0)

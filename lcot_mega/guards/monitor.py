@@ -34,6 +34,8 @@ MONITOR_KEYS: dict[str, str] = {
     "repetition": "rollout/repetition_frac",
     "logp_gap": "rollout/logp_gap_mean",
     "reward": "reward/mean",
+    "staleness": "rollout/staleness_mean",
+    "off_policy_masked": "rollout/is_masked_frac",
 }
 """`guards.<name>` config field -> the metric key (docs/METRICS.md) that monitor watches."""
 

@@ -236,3 +236,12 @@ def test_a_skip_monitor_gives_the_actor_its_bound_only_once_patience_is_used_up(
     guard.end_step(guard.check(1, {"actor/grad_norm": 9.0}))
     assert guard.update_bounds().bounds == {"actor/grad_norm": (None, 5.0)}
     assert guard.check(2, {"actor/grad_norm": 9.0}).action is Action.SKIP
+
+
+def test_async_monitors_watch_staleness_and_the_share_of_masked_tokens():
+    guard = Guard(GuardsConfig())  # defaults: staleness has no bound, off_policy_masked warns above 0.2
+    assert guard.check(1, {"rollout/staleness_mean": 5.0, "rollout/is_masked_frac": 0.2}).action is Action.OK
+    verdict = guard.check(2, {"rollout/is_masked_frac": 0.25})
+    assert verdict.action is Action.WARN and verdict.metrics()["guard/reason"] == "off_policy_masked 0.25 > 0.2"
+    strict = Guard(only(staleness=MonitorConfig(action="skip_step", max=0.5)))
+    assert strict.check(3, {"rollout/staleness_mean": 1.0}).action is Action.SKIP
