@@ -106,6 +106,20 @@ def test_entropy_collapse_rolls_back_to_the_last_good_checkpoint_with_a_lower_lr
     assert store.last_good().step >= 3
 
 
+def test_a_rollback_drops_the_batch_sampled_ahead_with_the_abandoned_weights(tmp_path, model):
+    """trainer.max_staleness=1: the batch step 8 would have trained was sampled during step 7 by the collapsed
+    policy; the rollback drops it (counted) and step 8 samples afresh with the restored weights."""
+    run = tmp_path / "run"
+    scenario = ("trainer.steps=8", "trainer.save_every=1", "guards.entropy.window=2")
+    _ok(_train(run, model, *scenario, "debug.inject.entropy_collapse_at_step=[4]", "trainer.max_staleness=1"))
+    m = _steps(run)
+    assert m[7]["guard/action"] == "rollback"
+    assert m[7]["rollout/rollback_dropped_groups"] == 4.0  # trainer.prompts_per_step of the tiny config
+    assert m[8]["rollout/dropped_groups_total"] == 4.0
+    assert m[8]["rollout/staleness_max"] == 0.0 and m[6]["rollout/staleness_max"] == 1.0
+    assert m[8]["actor/entropy"] == pytest.approx(m[3]["actor/entropy"], rel=0.3)  # the step-3 policy sampled it
+
+
 def test_sigterm_saves_and_exits_cleanly_and_the_same_command_resumes(tmp_path, model):
     run = tmp_path / "run"
     args = ("trainer.steps=4", "trainer.save_every=0", "debug.inject.sigterm_at_step=[2]")
