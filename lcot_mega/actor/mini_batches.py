@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from lcot_mega.actor.train_step import TrainBatch
 
-_PER_SEQUENCE = (
+PER_SEQUENCE_FIELDS = (
     "prompt_ids",
     "response_ids",
     "advantages",
@@ -24,6 +24,7 @@ _PER_SEQUENCE = (
     "rollout_logprobs",
     "offline",
 )
+"""The `TrainBatch` fields that hold one entry per sequence (what a mini-batch slices)."""
 _SUMMED = ("actor/micro_batches", "actor/response_tokens")
 _MAXED = ("actor/ratio_max", "rollout/logp_gap_max")
 _LAST = ("actor/lr",)
@@ -39,7 +40,7 @@ def split_batch(batch: TrainBatch, parts: int) -> list[TrainBatch]:
     bounds = [n * i // parts for i in range(parts + 1)]
     out = []
     for lo, hi in itertools.pairwise(bounds):
-        fields = {name: _slice(getattr(batch, name), lo, hi) for name in _PER_SEQUENCE}
+        fields = {name: _slice(getattr(batch, name), lo, hi) for name in PER_SEQUENCE_FIELDS}
         out.append(replace(batch, **fields))
     return out
 

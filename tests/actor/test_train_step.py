@@ -15,6 +15,7 @@ from helpers.tensor_helpers import one_thread
 from helpers.tiny_models import FAMILIES, make_tiny_hf
 
 from lcot_mega.actor.batching import plan_micro_batches
+from lcot_mega.actor.mini_batches import PER_SEQUENCE_FIELDS
 from lcot_mega.actor.train_step import TrainBatch
 from lcot_mega.algo import aggregate, aggregation_denominator, kl_penalty, policy_loss
 from lcot_mega.bridge.arch import arch_from_hf_config
@@ -261,17 +262,6 @@ def _make_batch(model, sequences, case: Case) -> TrainBatch:
     )
 
 
-_PER_SEQUENCE = (
-    "prompt_ids",
-    "response_ids",
-    "advantages",
-    "old_logprobs",
-    "ref_logprobs",
-    "rollout_logprobs",
-    "offline",
-)
-
-
 def _part(values, lo: int, hi: int):
     return None if values is None else list(values[lo:hi])
 
@@ -294,7 +284,7 @@ def _reference_steps(hf_dir: str, batch: TrainBatch, case: Case, out_dir) -> lis
         n = len(batch.sequences)
         for k in range(case.updates):  # consecutive mini-batches, sizes n * k // updates apart
             lo, hi = n * k // case.updates, n * (k + 1) // case.updates
-            part = replace(step_batch, **{f: _part(getattr(step_batch, f), lo, hi) for f in _PER_SEQUENCE})
+            part = replace(step_batch, **{f: _part(getattr(step_batch, f), lo, hi) for f in PER_SEQUENCE_FIELDS})
             adam.zero_grad()
             _reference_loss(model, part, case.algo_config()).backward()
             step_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), ADAM["grad_clip"])))
