@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,11 @@ def sft_config_errors(cfg: Config) -> list[str]:
     for path in [*cfg.sft.train, *cfg.sft.eval]:
         if not Path(path).is_file():
             errors.append(f"sft data file {path!r} does not exist")
-    if cfg.cluster.mode != "local":
+    if cfg.cluster.mode not in ("local", "colocated"):
         errors.append(
-            f"cluster.mode = {cfg.cluster.mode!r}: lcot-mega sft runs in cluster.mode=local (one actor rank) so far"
+            f"cluster.mode = {cfg.cluster.mode!r}: lcot-mega sft runs in cluster.mode=local (one actor rank) or"
+            " colocated (cluster.actor_ranks Ray ranks; SFT starts no rollout engine, so there is nothing to"
+            " disaggregate)"
         )
     errors += _cluster_errors(cfg)
     if cfg.trainer.max_staleness != 0:
@@ -90,7 +93,6 @@ def check_sft_config(cfg: Config) -> None:
 
 def sft(cfg: Config, *, resume: bool | None = None) -> SftResult:
     """Fine-tune `cfg.model.path` on `cfg.sft`; `resume` None continues a run directory that has a checkpoint."""
-    from lcot_mega.cluster.actor_group import ActorRank, local_actor
     from lcot_mega.cluster.runtime import load_tokenizer
     from lcot_mega.observe import Progress
     from lcot_mega.trainer.recovery import StopSignals
@@ -104,8 +106,7 @@ def sft(cfg: Config, *, resume: bool | None = None) -> SftResult:
     sampler = EpochSampler(len(data.train), cfg.trainer.seed)
     run = RunDir.open(cfg, resume)
     with ExitStack() as stack:
-        actor = local_actor(lambda: ActorRank(cfg))
-        stack.callback(actor.shutdown)
+        actor = stack.enter_context(sft_actor(cfg))
         start = 0
         if run.resuming:
             start, extra = actor.load_checkpoint()
@@ -136,6 +137,36 @@ def sft(cfg: Config, *, resume: bool | None = None) -> SftResult:
         elif signals.received:
             print(f"lcot-mega sft: stopped by {signals.received} after step {step}; the same command resumes")
         return SftResult(run.path, step, steps, hf_dir, evals, signals.received)
+
+
+@contextmanager
+def sft_actor(cfg: Config) -> Iterator[Any]:
+    """The actor SFT trains: one rank in this process (cluster.mode local), or `cluster.actor_ranks` Ray ranks
+    (colocated: the placement of `lcot-mega train`'s colocated mode, without the engine rank 0 would hold there).
+    Stopped, with what it started, on exit."""
+    from lcot_mega.cluster.actor_group import ActorGroup, ActorRank, local_actor
+
+    if cfg.cluster.mode == "local":
+        actor = local_actor(lambda: ActorRank(cfg))
+        try:
+            yield actor
+        finally:
+            actor.shutdown()
+        return
+    from lcot_mega.cluster.ray_group import RayRanks
+    from lcot_mega.cluster.ray_runtime import check_cluster_fits, start_ray
+
+    stop_ray = start_ray(cfg.cluster)
+    try:
+        check_cluster_fits(cfg)
+        actor = ActorGroup(RayRanks(cfg))
+        try:
+            yield actor
+        finally:
+            actor.shutdown()
+    finally:
+        if stop_ray is not None:
+            stop_ray()
 
 
 def train_one_step(actor: Any, examples: list[SftExample]) -> dict[str, float]:
@@ -182,4 +213,12 @@ def _due(step: int, every: int, last: int) -> bool:
     return every > 0 and (step % every == 0 or step == last)
 
 
-__all__ = ["SftResult", "check_sft_config", "held_out_loss", "sft", "sft_config_errors", "train_one_step"]
+__all__ = [
+    "SftResult",
+    "check_sft_config",
+    "held_out_loss",
+    "sft",
+    "sft_actor",
+    "sft_config_errors",
+    "train_one_step",
+]
