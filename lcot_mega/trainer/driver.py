@@ -122,8 +122,8 @@ def run_step(
     solutions for hard groups (`algo.injection`); `ahead`: the batches sampled ahead of the actor
     (`trainer.max_staleness` > 0), None for the synchronous loop."""
     t0 = time.perf_counter()
-    collect_fn = partial(
-        _collect_step,
+    collect_fn = partial(  # the step's batch: collect_fn(step)
+        collect,
         rt.engine,
         next_prompts,
         grader,
@@ -163,11 +163,6 @@ def run_step(
         "perf/step_s": time.perf_counter() - t0,
     }
     return metrics, verdict
-
-
-def _collect_step(engine, next_prompts, grader, cfg, step, **kwargs):
-    """`collect` with the step last, for `RolloutAhead` (which passes the step it samples for)."""
-    return collect(engine, next_prompts, grader, cfg, step, **kwargs)
 
 
 def _nothing_to_train(metrics: dict[str, float]) -> str:
@@ -230,6 +225,13 @@ def restore(rt: Runtime, stream, run: RunDir, watch: Watch, ahead: RolloutAhead 
     if ahead is not None:
         ahead.load_state_dict(extra.get("ahead", {}))
         ahead.synced(version)
+    elif extra.get("ahead", {}).get("pending"):  # saved by a run with trainer.max_staleness > 0
+        groups = sum(len(c["groups"]) for c in extra["ahead"]["pending"].values())
+        print(
+            f"lcot-mega: warning: the checkpoint holds {groups} groups sampled ahead of the actor; with"
+            " trainer.max_staleness = 0 they are dropped (resume with the run's max_staleness to train them)",
+            flush=True,
+        )
     print(f"lcot-mega: resumed {run.path} at step {step}", flush=True)
     return step
 
