@@ -208,3 +208,20 @@ def test_k0_is_the_synchronous_loop(tmp_path, model):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "sync" / "metrics.jsonl")
     assert not any(k.startswith("rollout/stale") or k == "perf/rollout_wait_s" for r in rows for k in r)
+
+
+def test_resuming_a_k1_checkpoint_with_k0_says_what_it_drops(tmp_path, model):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_args(run, model, *ASYNC), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # a checkpoint after the current step, with the batch sampled for the next
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "stopped by SIGTERM" in out, err[-3000:]
+    second = subprocess.run(_args(run, model), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    # the tiny config's 4 prompts a step, sampled for the step after the one the checkpoint holds
+    assert "the checkpoint holds 4 groups sampled ahead of the actor" in second.stdout
