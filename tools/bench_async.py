@@ -139,10 +139,11 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = p.parse_args()
     machine = describe_machine(shlex.join(sys.argv))
-    rows = [run_k(args.config, k, args.steps, args.out, args.overrides) for k in args.ks]
+    out_dir = args.out if args.out.is_absolute() else REPO / args.out  # the runs' cwd is the repository
+    rows = [run_k(args.config, k, args.steps, out_dir, args.overrides) for k in args.ks]
     report = render(rows)
     print(report)
-    out = args.json or args.out / "bench_async.json"
+    out = args.json or out_dir / "bench_async.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     print(f"rows written to {out}")
