@@ -17,7 +17,7 @@ share the cores:
         [--skip actor|scaling|sync|rollout|memory|data ...] [--out docs/PERFORMANCE.md]
 
 Sections of --out that this tool does not write (`tools/bench_quickstart.py --write-doc`'s `## Learning per
-minute`) are kept as they were, after its own.
+minute`, the asynchronous-RL table from `tools/bench_async.py`) are kept as they were, after its own.
 
 Run it on an otherwise idle machine with about 10 GB free (the SmolLM2 actor step peaks near 8 GB): the run without
 memory took 6 min 40 s on 2 cores (docs/LOG.md, 2026-12-05). Memory adds several minutes more, not yet timed: its
