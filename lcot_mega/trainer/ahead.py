@@ -3,10 +3,10 @@ steps while the actor trains on this one, under a bound on how old the weights t
 
 The schedule is fixed, so a run is reproducible and resumable to the sample: while the actor trains step t on
 weights version t-1, the engine samples step t+k's batch with the weights it holds (version t-1); the driver
-waits for that batch, then syncs version t. Step t+k thus trains on samples k versions old (fewer when a skipped
+waits for that batch, then syncs version t. Step t+k thus trains on samples k updates old (fewer when a skipped
 update left the weights unchanged), and the first k steps on fresher ones. A group with a sample more than k
-updates older than the weights it would train is dropped and counted (`rollout/stale_dropped_groups`); under this
-schedule that happens only to batches a rollback made obsolete, which are dropped whole.
+updates older than the weights it would train is dropped and counted (`rollout/stale_dropped_groups`): a safety
+net that this schedule never trips, since a rollback drops the batches it made obsolete itself (`discard`).
 
 Every prompt drawn is trained once or dropped with a counted reason: the batches sampled ahead are complete
 between steps (nothing is in flight when the driver saves, evaluates or stops) and go into the checkpoint with
