@@ -55,8 +55,8 @@ class _Spec:
     compute: Callable[[torch.Tensor, torch.Tensor, Bounds], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     """(log_rho [B, T], mask [B, T], bounds) -> (weights, truncated, masked), each [B, T]."""
     default: Bounds
-    needs_low: bool = False
-    needs_high: bool = False
+    reads_low: bool = False
+    reads_high: bool = False
 
 
 def _sequence_log_ratio(log_rho: torch.Tensor) -> torch.Tensor:
@@ -96,22 +96,22 @@ def _mask_outside(log_w, mask, b, *, reweight: bool = True):
 
 _CORRECTIONS: dict[str, _Spec] = {
     "none": _Spec(_none, Bounds(None, None)),
-    "tis": _Spec(lambda r, m, b: _truncate(r, m, b), Bounds(None, 2.0), needs_high=True),
-    "seq_tis": _Spec(lambda r, m, b: _truncate(_sequence_log_ratio(r), m, b), Bounds(None, 2.0), needs_high=True),
-    "mis": _Spec(lambda r, m, b: _mask_outside(r, m, Bounds(None, b.high)), Bounds(None, 2.0), needs_high=True),
+    "tis": _Spec(lambda r, m, b: _truncate(r, m, b), Bounds(None, 2.0), reads_high=True),
+    "seq_tis": _Spec(lambda r, m, b: _truncate(_sequence_log_ratio(r), m, b), Bounds(None, 2.0), reads_high=True),
+    "mis": _Spec(lambda r, m, b: _mask_outside(r, m, Bounds(None, b.high)), Bounds(None, 2.0), reads_high=True),
     "seq_mis": _Spec(
         lambda r, m, b: _mask_outside(_sequence_log_ratio(r), m, Bounds(None, b.high)),
         Bounds(None, 2.0),
-        needs_high=True,
+        reads_high=True,
     ),
-    "icepop": _Spec(lambda r, m, b: _mask_outside(r, m, b), Bounds(0.5, 5.0), needs_low=True, needs_high=True),
+    "icepop": _Spec(lambda r, m, b: _mask_outside(r, m, b), Bounds(0.5, 5.0), reads_low=True, reads_high=True),
     "geo_mask": _Spec(
         lambda r, m, b: _mask_outside(_geometric_log_ratio(r, m), m, b, reweight=False),
         Bounds(0.5, 2.0),
-        needs_low=True,
-        needs_high=True,
+        reads_low=True,
+        reads_high=True,
     ),
-    "decoupled": _Spec(lambda r, m, b: _mask_outside(r, m, Bounds(None, b.high)), Bounds(None, None)),
+    "decoupled": _Spec(lambda r, m, b: _mask_outside(r, m, Bounds(None, b.high)), Bounds(None, None), reads_high=True),
 }
 
 
@@ -124,8 +124,7 @@ def correction_bounds(name: str, low: float | None = None, high: float | None = 
     if name not in _CORRECTIONS:
         raise ValueError(f"unknown off-policy correction {name!r}; known: {available_corrections()}")
     spec = _CORRECTIONS[name]
-    reads_low = spec.needs_low
-    reads_high = spec.needs_high or name == "decoupled"
+    reads_low, reads_high = spec.reads_low, spec.reads_high
     if low is not None and not reads_low:
         raise ValueError(f"off-policy correction {name!r} has no lower bound; leave algo.off_policy.low unset")
     if high is not None and not reads_high:
