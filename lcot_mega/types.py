@@ -55,12 +55,19 @@ class Sample:
     advantage: float = 0.0
     offline: bool = False
     """True for an injected offline solution (not sampled from the policy, Mu et al. 2025 sec. 4)."""
+    token_versions: list[int] | None = None
+    """Per token, the weights version that sampled it, for a response continued across syncs (partial rollout);
+    None when `weight_version` sampled every token. `weight_version` is then the oldest of them."""
 
     def __post_init__(self) -> None:
         if self.rollout_logprobs is not None and len(self.rollout_logprobs) != len(self.response_ids):
             raise ValueError(
                 f"rollout_logprobs has {len(self.rollout_logprobs)} entries"
                 f" for {len(self.response_ids)} response tokens"
+            )
+        if self.token_versions is not None and len(self.token_versions) != len(self.response_ids):
+            raise ValueError(
+                f"token_versions has {len(self.token_versions)} entries for {len(self.response_ids)} response tokens"
             )
 
     @property

@@ -1,11 +1,13 @@
-"""Synchronous vs asynchronous RL (`trainer.max_staleness` k = 0, 1, 2) on one box, same config and seed.
+"""Synchronous vs asynchronous RL (`trainer.max_staleness` k = 0, 1, 2, with and without partial rollout) on one
+box, same config and seed.
 
-python tools/bench_async.py [--ks 0 1 2] [--steps 6] [--config configs/quickstart.yaml] [--out runs/bench-async]
-    [--json PATH] [key=value ...]
+python tools/bench_async.py [--ks 0 1 2 1p 2p] [--steps 6] [--config configs/quickstart.yaml]
+    [--out runs/bench-async] [--json PATH] [key=value ...]
 
 Each k runs `lcot-mega train CONFIG trainer.max_staleness=k` (greedy evaluation of the held-out set before the
-first step and after the last), one after the other. The default workload has a long tail of response lengths:
-the quick start's model and task with the study's "think step by step" prompt and 256 new tokens, so a few
+first step and after the last), one after the other; a `p` after k adds `rollout.partial=true` (k - 1 steps
+sampled ahead, unfinished responses carried into the next step). The default workload has a long tail of response
+lengths: the quick start's model and task with the study's "think step by step" prompt and 256 new tokens, so a few
 responses of a step run to the limit while most stop at 60-150 tokens. Per k the table gives training seconds
 (the sum of `perf/step_s`: evaluation excluded), steps per hour, where a step's seconds went (rollout: sampling
 and grading, hidden behind the update or not; exposed rollout: what the actor waited for, i.e. `perf/rollout_s`
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 from bench_all import REPO, describe_machine, md_table
+from omegaconf import OmegaConf
 
 from lcot_mega.observe import read_metrics
 
@@ -44,17 +47,20 @@ WORKLOAD = [
 ]
 
 
-def run_k(config: str, k: int, steps: int, out: Path, extra: list[str]) -> dict:
-    run_dir = out / f"k{k}"
+def run_k(config: str, mode: str, steps: int, out: Path, extra: list[str]) -> dict:
+    k, partial = int(mode.rstrip("p")), mode.endswith("p")
+    run_dir = out / f"k{mode}"
     args = ["lcot-mega", "train", config, *WORKLOAD, f"trainer.steps={steps}", f"trainer.eval_every={steps}"]
-    args += [f"trainer.max_staleness={k}", *extra, "--run-dir", str(run_dir)]
+    args += [f"trainer.max_staleness={k}", *(["rollout.partial=true"] if partial else []), *extra]
+    args += ["--run-dir", str(run_dir)]
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an earlier bench
     print("$", shlex.join(args), flush=True)
     t0 = time.perf_counter()
     subprocess.run(args, check=True, cwd=REPO)
     wall = time.perf_counter() - t0
     records = read_metrics(run_dir / "metrics.jsonl")
-    return summarize(k, records, wall)
+    group_size = OmegaConf.load(run_dir / "config.yaml").rollout.n_samples
+    return summarize(k, records, wall, partial=partial, group_size=group_size)
 
 
 def _eval_accuracy(record: dict) -> float:
@@ -62,7 +68,7 @@ def _eval_accuracy(record: dict) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def summarize(k: int, records: list[dict], wall: float) -> dict:
+def summarize(k: int, records: list[dict], wall: float, *, partial: bool = False, group_size: int = 1) -> dict:
     steps = [r for r in records if r.get("step", 0) > 0 and "perf/step_s" in r]
     n = len(steps)
 
@@ -70,12 +76,18 @@ def summarize(k: int, records: list[dict], wall: float) -> dict:
         vals = [r.get(key, 0.0) for r in rows]
         return sum(vals) / len(vals) if vals else 0.0
 
-    exposed = [r["perf/rollout_s"] if k == 0 or r["step"] == 1 else r.get("perf/rollout_wait_s", 0.0) for r in steps]
+    # tokens sampled a step: the partial rollout counts them; else every finished response of every group
+    generated = mean("rollout/response_len_mean") * mean("rollout/groups_generated") * group_size
+    ahead = k - partial  # steps sampled ahead: with none, the whole rollout is exposed
+    exposed = [
+        r["perf/rollout_s"] if ahead == 0 or r["step"] == 1 else r.get("perf/rollout_wait_s", 0.0) for r in steps
+    ]
     train_s = sum(r["perf/step_s"] for r in steps)
     start = next((r for r in records if r.get("step") == 0), {})
     acc0, acc1 = _eval_accuracy(start), _eval_accuracy(records[-1])
     return {
         "k": k,
+        "partial": partial,
         "steps": n,
         "wall_s": wall,
         "train_s": train_s,
@@ -88,6 +100,9 @@ def summarize(k: int, records: list[dict], wall: float) -> dict:
         "response_len": mean("rollout/response_len_mean"),
         "truncated_frac": mean("rollout/truncated_frac"),
         "staleness_mean": mean("rollout/staleness_mean"),
+        "generated_tokens": mean("rollout/generated_tokens") if partial else generated,
+        "multi_version_frac": mean("rollout/multi_version_frac"),
+        "span_dropped_groups": sum(r.get("rollout/span_dropped_groups", 0.0) for r in steps),
         "train_accuracy": mean("reward/accuracy"),
         "eval_before": acc0,
         "eval_after": acc1,
@@ -96,14 +111,15 @@ def summarize(k: int, records: list[dict], wall: float) -> dict:
 
 
 def render(rows: list[dict]) -> str:
-    base = next((r for r in rows if r["k"] == 0), rows[0])
+    base = next((r for r in rows if r["k"] == 0 and not r.get("partial")), rows[0])
     head = ["k", "steps", "s/step", "steps/h", "vs k=0", "rollout s", "exposed rollout s", "update s", "sync s"]
-    head += ["staleness", "resp. tokens (trunc.)", "train acc", "held-out before -> after", "points/min"]
+    head += ["staleness", "resp. tokens (trunc.)", "tokens sampled", "two-version resp.", "span-dropped groups"]
+    head += ["train acc", "held-out before -> after", "points/min"]
     body = []
     for r in rows:
         body.append(
             [
-                str(r["k"]),
+                f"{r['k']}{' + partial' if r.get('partial') else ''}",
                 str(r["steps"]),
                 f"{r['step_s']:.1f}",
                 f"{r['steps_per_hour']:.0f}",
@@ -114,6 +130,9 @@ def render(rows: list[dict]) -> str:
                 f"{r['sync_s']:.2f}",
                 f"{r['staleness_mean']:.2f}",
                 f"{r['response_len']:.0f} ({r['truncated_frac']:.0%})",
+                f"{r['generated_tokens']:.0f}",
+                f"{r['multi_version_frac']:.0%}",
+                f"{r['span_dropped_groups']:.0f}",
                 f"{r['train_accuracy']:.1%}",
                 f"{r['eval_before']:.1%} -> {r['eval_after']:.1%}",
                 f"{r['points_per_min']:+.2f}",
@@ -131,7 +150,7 @@ def render(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--ks", nargs="+", default=["0", "1", "2"], help="k, or k followed by p for partial rollout")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--out", type=Path, default=Path("runs/bench-async"))

@@ -78,6 +78,19 @@ class RolloutConfig:
     """Weights the engines receive on every sync: auto = the engine's dtype (model.dtype); fp8 = linear weights
     block-quantized to float8_e4m3fn with a float32 `weight_scale_inv` per 128x128 block (DeepSeek-V3 convention,
     docs/FP8.md), for sglang/vllm engines serving a block-FP8 checkpoint."""
+    partial: bool = False
+    """Partial rollout (needs trainer.max_staleness >= 1): responses are sampled in windows of `partial_window`
+    tokens; a step trains the first groups to finish, and a response still unfinished when its step's batch is full
+    keeps its tokens and continues in the next step's sampling under the newer weights (Kimi k1.5's partial
+    rollouts), so the longest response no longer sets the step time. Every token records the weights version that
+    sampled it (`Sample.token_versions`); a group is carried at most once, so its oldest token is at most
+    max_staleness versions old when trained, and the engine samples max_staleness - 1 steps ahead. docs/ASYNC.md."""
+    partial_window: int = opt(0, ge=0)
+    """Tokens a response may add per window (partial rollout); 0 means max_new_tokens // 4. Counted in tokens,
+    not seconds, so where a response is cut does not depend on timing and a resumed run samples the same."""
+    partial_oversubscribe: float = opt(1.5, ge=1.0)
+    """Partial rollout: groups started per group still needed, so that the batch fills from the first to finish
+    while the long ones go on (on top of algo.dynamic_sampling.oversample when that is on)."""
 
 
 @dataclass
@@ -330,7 +343,7 @@ class TrainerConfig:
     synchronous loop. k > 0: while the actor trains step t, the engine samples step t+k's batch with the weights
     of step t-1, so steps train on samples k versions old; groups over the bound are dropped and counted. Needs an
     engine that does not share the actor's devices (cluster.mode local or disaggregated, not SGLang on the
-    actor's GPU); docs/ASYNC.md."""
+    actor's GPU), except with rollout.partial at k = 1, which samples no step ahead; docs/ASYNC.md."""
 
 
 @dataclass

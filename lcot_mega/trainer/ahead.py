@@ -24,19 +24,23 @@ from contextlib import suppress
 
 from lcot_mega.rollout.protocol import RolloutEngine
 from lcot_mega.trainer.collect import Collected
-from lcot_mega.types import Batch, Group, Prompt, Sample, SampleStatus
+from lcot_mega.trainer.serialize import group_from_json, group_to_json
+from lcot_mega.types import Batch
 
 CollectFn = Callable[[int], Collected]
 """Samples, scores and selects the batch of a step (`collect.collect` bound to the run's engine and data)."""
 
 
 class RolloutAhead:
-    """The batches sampled ahead of the actor: at most `depth` of them, for steps up to `last_step`."""
+    """The batches sampled ahead of the actor: at most `depth` of them, for steps up to `last_step`; a trained token
+    may be `bound` updates old (default `depth`; one more with partial rollout, which carries responses into the
+    next step, `lcot_mega.trainer.partial`, and may sample no step ahead: depth 0)."""
 
-    def __init__(self, depth: int, last_step: int, engine: RolloutEngine) -> None:
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1 (0 is the synchronous loop, without a RolloutAhead), got {depth}")
-        self.depth, self.last_step, self.engine = depth, last_step, engine
+    def __init__(self, depth: int, last_step: int, engine: RolloutEngine, bound: int | None = None) -> None:
+        bound = depth if bound is None else bound
+        if depth < 0 or bound < max(depth, 1):
+            raise ValueError(f"need 0 <= depth <= bound and bound >= 1, got depth {depth}, bound {bound}")
+        self.depth, self.bound, self.last_step, self.engine = depth, bound, last_step, engine
         self.pending: dict[int, Collected] = {}
         self.version = 0
         """The weights version the engine holds (the last sync; versions are step numbers)."""
@@ -85,7 +89,7 @@ class RolloutAhead:
         if version != self.version or version not in self._ordinal:
             self._ordinal[version] = max(self._ordinal.values(), default=0) + 1
         self.version = version
-        oldest = self._ordinal[version] - self.depth - 1  # older ones are over the bound whatever their number
+        oldest = self._ordinal[version] - self.bound - 1  # older ones are over the bound whatever their number
         self._ordinal = {v: n for v, n in self._ordinal.items() if n >= oldest}
 
     def age(self, weight_version: int) -> int:
@@ -117,7 +121,7 @@ class RolloutAhead:
         groups, dropped, ages = [], 0, []
         for g in collected.batch.groups:
             group_ages = [self.age(s.weight_version) for s in g.samples if not s.offline]
-            if group_ages and max(group_ages) > self.depth:
+            if group_ages and max(group_ages) > self.bound:
                 dropped += 1
                 continue
             groups.append(g)
@@ -151,49 +155,8 @@ class RolloutAhead:
 
 
 def _collected_to_json(c: Collected) -> dict:
-    return {"groups": [_group_to_json(g) for g in c.batch.groups], "metrics": c.metrics}
+    return {"groups": [group_to_json(g) for g in c.batch.groups], "metrics": c.metrics}
 
 
 def _collected_from_json(d: dict) -> Collected:
-    return Collected(Batch([_group_from_json(g) for g in d["groups"]]), dict(d["metrics"]))
-
-
-def _group_to_json(g: Group) -> dict:
-    p = g.prompt
-    prompt = {"uid": p.uid, "text": p.text, "answer": p.answer, "token_ids": list(p.token_ids), "source": p.source}
-    samples = [
-        {
-            "response_ids": s.response_ids,
-            "response_text": s.response_text,
-            "rollout_logprobs": s.rollout_logprobs,
-            "status": s.status.value,
-            "weight_version": s.weight_version,
-            "reward": s.reward,
-            "correct": s.correct,
-            "advantage": s.advantage,
-            "offline": s.offline,
-        }
-        for s in g.samples
-    ]
-    return {"prompt": prompt, "samples": samples}
-
-
-def _group_from_json(d: dict) -> Group:
-    p = d["prompt"]
-    prompt = Prompt(p["uid"], p["text"], p["answer"], tuple(p["token_ids"]), p["source"])
-    samples = [
-        Sample(
-            prompt,
-            list(s["response_ids"]),
-            s["response_text"],
-            s["rollout_logprobs"],
-            SampleStatus(s["status"]),
-            s["weight_version"],
-            s["reward"],
-            s["correct"],
-            s["advantage"],
-            s["offline"],
-        )
-        for s in d["samples"]
-    ]
-    return Group(prompt, samples)
+    return Collected(Batch([group_from_json(g) for g in d["groups"]]), dict(d["metrics"]))

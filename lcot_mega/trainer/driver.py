@@ -23,6 +23,7 @@ from lcot_mega.trainer.ahead import RolloutAhead
 from lcot_mega.trainer.collect import collect, step_seed
 from lcot_mega.trainer.faults import inject_faults
 from lcot_mega.trainer.inject import OfflineInjector
+from lcot_mega.trainer.partial import PartialRollout
 from lcot_mega.trainer.recovery import StopSignals
 from lcot_mega.trainer.respond import Halted, Watch, passes, respond
 from lcot_mega.trainer.run_dir import RunDir
@@ -68,15 +69,14 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
         for report in stream.report:
             print(f"lcot-mega: {report.summary()}", flush=True)
         injector = OfflineInjector(stream.solutions, rt.tokenizer, cfg) if cfg.algo.injection.enabled else None
-        ahead = None
-        if cfg.trainer.max_staleness > 0:
-            ahead = RolloutAhead(cfg.trainer.max_staleness, cfg.trainer.steps, rt.engine)
+        ahead, carry = rollout_state(cfg, rt)
+        if ahead is not None:
             stack.callback(ahead.close)  # before the runtime closes: nothing may sample on a closed engine
         # unchanged unless the config asks for fault drills
-        rt, step_fn = inject_faults(cfg, rt, partial(run_step, injector=injector, ahead=ahead))
+        rt, step_fn = inject_faults(cfg, rt, partial(run_step, injector=injector, ahead=ahead, carry=carry))
         watch = Watch.open(cfg, run)
         stack.callback(watch.log.close)
-        start = restore(rt, stream, run, watch, ahead)
+        start = restore(rt, stream, run, watch, ahead, carry)
         signals = stack.enter_context(StopSignals())
         log = stack.enter_context(run.metrics_logger(cfg, start, Progress(cfg.trainer.steps, start)))
         evals: dict[int, dict[str, EvalResult]] = {}
@@ -89,7 +89,8 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
             metrics, verdict = step_fn(rt, grader, stream.next_prompts, cfg, step, watch)
             halt = respond(rt, watch, step, metrics, verdict)
             if ahead is not None and verdict.action == "rollback" and not halt:
-                metrics["rollout/rollback_dropped_groups"] = float(ahead.discard())
+                dropped = ahead.discard() + (carry.discard() if carry is not None else 0)
+                metrics["rollout/rollback_dropped_groups"] = float(dropped)
                 ahead.synced(step)
             if not halt and eval_sets and _due(step, cfg.trainer.eval_every, cfg.trainer.steps, off_when_zero=True):
                 evals[step] = run_evals(rt, grader, eval_sets, cfg, step, run)
@@ -98,13 +99,26 @@ def train(cfg: Config, *, resume: bool | None = None) -> TrainResult:
             log.log(step, metrics | decision | _watch_metrics(watch) | {"data/epoch": stream.progress})
             if halt:
                 watch.log.event(step, f"halted: {halt}")
-                path = save(rt, stream, watch, step, cfg, passed=False, ahead=ahead)
+                path = save(rt, stream, watch, step, cfg, passed=False, ahead=ahead, carry=carry)
                 raise Halted(f"{halt}. State saved in {path}; see {run.path / 'guards.log'}")
             if _due(step, cfg.trainer.save_every, cfg.trainer.steps) or signals.received:
-                save(rt, stream, watch, step, cfg, passed=passes(verdict), ahead=ahead)
+                save(rt, stream, watch, step, cfg, passed=passes(verdict), ahead=ahead, carry=carry)
         if signals.received:
             print(f"lcot-mega: stopped by {signals.received} after step {step}; the same command resumes", flush=True)
         return TrainResult(run.path, step, evals, signals.received)
+
+
+def rollout_state(cfg: Config, rt: Runtime) -> tuple[RolloutAhead | None, PartialRollout | None]:
+    """What the rollout keeps between steps: the batches sampled ahead (`trainer.max_staleness` = k > 0) and the
+    responses a partial rollout carries (`rollout.partial`). A carried response's oldest token is one update older
+    than a fresh one, so with partial rollout the engine samples k - 1 steps ahead: every token stays within k."""
+    k = cfg.trainer.max_staleness
+    if k == 0:
+        return None, None
+    carry = None
+    if cfg.rollout.partial:
+        carry = PartialRollout(cfg, lambda ids: rt.tokenizer.decode(ids, skip_special_tokens=True))
+    return RolloutAhead(k - (carry is not None), cfg.trainer.steps, rt.engine, bound=k), carry
 
 
 def run_step(
@@ -117,13 +131,15 @@ def run_step(
     *,
     injector: OfflineInjector | None = None,
     ahead: RolloutAhead | None = None,
+    carry: PartialRollout | None = None,
 ) -> tuple[dict, Verdict]:
     """One RL step; its metrics (keys in docs/METRICS.md) and the guards' verdict on it. `injector`: offline
     solutions for hard groups (`algo.injection`); `ahead`: the batches sampled ahead of the actor
-    (`trainer.max_staleness` > 0), None for the synchronous loop."""
+    (`trainer.max_staleness` > 0), None for the synchronous loop; `carry`: the responses a partial rollout
+    carries between steps (`rollout.partial`)."""
     t0 = time.perf_counter()
     collect_fn = partial(  # the step's batch: collect_fn(step)
-        collect,
+        collect if carry is None else carry.collect,
         rt.engine,
         next_prompts,
         grader,
@@ -184,13 +200,23 @@ def train_on(rt: Runtime, update) -> dict[str, float]:
 
 
 def save(
-    rt: Runtime, stream, watch: Watch, step: int, cfg: Config, *, passed: bool, ahead: RolloutAhead | None = None
+    rt: Runtime,
+    stream,
+    watch: Watch,
+    step: int,
+    cfg: Config,
+    *,
+    passed: bool,
+    ahead: RolloutAhead | None = None,
+    carry: PartialRollout | None = None,
 ) -> str:
-    """Checkpoint the run at `step` (actor state, data position, guard state, the batches sampled ahead); it
-    becomes good once confirmed."""
+    """Checkpoint the run at `step` (actor state, data position, guard state, the batches sampled ahead, the
+    responses a partial rollout carries); it becomes good once confirmed."""
     extra = {"data": stream.state_dict(), "weight_version": step, "watch": watch.state_dict()}
     if ahead is not None:
         extra["ahead"] = ahead.state_dict()
+    if carry is not None:
+        extra["partial"] = carry.state_dict()
     path = rt.actor.save_checkpoint(step, extra)
     if passed:
         watch.mark_good(watch.recovery.saved(step))
@@ -209,10 +235,17 @@ def run_evals(
     return results
 
 
-def restore(rt: Runtime, stream, run: RunDir, watch: Watch, ahead: RolloutAhead | None = None) -> int:
+def restore(
+    rt: Runtime,
+    stream,
+    run: RunDir,
+    watch: Watch,
+    ahead: RolloutAhead | None = None,
+    carry: PartialRollout | None = None,
+) -> int:
     """Load the newest valid checkpoint when resuming (weights, optimizer, data position, guard state, LR scale,
-    the batches sampled ahead); the step to continue from. A corrupt newest checkpoint is skipped with a warning
-    (the store falls back)."""
+    the batches sampled ahead, the carried responses); the step to continue from. A corrupt newest checkpoint is
+    skipped with a warning (the store falls back)."""
     if not run.resuming:
         return 0
     step, extra = rt.actor.load_checkpoint()
@@ -230,6 +263,15 @@ def restore(rt: Runtime, stream, run: RunDir, watch: Watch, ahead: RolloutAhead 
         print(
             f"lcot-mega: warning: the checkpoint holds {groups} groups sampled ahead of the actor; with"
             " trainer.max_staleness = 0 they are dropped (resume with the run's max_staleness to train them)",
+            flush=True,
+        )
+    if carry is not None:
+        carry.load_state_dict(extra.get("partial", {}))
+    elif (state := extra.get("partial", {})).get("open") or state.get("ready"):  # saved with rollout.partial
+        groups = len(state.get("open", [])) + len(state.get("ready", []))
+        print(
+            f"lcot-mega: warning: the checkpoint holds {groups} groups of a partial rollout carried to the next"
+            " step; without rollout.partial they are dropped (resume with rollout.partial=true to train them)",
             flush=True,
         )
     print(f"lcot-mega: resumed {run.path} at step {step}", flush=True)

@@ -44,25 +44,38 @@ def preflight_errors(cfg: Config) -> list[str]:
 
 
 def staleness_errors(cfg: Config) -> list[str]:
-    """`trainer.max_staleness` > 0 samples while the actor trains: the engine must not hand its devices to the
-    actor for the update (SGLang's release_memory_occupation), which a colocated engine and an SGLang server on
-    the actor's GPU do."""
-    k = cfg.trainer.max_staleness
-    if k == 0:
-        return []
+    """`trainer.max_staleness` > 0 samples while the actor trains (fewer steps ahead with partial rollout): the
+    engine must not hand its devices to the actor for the update (SGLang's release_memory_occupation), which a
+    colocated engine and an SGLang server on the actor's GPU do. Partial rollout carries responses into the next
+    step, one version newer, so it needs k >= 1, and a window shorter than a response."""
+    k, r = cfg.trainer.max_staleness, cfg.rollout
+    errors = []
+    if r.partial and k == 0:
+        errors.append(
+            "rollout.partial continues unfinished responses in the next step, under weights one version newer:"
+            " set trainer.max_staleness >= 1 (1 samples no step ahead; 2 samples one ahead and carries once)"
+        )
+    if r.partial and r.partial_window >= r.max_new_tokens:
+        errors.append(
+            f"rollout.partial_window = {r.partial_window} >= rollout.max_new_tokens = {r.max_new_tokens}: no"
+            " response would ever be continued; use a smaller window (0 picks max_new_tokens // 4)"
+        )
+    ahead = k - (1 if r.partial else 0)
+    if ahead <= 0:
+        return errors
+    why = f"trainer.max_staleness = {k}{' with rollout.partial' if r.partial else ''} samples while the actor trains"
     if cfg.cluster.mode == "colocated":
-        return [
-            f"trainer.max_staleness = {k} samples while the actor trains, but cluster.mode = 'colocated' puts the"
-            " engine in actor rank 0's process, on its devices, and releases its memory during the update: use"
-            " cluster.mode = 'disaggregated' (or local), or trainer.max_staleness = 0"
-        ]
-    if cfg.cluster.mode == "local" and cfg.rollout.engine == "sglang":
-        return [
-            f"trainer.max_staleness = {k} samples while the actor trains, but a local SGLang server shares the"
-            " actor's GPU and releases its memory during the update: use cluster.mode = 'disaggregated', or"
-            " trainer.max_staleness = 0"
-        ]
-    return []
+        errors.append(
+            f"{why}, but cluster.mode = 'colocated' puts the engine in actor rank 0's process, on its devices, and"
+            " releases its memory during the update: use cluster.mode = 'disaggregated' (or local), or"
+            f" trainer.max_staleness = {1 if r.partial else 0}"
+        )
+    elif cfg.cluster.mode == "local" and r.engine == "sglang":
+        errors.append(
+            f"{why}, but a local SGLang server shares the actor's GPU and releases its memory during the update:"
+            f" use cluster.mode = 'disaggregated', or trainer.max_staleness = {1 if r.partial else 0}"
+        )
+    return errors
 
 
 def _unregistered(key: str, value: str, names: list[str]) -> str:

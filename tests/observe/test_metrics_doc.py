@@ -15,6 +15,7 @@ from lcot_mega.config import AlgoConfig
 from lcot_mega.guards import Verdict
 from lcot_mega.observe import DOCUMENTED_KEYS, KEY_PATTERN, LABEL_KEYS, check_key, is_documented, key_segment
 from lcot_mega.trainer.inject import InjectionCounts
+from lcot_mega.trainer.partial import METRIC_KEYS as PARTIAL_METRIC_KEYS
 from lcot_mega.trainer.update import injection_share
 from lcot_mega.weight_sync.consistency import logprob_gap
 from lcot_mega.weight_sync.push import SyncReport
@@ -66,6 +67,7 @@ def produced_keys() -> set[str]:
     keys |= set(logprob_gap([torch.zeros(2)], [torch.zeros(2)]))
     keys |= set(SyncReport(seconds=1.0, bytes=10, buckets=1, probe_max_diff=0.0).metrics())
     keys |= set(Verdict(0).metrics())
+    keys |= set(PARTIAL_METRIC_KEYS)
     return keys
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import string
 import subprocess
 import sys
 import threading
@@ -114,6 +115,7 @@ def test_state_round_trips_every_sample_field_exactly_through_json():
     ahead = RolloutAhead(2, 9, engine)
     prompt = Prompt("uid-7", "text", "42", (5, 6, 7), "chain_sum")
     sample = Sample(prompt, [1, 2], "ab", [-0.1234567890123, -1e-9], SampleStatus.TRUNCATED, 3, 0.75, True, -1.0 / 3)
+    sample.token_versions = [3, 4]  # continued across a sync (partial rollout)
     offline = Sample(prompt, [4], "c", None, SampleStatus.COMPLETED, 3, 1.0, True, 0.5, offline=True)
     ahead.pending = {4: Collected(Batch([Group(prompt, [sample, offline])]), {"reward/mean": 0.875})}
     ahead.synced(3)
@@ -168,19 +170,38 @@ def _comparable(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "time" and not k.startswith(_TIMING)}
 
 
-def test_a_k1_run_trains_one_version_old_samples_and_resumes_after_kills_at_random_points(tmp_path, model):
-    straight = subprocess.run(_args(tmp_path / "straight", model, *ASYNC), capture_output=True, text=True, timeout=600)
+PARTIAL = (  # responses of up to 16 tokens in windows of 4; stopping on any letter gives the tiny model short ones
+    "trainer.max_staleness=1",
+    "rollout.partial=true",
+    "rollout.max_new_tokens=16",
+    f"rollout.stop=[{','.join(string.ascii_letters)}]",
+)
+
+
+@pytest.mark.parametrize("mode", ["ahead", "partial"])
+def test_a_k1_run_trains_one_version_old_samples_and_resumes_after_kills_at_random_points(tmp_path, model, mode):
+    overrides = ASYNC if mode == "ahead" else PARTIAL
+    straight = subprocess.run(
+        _args(tmp_path / "straight", model, *overrides), capture_output=True, text=True, timeout=600
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
     want = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     assert [r["step"] for r in want] == list(range(1, 7))
-    assert [r["rollout/staleness_max"] for r in want] == [0, 1, 1, 1, 1, 1]
-    assert all(r["rollout/staleness_mean"] == 1.0 for r in want[1:]) and want[3]["actor/response_tokens"] > 0
+    if mode == "ahead":
+        assert [r["rollout/staleness_max"] for r in want] == [0, 1, 1, 1, 1, 1]
+        assert all(r["rollout/staleness_mean"] == 1.0 for r in want[1:]) and want[3]["actor/response_tokens"] > 0
+    else:  # finished surplus and unfinished responses carried into the next step: at most 1 version old
+        assert all(r["rollout/staleness_max"] <= 1 for r in want) and any(r["rollout/staleness_max"] for r in want)
+        assert any(r["rollout/multi_version_frac"] > 0 for r in want)  # trained responses sampled by two versions
+        assert any(r["rollout/open_groups"] > 0 for r in want[1:-1])  # checkpoints hold unfinished responses
 
     rng = random.Random(19)
     run = tmp_path / "killed"
     kills = 0
     for after in (2, 4):  # SIGKILL once `after` steps are logged, a random moment later (mid rollout, update or save)
-        proc = subprocess.Popen(_args(run, model, *ASYNC), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            _args(run, model, *overrides), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         metrics = run / "metrics.jsonl"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -193,7 +214,7 @@ def test_a_k1_run_trains_one_version_old_samples_and_resumes_after_kills_at_rand
             kills += 1
         proc.wait(timeout=60)
     assert kills >= 1  # at least one kill landed before the run could finish
-    last = subprocess.run(_args(run, model, *ASYNC), capture_output=True, text=True, timeout=600)
+    last = subprocess.run(_args(run, model, *overrides), capture_output=True, text=True, timeout=600)
     assert last.returncode == 0, last.stderr[-3000:]
     got = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(1, 7))

@@ -130,18 +130,21 @@ def test_one_step_through_ray(tmp_path, model, mode):
     disaggregated = "disagg" in mode[0]
     common = ("trainer.eval_every=0", "eval.at_start=false", "trainer.save_every=0")
     # disaggregated: with injected offline solutions, which travel to the Ray actor ranks flagged as such, and a
-    # second step trained on samples the engines drew during the first (trainer.max_staleness)
+    # second step trained on samples the engines drew during the first (trainer.max_staleness); colocated: a partial
+    # rollout (k = 1 samples no step ahead), whose 2 surplus groups of step 1 are trained by step 2
     inject = (f"data.train=[{_solutions_file(tmp_path / 'sums.jsonl')}]", *INJECTION) if disaggregated else ()
-    ahead = ("trainer.steps=2", "trainer.max_staleness=1") if disaggregated else ("trainer.steps=1",)
+    ahead = ("trainer.steps=2", "trainer.max_staleness=1", *(() if disaggregated else ("rollout.partial=true",)))
     _ok(_train(run, model, *common, *mode, *inject, *ahead))
     record, *rest = read_metrics(run / "metrics.jsonl")
-    assert record["step"] == 1 and record["rollout/groups_generated"] == 4
+    # a partial rollout starts 6 groups (rollout.partial_oversubscribe 1.5): finished, or carried to step 2
+    drawn = record["rollout/groups_generated"] + record.get("rollout/open_groups", 0)
+    assert record["step"] == 1 and drawn == (4 if disaggregated else 6)
     assert record["actor/response_tokens"] > 0 and record["sync/gb"] > 0
     # fp32 on both sides and the engine freshly synced from the same weights: train and rollout agree (an injected
     # solution's placeholder log-probs would show here as a gap of whole nats)
     assert record["rollout/logp_gap_max"] < 1e-4
     assert record.get("injection/trained", 1) > 0
-    if disaggregated:  # step 2's samples came from the weights before step 1's update: the gap shows the update
-        (second,) = rest
-        assert second["rollout/staleness_max"] == 1.0 and second["rollout/logp_gap_max"] > 1e-4
-    assert (run / "checkpoints" / f"step_00000000{1 + len(rest)}").is_dir()
+    # step 2's samples (some, with partial rollout) came from the weights before step 1's update: the gap shows it
+    (second,) = rest
+    assert second["rollout/staleness_max"] == 1.0 and second["rollout/logp_gap_max"] > 1e-4
+    assert (run / "checkpoints" / "step_000000002").is_dir()

@@ -145,3 +145,17 @@ def test_sampling_ahead_is_refused_where_the_engine_hands_its_devices_to_the_act
     colocated = preflight_errors(load_config(TINY, [*base, "cluster.mode=colocated"]))
     assert any("trainer.max_staleness = 1 samples while the actor trains" in e and "colocated" in e for e in colocated)
     assert preflight_errors(load_config(TINY, base)) == []  # local, embedded engine
+
+
+def test_partial_rollout_needs_a_staleness_bound_and_a_window_shorter_than_a_response(model_dir):
+    base = [f"model.path={model_dir}", "rollout.partial=true", "rollout.max_new_tokens=8"]
+    no_bound = preflight_errors(load_config(TINY, base))
+    assert any("set trainer.max_staleness >= 1" in e for e in no_bound)
+    wide = preflight_errors(load_config(TINY, [*base, "trainer.max_staleness=1", "rollout.partial_window=8"]))
+    assert any("no response would ever be continued" in e for e in wide)
+    assert preflight_errors(load_config(TINY, [*base, "trainer.max_staleness=1"])) == []
+    # k = 1 with partial rollout samples no step ahead: nothing overlaps the update, so colocated is fine; k = 2 is not
+    colocated = [*base, "cluster.mode=colocated"]
+    assert preflight_errors(load_config(TINY, [*colocated, "trainer.max_staleness=1"])) == []
+    two = preflight_errors(load_config(TINY, [*colocated, "trainer.max_staleness=2"]))
+    assert any("trainer.max_staleness = 2 with rollout.partial samples while the actor trains" in e for e in two)
