@@ -385,7 +385,14 @@ def render_sync(res: dict[str, Any]) -> str:
         [r["name"], f"{r['seconds']:.4f}", f"{r['gb_per_s']:.3f}", str(r["buckets"] or "-"), _ratio(r["ratio"])]
         for r in res["rows"]
     ]
-    return head + "\n\n" + md_table(["transport", "seconds", "GB/s", "buckets", "ratio (GB/s vs memcpy)"], rows)
+    table = md_table(["transport", "seconds", "GB/s", "buckets", "ratio (GB/s vs memcpy)"], rows)
+    profiled = [r for r in res["rows"] if r.get("breakdown_s")]
+    if not profiled:
+        return head + "\n\n" + table
+    parts = list(dict.fromkeys(p for r in profiled for p in r["breakdown_s"]))
+    cells = [[r["name"], *(f"{r['breakdown_s'].get(p, 0.0):.3f}" for p in parts)] for r in profiled]
+    where = "Where a sync's seconds go on rank 0 (median per part; `bench_sync.SyncProfile`):"
+    return head + "\n\n" + table + "\n\n" + where + "\n\n" + md_table(["transport", *parts], cells)
 
 
 def render_rollout(res: dict[str, Any]) -> str:

@@ -155,11 +155,20 @@ def main() -> None:
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--out", type=Path, default=Path("runs/bench-async"))
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--partial-overrides",
+        nargs="*",
+        default=[],
+        help="key=value overrides for the partial-rollout rows only (rollout.partial_window=32 ...)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = p.parse_args()
     machine = describe_machine(shlex.join(sys.argv))
     out_dir = args.out if args.out.is_absolute() else REPO / args.out  # the runs' cwd is the repository
-    rows = [run_k(args.config, k, args.steps, out_dir, args.overrides) for k in args.ks]
+    rows = [
+        run_k(args.config, k, args.steps, out_dir, args.overrides + (args.partial_overrides if "p" in k else []))
+        for k in args.ks
+    ]
     report = render(rows)
     print(report)
     out = args.json or out_dir / "bench_async.json"

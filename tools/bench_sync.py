@@ -47,7 +47,8 @@ from bench_models import prepare_model, progress
 from lcot_mega.utils.distributed import free_port, run_local
 
 TRANSPORTS = (
-    ("in_process", "in-process (EmbeddedEngine on rank 0, `update_weights`)"),
+    ("in_process_allgather", "in-process, TP shards all-gathered over gloo (the path before shared shards)"),
+    ("in_process", "in-process (EmbeddedEngine on rank 0, `update_weights`; TP shards read via shared memory)"),
     ("broadcast", "broadcast (`lcot-mega serve` process, BroadcastSync over gloo)"),
     ("tensor", "update_weights_from_tensor (`lcot-mega serve` process, shared memory)"),
 )
@@ -110,6 +111,49 @@ def peak_rss_gb(pid: int | None = None) -> float:
     return kb * 1024 / 1e9
 
 
+class SyncProfile:
+    """Where a sync's seconds go on this rank (the issue-20 breakdown): the TP all-gather, the barriers around
+    reading shared shards, the engine's load (`update_weights`: name checks and `copy_` into the model), and the
+    rest (splitting fused tensors, concatenating TP slices, Python). Wraps the functions while it is entered."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._undo: list = []
+
+    def _wrap(self, owner: Any, attr: str, key: str) -> None:
+        original = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, attr, timed)
+        self._undo.append((owner, attr, original))
+
+    def __enter__(self) -> SyncProfile:
+        from lcot_mega.bridge import hf_export
+        from lcot_mega.rollout.embedded import EmbeddedEngine
+        from lcot_mega.weight_sync.shared_shards import SharedShards
+
+        self._wrap(hf_export, "_gather_tp", "tp all-gather")
+        self._wrap(SharedShards, "begin", "barriers")
+        self._wrap(SharedShards, "end", "barriers")
+        self._wrap(EmbeddedEngine, "update_weights", "engine load")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, attr, original in reversed(self._undo):
+            setattr(owner, attr, original)
+
+    def parts(self, total: float) -> dict[str, float]:
+        out = dict(self.seconds)
+        out["split, concat, python"] = max(total - sum(out.values()), 0.0)
+        return out
+
+
 def sync_worker(
     rank: int, world: int, hf_dir: str, nbytes: int, bucket_bytes: int, repeats: int, port: int, threads: int
 ) -> dict[str, Any]:
@@ -129,17 +173,21 @@ def sync_worker(
     chunks, arch = weights_only_actor(hf_dir, world)
     version = 0
 
-    def run(key: str, engines: list, transport: Any = None) -> None:
+    def run(key: str, engines: list, transport: Any = None, shared: bool = True) -> None:
         nonlocal version
-        reports = []
+        reports, parts = [], []
         for _ in range(repeats + 1):
             version += 1
-            reports.append(sync_weights(chunks, arch, engines, version, bucket_bytes=bucket_bytes, transport=transport))
-        out[key] = reports[1:]
+            with SyncProfile() as prof:
+                kw = dict(bucket_bytes=bucket_bytes, transport=transport, shared=shared)
+                reports.append(sync_weights(chunks, arch, engines, version, **kw))
+            parts.append(prof.parts(reports[-1].seconds))
+        out[key], out[f"{key}_parts"] = reports[1:], parts[1:]
         if rank == 0:
             progress(f"{key}: {[round(r.seconds, 3) for r in reports]} s (first is warm-up)")
 
     engines = [EmbeddedEngine(hf_dir)] if rank == 0 else []
+    run("in_process_allgather", engines, shared=False)
     run("in_process", engines)
     for e in engines:
         e.shutdown()
@@ -218,7 +266,9 @@ def json_rows(nbytes: int, rank0: dict) -> list[dict[str, Any]]:
         gbs = statistics.median(r.gb_per_s for r in reps)
         secs = statistics.median(r.seconds for r in reps)
         rows.append(dict(transport=key, name=name, seconds=secs, gb_per_s=gbs, buckets=reps[0].buckets))
-        rows[-1].update(ratio=gbs / mem_gbs)
+        parts = rank0[f"{key}_parts"]
+        breakdown = {part: statistics.median(p.get(part, 0.0) for p in parts) for part in parts[0]}
+        rows[-1].update(ratio=gbs / mem_gbs, breakdown_s=breakdown)
     rows.append(dict(transport="memcpy", name="memcpy (torch `copy_`, same bytes, rank 0)", seconds=mem_s))
     rows[-1].update(gb_per_s=mem_gbs, buckets=0, ratio=1.0)
     return rows
@@ -252,6 +302,12 @@ def format_table(
             f"| {name} | {secs:.3f} | {gbs:.3f} | {reps[0].buckets} | {secs / mem_s:.1f}x | {gbs / mem_gbs:.3f} |"
         )
     lines.append(f"| memcpy (torch `copy_`, same bytes, rank 0) | {mem_s:.5f} | {mem_gbs:.3f} | - | 1.0x | 1.000 |")
+    lines += ["", "Where the seconds go (rank 0, median per part):", ""]
+    parts = ["tp all-gather", "barriers", "engine load", "split, concat, python"]
+    lines += ["| transport | " + " | ".join(parts) + " |", "|---" * (len(parts) + 1) + "|"]
+    for key, name in TRANSPORTS:
+        cells = [f"{statistics.median(p.get(part, 0.0) for p in rank0[f'{key}_parts']):.3f}" for part in parts]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     rss = " + ".join(f"{r['peak_rss_gb']:.2f}" for r in res)
     lines.append(
         f"\npeak RSS GB: actor ranks {rss} (rank 0 includes the in-process engine), server"

@@ -20,6 +20,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from safetensors.torch import save_file
 
 from lcot_mega.bridge.arch import ArchSpec, arch_from_hf_config
 from lcot_mega.bridge.hf_load import named_params_with_layers
-from lcot_mega.bridge.mapping import REPLICATED, concat_tp, hf_tensor_names, rule_for, split
+from lcot_mega.bridge.mapping import REPLICATED, concat_tp, concat_tp_into, hf_tensor_names, rule_for, split
 
 Named = tuple[str, torch.Tensor]
 Bucket = list[Named]
@@ -75,18 +76,43 @@ def _gather_tp(param: torch.Tensor, layout: str, group: Any) -> list[torch.Tenso
     return per_rank
 
 
-@torch.no_grad()
-def _chunk_hf_tensors(chunk: torch.nn.Module, arch: ArchSpec, group: Any) -> Iterator[Named]:
+def _chunk_params(chunk: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter, int | None]]:
     from megatron.core.utils import unwrap_model
 
-    for name, param, layer in named_params_with_layers(unwrap_model(chunk)):
+    return list(named_params_with_layers(unwrap_model(chunk)))
+
+
+Targets = Callable[[str], torch.Tensor | None]
+"""HF name -> the tensor to write that weight into (an in-process engine's parameter), or None."""
+
+
+@torch.no_grad()
+def _chunk_hf_tensors(
+    chunk: torch.nn.Module,
+    arch: ArchSpec,
+    group: Any,
+    per_rank_of: Callable[[int], list[torch.Tensor]] | None = None,
+    into: Targets | None = None,
+) -> Iterator[Named]:
+    """(HF name, full tensor) of one chunk; each TP-split parameter all-gathered over `group`, or, with
+    `per_rank_of` (parameter index -> every TP rank's tensor, `weight_sync.shared_shards`), read in place. With
+    `into`, a full tensor is assembled straight in its target, which is what is yielded."""
+    for i, (name, param, layer) in enumerate(_chunk_params(chunk)):
         if name == "output_layer.weight" and arch.tie_word_embeddings:
             continue  # the last PP stage's copy of the embedding; stage 0 emits model.embed_tokens.weight
         rule = rule_for(name, layer, arch)
-        per_rank = [split(rule, t, arch) for t in _gather_tp(param, rule.layout, group)]
+        if per_rank_of is not None and rule.layout != REPLICATED:
+            tensors = per_rank_of(i)
+        else:
+            tensors = _gather_tp(param, rule.layout, group)
+        per_rank = [split(rule, t, arch) for t in tensors]
         for i, hf_name in enumerate(rule.hf_names):
-            full = concat_tp(rule, [pieces[i] for pieces in per_rank], hf_rows=arch.vocab_size)
-            yield hf_name, full.contiguous()
+            pieces = [p[i] for p in per_rank]
+            target = into(hf_name) if into is not None else None
+            if target is not None and concat_tp_into(rule, pieces, target):
+                yield hf_name, target
+                continue
+            yield hf_name, concat_tp(rule, pieces, hf_rows=arch.vocab_size).contiguous()
 
 
 def iter_hf_tensors(chunks: list[torch.nn.Module], arch: ArchSpec) -> Iterator[Named]:
@@ -196,23 +222,58 @@ def _drain(items: Iterable[Any]) -> None:
         pass
 
 
-def gather_hf_state(chunks: list[torch.nn.Module], arch: ArchSpec, bucket_bytes: int, dst: int = 0) -> Iterator[Bucket]:
+def gather_hf_state(
+    chunks: list[torch.nn.Module],
+    arch: ArchSpec,
+    bucket_bytes: int,
+    dst: int = 0,
+    *,
+    shared: bool = False,
+    into: Targets | None = None,
+) -> Iterator[Bucket]:
     """On global rank `dst`: the HF buckets of every pipeline stage in model order (stage 0 first).
 
     Collective over the world: every rank must iterate it to the end; ranks other than `dst` yield
     nothing. Each stage's buckets come from its (dp 0, tp 0) rank (from dst's own TP group when dst
     holds the stage), one bucket at a time; the other data-parallel replicas do no work. With virtual
     pipeline stages the order is chunk 0 of every stage, then chunk 1, ...: the model's layer order.
+    `shared`: the exporting rank reads its TP peers' shards in place through shared memory where the group
+    allows it (`weight_sync.shared_shards`: one host, gloo) instead of all-gathering them. `into`: on `dst`, the
+    tensors of its own stage are assembled straight into these targets (an in-process engine's parameters).
     """
     places = _all_places()
     me = places[dist.get_rank()]
     device = _comm_device()
     group = _tp_group()
+    shards = _shared_shards(chunks, group) if shared else None
+    offset = 0
     for chunk in chunks:
+        count = len(_chunk_params(chunk))
         for stage in range(1 + max(p.stage for p in places)):
             producer = _producer(places, stage, dst)
-            local = _pack(_chunk_hf_tensors(chunk, arch, group), bucket_bytes)  # lazy: runs only if iterated
-            yield from _stage_part(me.rank, producer, dst, local, device)
+            targets = into if me.rank == dst else None
+            if shards is None:
+                local = _pack(_chunk_hf_tensors(chunk, arch, group, into=targets), bucket_bytes)  # lazy
+                yield from _stage_part(me.rank, producer, dst, local, device)
+            elif me.rank in producer.tp_ranks:  # the producing TP group: read in place between two barriers
+                shards.begin()
+                per_rank_of = partial(lambda base, i: shards.tensors(base + i), offset)
+                local = _pack(_chunk_hf_tensors(chunk, arch, group, per_rank_of, targets), bucket_bytes)
+                yield from _stage_part(me.rank, producer, dst, local if me.rank == producer.rank else iter(()), device)
+                shards.end()
+            else:
+                yield from _stage_part(me.rank, producer, dst, iter(()), device)
+        offset += count
+
+
+def _shared_shards(chunks: list[torch.nn.Module], group: Any) -> Any:
+    """The TP peers' parameters mapped through shared memory, or None where the group cannot share them."""
+    from lcot_mega.weight_sync.shared_shards import shared_shards
+
+    if dist.get_world_size(group) == 1:
+        return None
+    params = [param for chunk in chunks for _, param, _ in _chunk_params(chunk)]
+    return shared_shards(chunks, params, group)
 
 
 def _stage_part(

@@ -146,6 +146,31 @@ def concat_tp(rule: Rule, per_rank: list[torch.Tensor], hf_rows: int | None = No
     return full
 
 
+def concat_tp_into(rule: Rule, per_rank: list[torch.Tensor], out: torch.Tensor) -> bool:
+    """`concat_tp` written straight into `out` (an engine's parameter: no intermediate full tensor; a dtype cast
+    happens in the copy); False, with `out` untouched, when the slices do not make `out`'s shape (VOCAB padding
+    beyond `out`'s rows is dropped, as `hf_rows` does)."""
+    if rule.layout == REPLICATED:
+        if per_rank[0].shape != out.shape:
+            return False
+        out.copy_(per_rank[0])
+        return True
+    dim = shard_dim(rule)
+    rest = [s for d, s in enumerate(out.shape) if d != dim]
+    if any(t.dim() != out.dim() or [s for d, s in enumerate(t.shape) if d != dim] != rest for t in per_rank):
+        return False
+    total, rows = sum(t.shape[dim] for t in per_rank), out.shape[dim]
+    if total < rows or (total > rows and rule.layout != VOCAB):
+        return False
+    offset = 0
+    for t in per_rank:
+        n = min(t.shape[dim], rows - offset)
+        if n > 0:
+            out.narrow(dim, offset, n).copy_(t.narrow(dim, 0, n))
+        offset += n
+    return True
+
+
 def hf_tensor_names(arch: ArchSpec) -> list[str]:
     """Every tensor name of the HF checkpoint of `arch` (tied: no `lm_head.weight`), embedding first."""
     attn = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]

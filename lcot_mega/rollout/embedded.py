@@ -462,9 +462,19 @@ class EmbeddedEngine:
                     _check_tensor(name, tensor, state)
                 with torch.no_grad():
                     for name, tensor in bucket:
-                        state[name].copy_(tensor)
+                        if tensor.data_ptr() != state[name].data_ptr():  # else written in place (parameter_views)
+                            state[name].copy_(tensor)
                         self._unloaded.discard(canonical[name])
             self._version = version
+
+    def parameter_views(self) -> dict[str, torch.Tensor]:
+        """HF name -> the model's live tensor, for a weight sync in the same process to assemble each weight
+        straight into it (`weight_sync.sync_weights`); `update_weights` with these very tensors then checks them,
+        copies nothing and bumps the version as usual. Only while no generate call runs."""
+        with self._lock:
+            if self._closed or self._released:
+                raise RuntimeError("the engine is shut down or its weights are released: no parameters to write")
+            return dict(self._model.state_dict())
 
     def reload_weights(self, version: int = 0) -> None:
         """Load the weights saved in `model_dir` again (after `release_memory`, or to undo updates)."""

@@ -55,6 +55,11 @@ def staleness_errors(cfg: Config) -> list[str]:
             "rollout.partial continues unfinished responses in the next step, under weights one version newer:"
             " set trainer.max_staleness >= 1 (1 samples no step ahead; 2 samples one ahead and carries once)"
         )
+    if not r.partial and (r.partial_window != 0 or r.partial_oversubscribe != 1.5):
+        errors.append(
+            "rollout.partial_window and rollout.partial_oversubscribe act only with rollout.partial = true: set it,"
+            " or leave them at their defaults (0, 1.5)"
+        )
     if r.partial and r.partial_window >= r.max_new_tokens:
         errors.append(
             f"rollout.partial_window = {r.partial_window} >= rollout.max_new_tokens = {r.max_new_tokens}: no"

@@ -1,11 +1,12 @@
 """Live weight sync, in-process transport: the actor's Megatron shards into every rollout engine, bucket by bucket.
 
-`sync_weights` streams `hf_export.gather_hf_state` (TP all-gathered, pipeline stages collected point to point)
-to the owner rank, which pushes each HF bucket into every engine as it arrives, so at most one bucket is held.
-Buckets go out under the engine's old version and a final empty update bumps it to the new one: a sync that
-fails half way leaves engines on their old version (the caller must sync again). `ProbeCheck` then scores one
-fixed sequence teacher-forced on both sides and stops training if they disagree. With `weight_dtype="fp8"` the
-linear weights are block-quantized on the owner rank on their way out (`engine_buckets`, docs/FP8.md).
+`sync_weights` streams `hf_export.gather_hf_state` (TP shards read in place through shared memory on one host,
+`shared_shards`, else all-gathered; pipeline stages collected point to point) to the owner rank, which pushes
+each HF bucket into every engine as it arrives, so at most one bucket is held. Buckets go out under the engine's
+old version and a final empty update bumps it to the new one: a sync that fails half way leaves engines on their
+old version (the caller must sync again). `ProbeCheck` then scores one fixed sequence teacher-forced on both sides
+and stops training if they disagree. With `weight_dtype="fp8"` the linear weights are block-quantized on the owner
+rank on their way out (`engine_buckets`, docs/FP8.md).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def sync_weights(
     verify: ProbeCheck | None = None,
     transport: WeightTransport | None = None,
     weight_dtype: str = "auto",
+    shared: bool = True,
 ) -> SyncReport:
     """Load the actor's current weights into `engines` as `version`, then flush their caches.
 
@@ -132,10 +134,17 @@ def sync_weights(
     (`update_weights`); with one (servers in other processes: `BroadcastSync`) the transport moves them and
     `engines` are only used by `verify`. If pushing fails on the owner, every rank raises WeightSyncError; so does a
     `verify` probe that disagrees by more than its tolerance. `weight_dtype` "fp8" sends block-FP8 linear weights
-    (`engine_buckets`) to engines serving an FP8 checkpoint.
+    (`engine_buckets`) to engines serving an FP8 checkpoint. `shared`: the owner reads its TP peers' shards in
+    place through shared memory where their group allows it (`shared_shards`), instead of all-gathering them. An
+    in-process engine with `parameter_views` (the embedded one) gets each weight assembled straight into its
+    parameter: one copy per byte, no intermediate full tensor.
     """
     start = time.perf_counter()
-    stream = gather_hf_state(chunks, arch, bucket_bytes, dst=owner)
+    into = None
+    if dist.get_rank() == owner and transport is None and weight_dtype == "auto" and engines:
+        views = getattr(engines[0], "parameter_views", None)  # an engine in this process: write straight into it
+        into = views().get if views is not None else None
+    stream = gather_hf_state(chunks, arch, bucket_bytes, dst=owner, shared=shared, into=into)
     outcome: tuple[int, int] | str = (0, 0)
     if dist.get_rank() == owner:
         try:

@@ -154,6 +154,8 @@ def test_partial_rollout_needs_a_staleness_bound_and_a_window_shorter_than_a_res
     wide = preflight_errors(load_config(TINY, [*base, "trainer.max_staleness=1", "rollout.partial_window=8"]))
     assert any("no response would ever be continued" in e for e in wide)
     assert preflight_errors(load_config(TINY, [*base, "trainer.max_staleness=1"])) == []
+    alone = preflight_errors(load_config(TINY, [f"model.path={model_dir}", "rollout.partial_oversubscribe=2"]))
+    assert any("act only with rollout.partial = true" in e for e in alone)
     # k = 1 with partial rollout samples no step ahead: nothing overlaps the update, so colocated is fine; k = 2 is not
     colocated = [*base, "cluster.mode=colocated"]
     assert preflight_errors(load_config(TINY, [*colocated, "trainer.max_staleness=1"])) == []
