@@ -89,8 +89,9 @@ class RolloutConfig:
     """Tokens a response may add per window (partial rollout); 0 means max_new_tokens // 4. Counted in tokens,
     not seconds, so where a response is cut does not depend on timing and a resumed run samples the same."""
     partial_oversubscribe: float = opt(1.5, ge=1.0)
-    """Partial rollout: groups started per group still needed, so that the batch fills from the first to finish
-    while the long ones go on (on top of algo.dynamic_sampling.oversample when that is on)."""
+    """Partial rollout: groups held in flight (or finished and not yet trained) per group of the batch, so that the
+    batch fills from the first to finish while the long ones go on beside new ones (times
+    algo.dynamic_sampling.oversample when that is on)."""
 
 
 @dataclass

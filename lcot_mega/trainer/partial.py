@@ -241,7 +241,7 @@ class _PartialSampler(DynamicSampler):
                 if self.full and not must:
                     break
                 if not self.full and self.tally.rounds < max_rounds:
-                    want = self._wanted(len(self.kept) + must) - (len(active) - must)
+                    want = self._in_flight() - len(active) - len(self.kept)
                     if want > 0:
                         active += [st.draw(p) for p in next_prompts(want)]
                         self.tally.rounds += 1
@@ -276,10 +276,11 @@ class _PartialSampler(DynamicSampler):
         metrics = self.tally.metrics(batch, self.target, seconds)
         return Collected(batch, metrics | self._partial_metrics(batch, over, seconds))
 
-    def _wanted(self, have: int) -> int:
-        """Groups to have in flight for the batch's `have` finished or certain-to-finish ones."""
+    def _in_flight(self) -> int:
+        """Groups to hold in flight or finished and untrained when a round draws: the batch times the
+        oversubscription, so that carried groups run beside new ones and the engine's batch stays full."""
         factor = self.cfg.rollout.partial_oversubscribe * (1.0 if self.ds.mode == "off" else self.ds.oversample)
-        return math.ceil(max(self.target - have, 0) * factor)
+        return math.ceil(self.target * factor)
 
     def _window(self, pool: ThreadPoolExecutor, active: list[OpenGroup]) -> None:
         """Every open response adds up to `window` tokens. New and continued responses go in the same calls, one

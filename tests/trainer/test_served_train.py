@@ -4,6 +4,7 @@ engine, metric for metric, even through a killed and a hung server), SGLang on G
 from __future__ import annotations
 
 import importlib.util
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,23 @@ def test_served_engine_trains_exactly_like_the_in_process_engine(tmp_path, model
         assert r["rollout/engine_failures"] == r["rollout/engine_restarts"] == 0 and r["rollout/engines_live"] == 1
     port = proc.stdout.split("rollout server(s) at http://127.0.0.1:")[1].split(";")[0]
     assert not _processes_with(f"--port\0{port}\0")  # the server did not outlive the run
+
+
+PARTIAL = (  # stopping on any letter gives the tiny model responses of every length: some are carried
+    "trainer.max_staleness=1",
+    "rollout.partial=true",
+    f"rollout.stop=[{','.join(string.ascii_letters)}]",
+)
+
+
+def test_a_partial_rollout_continues_responses_the_same_through_a_served_engine(tmp_path, model):
+    in_process = _ok(_train(tmp_path / "in-process", model, *PARTIAL))
+    served = _ok(_train(tmp_path / "served", model, "rollout.served=true", *PARTIAL))
+    assert any(r["rollout/multi_version_frac"] > 0 for r in in_process)  # responses continued across a sync
+    assert [r["step"] for r in served] == [r["step"] for r in in_process] == [1, 2, 3, 4]
+    for a, b in zip(served, in_process, strict=True):  # the same windows, contexts and seeds: the same samples
+        numbers = {k: v for k, v in b.items() if not k.startswith(_SKIP) and not isinstance(v, str)}
+        assert {k: a[k] for k in numbers} == pytest.approx(numbers, rel=1e-6, abs=1e-9), a["step"]
 
 
 def _processes_with(arg: str) -> list[int]:
