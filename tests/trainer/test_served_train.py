@@ -72,13 +72,15 @@ def test_served_engine_trains_exactly_like_the_in_process_engine(tmp_path, model
     assert not _processes_with(f"--port\0{port}\0")  # the server did not outlive the run
 
 
-PARTIAL = (  # stopping on any letter gives the tiny model responses of every length: some are carried
+PARTIAL = (  # stopping on any letter gives the tiny model responses of every length; windows of 2: some are carried
     "trainer.max_staleness=1",
     "rollout.partial=true",
+    "rollout.partial_window=2",
     f"rollout.stop=[{','.join(string.ascii_letters)}]",
 )
 
 
+@pytest.mark.slow  # about 40 s; the in-process partial rollout is in the default tier (tests/trainer/test_ahead.py)
 def test_a_partial_rollout_continues_responses_the_same_through_a_served_engine(tmp_path, model):
     in_process = _ok(_train(tmp_path / "in-process", model, *PARTIAL))
     served = _ok(_train(tmp_path / "served", model, "rollout.served=true", *PARTIAL))
