@@ -178,7 +178,8 @@ PARTIAL = (  # responses of up to 16 tokens in windows of 4; stopping on any let
 )
 
 
-@pytest.mark.parametrize("mode", ["ahead", "partial"])
+# the sampling-ahead variant is in the slow tier (CI time); the partial one kills and resumes the same machinery
+@pytest.mark.parametrize("mode", [pytest.param("ahead", marks=pytest.mark.slow), "partial"])
 def test_a_k1_run_trains_one_version_old_samples_and_resumes_after_kills_at_random_points(tmp_path, model, mode):
     overrides = ASYNC if mode == "ahead" else PARTIAL
     straight = subprocess.run(
