@@ -381,18 +381,34 @@ def render_sync(res: dict[str, Any]) -> str:
     head = f"Model {meta['model']} ({meta['params'] / 1e6:.1f}M parameters, {meta['bytes'] / 1e9:.3f} GB per sync),"
     head += f" bucket {meta['bucket_mb']:g} MiB, actor TP=2 on {meta['procs']} x {meta['threads']} threads;"
     head += f" median of {meta['repeats']} syncs after a warm-up."
+    base = [r for r in res["rows"] if "name" in r]
     rows = [
         [r["name"], f"{r['seconds']:.4f}", f"{r['gb_per_s']:.3f}", str(r["buckets"] or "-"), _ratio(r["ratio"])]
-        for r in res["rows"]
+        for r in base
     ]
-    table = md_table(["transport", "seconds", "GB/s", "buckets", "ratio (GB/s vs memcpy)"], rows)
-    profiled = [r for r in res["rows"] if r.get("breakdown_s")]
-    if not profiled:
-        return head + "\n\n" + table
-    parts = list(dict.fromkeys(p for r in profiled for p in r["breakdown_s"]))
-    cells = [[r["name"], *(f"{r['breakdown_s'].get(p, 0.0):.3f}" for p in parts)] for r in profiled]
-    where = "Where a sync's seconds go on rank 0 (median per part; `bench_sync.SyncProfile`):"
-    return head + "\n\n" + table + "\n\n" + where + "\n\n" + md_table(["transport", *parts], cells)
+    out = head + "\n\n" + md_table(["transport", "seconds", "GB/s", "buckets", "ratio (GB/s vs memcpy)"], rows)
+    profiled = [r for r in base if r.get("breakdown_s")]
+    if profiled:
+        parts = list(dict.fromkeys(p for r in profiled for p in r["breakdown_s"]))
+        cells = [[r["name"], *(f"{r['breakdown_s'].get(p, 0.0):.3f}" for p in parts)] for r in profiled]
+        where = "Where a sync's seconds go on rank 0 (median per part; `bench_sync.SyncProfile`):"
+        out += "\n\n" + where + "\n\n" + md_table(["transport", *parts], cells)
+    return out + _render_delta([r for r in res["rows"] if "sent_frac" in r])
+
+
+def _render_delta(rows: list[dict[str, Any]]) -> str:
+    """bench_sync's bf16 rows: full syncs, then `rollout.sync: delta` after simulated steps."""
+    if not rows:
+        return ""
+    cells = [
+        [r["transport"], f"{r['seconds']:.3f}", f"{r['sent_frac']:.3f}", f"{r['changed_frac']:.4f}",
+         f"{r['effective_gb_per_s']:.3f}", _ratio(r["ratio"]), str(r["fallbacks"])]
+        for r in rows
+    ]  # fmt: skip
+    head = ["row", "seconds", "sent / full", "elements changed", "effective GB/s", "ratio vs memcpy", "fallbacks"]
+    what = "A bf16 server, full syncs and then delta syncs (`rollout.sync: delta`) after simulated steps (every"
+    what += " weight moved by +-lr); effective GB/s = the full sync's bytes / seconds:"
+    return "\n\n" + what + "\n\n" + md_table(head, cells)
 
 
 def render_rollout(res: dict[str, Any]) -> str:

@@ -15,14 +15,15 @@ Each transport syncs `--repeats + 1` times; the first is a warm-up and is exclud
 seconds and GB/s (bytes = tensor bytes pushed into the engine, as `SyncReport` counts them). (4) memcpy: `copy_` of
 a buffer of the same number of bytes into another, on rank 0 with the same thread count, before any model is built
 (so its 2x bytes do not add to the peak), median of as many repeats after one warm-up: the ceiling a local copy of
-those bytes reaches on this machine.
+those bytes reaches on this machine. (5) With `--delta-lrs` (default 1e-6 1e-5): a bf16 server, full syncs over
+both transports, then delta syncs (`rollout.sync: delta`) each after a simulated step of that learning rate.
 
 Models (bench_models.py): `random120m-kv4` (default, ~120M parameters, SmolLM2's depth and vocabulary with 4 KV
 heads so that TP=2 splits it), `random1b` (a 0.87B Llama: hidden 2048, 16 layers, FFN 5504, 16/8 heads, untied
 32000 vocabulary), `tiny`; all fp32, made from a config and saved once under runs/models/. No download.
 
     python tools/bench_sync.py [--model random120m-kv4|random1b|tiny] [--bucket-mb 64] [--repeats 3] [--threads 0]
-        [--json PATH]
+        [--json PATH] [--delta-lrs 1e-6 1e-5]
 
 `--json PATH` also writes the table's rows as JSON (read by tools/bench_all.py).
 """
@@ -84,13 +85,13 @@ def weights_only_actor(hf_dir: str, world: int) -> tuple[list[torch.nn.Module], 
     return chunks, arch
 
 
-def start_server(hf_dir: str, threads: int) -> tuple[subprocess.Popen, Any]:
+def start_server(hf_dir: str, threads: int, dtype: str = "float32") -> tuple[subprocess.Popen, Any]:
     """`lcot-mega serve` on a free loopback port, and a client once it answers /health."""
     from lcot_mega.rollout import SGLangHTTPEngine
 
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "lcot_mega.cli", "serve", hf_dir, "--port", str(port)]
+    cmd = [sys.executable, "-m", "lcot_mega.cli", "serve", hf_dir, "--port", str(port), "--dtype", dtype]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     client = SGLangHTTPEngine(f"http://127.0.0.1:{port}", timeout_s=600)
     deadline = time.monotonic() + 600
@@ -154,10 +155,29 @@ class SyncProfile:
         return out
 
 
+def simulated_step(chunks: list[torch.nn.Module], lr: float, seed: int) -> None:
+    """Move every weight by +-lr (random sign): an Adam step's size early in training (|m/sqrt(v)| = 1), the
+    upper bound of how many engine-dtype elements one RL step changes. The bench actor has no optimizer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for chunk in chunks:
+            for p in chunk.parameters():
+                p.add_(torch.randint(0, 2, p.shape, generator=g, dtype=p.dtype).mul_(2 * lr).sub_(lr))
+
+
 def sync_worker(
-    rank: int, world: int, hf_dir: str, nbytes: int, bucket_bytes: int, repeats: int, port: int, threads: int
+    rank: int,
+    world: int,
+    hf_dir: str,
+    nbytes: int,
+    bucket_bytes: int,
+    repeats: int,
+    port: int,
+    threads: int,
+    delta_lrs: tuple[float, ...] = (),
 ) -> dict[str, Any]:
-    """memcpy, then the three transports on the same TP=2 actor; rank 0's reports and peak memory."""
+    """memcpy, then the three transports on the same TP=2 actor, then (with `delta_lrs`) full and delta syncs
+    into a bf16 server; rank 0's reports and peak memory."""
     import torch.distributed as dist
 
     from lcot_mega.actor import megatron_adapter as ma
@@ -173,13 +193,16 @@ def sync_worker(
     chunks, arch = weights_only_actor(hf_dir, world)
     version = 0
 
-    def run(key: str, engines: list, transport: Any = None, shared: bool = True) -> None:
+    def run(key: str, engines: list, transport: Any = None, shared: bool = True, delta: Any = None,
+            lr: float = 0.0) -> None:  # fmt: skip
         nonlocal version
         reports, parts = [], []
         for _ in range(repeats + 1):
             version += 1
+            if lr:  # untimed: the step the sync follows
+                simulated_step(chunks, lr, seed=1000 * version + rank)
             with SyncProfile() as prof:
-                kw = dict(bucket_bytes=bucket_bytes, transport=transport, shared=shared)
+                kw = dict(bucket_bytes=bucket_bytes, transport=transport, shared=shared, delta=delta)
                 reports.append(sync_weights(chunks, arch, engines, version, **kw))
             parts.append(prof.parts(reports[-1].seconds))
         out[key], out[f"{key}_parts"] = reports[1:], parts[1:]
@@ -209,9 +232,41 @@ def sync_worker(
         proc.wait(timeout=60)
         if served_version != version:
             raise RuntimeError(f"server at weight version {served_version}, expected {version}")
+    if delta_lrs:
+        version = delta_rows(run, hf_dir, threads, port, rank, delta_lrs, version, out)
     out["peak_rss_gb"] = peak_rss_gb()
     ma.destroy_parallel()
     return out
+
+
+def delta_rows(
+    run: Any, hf_dir: str, threads: int, port: int, rank: int, lrs: tuple[float, ...], version: int, out: dict
+) -> int:
+    """`rollout.sync: delta` against full syncs, into a bf16 `lcot-mega serve` (the dtype where deltas pay), over
+    both served transports; each delta row follows `simulated_step`s of one learning rate. Its warm-up sync is
+    full (no baseline yet) and excluded like every warm-up."""
+    from lcot_mega.weight_sync import BroadcastSync
+    from lcot_mega.weight_sync.delta import DeltaEncoder
+
+    proc = client = transport = None
+    if rank == 0:
+        proc, client = start_server(hf_dir, threads, dtype="bfloat16")
+        transport = BroadcastSync([client], "127.0.0.1", port, group_name="bench_sync_delta")
+    engines = [client] if client else []
+    run("tensor_bf16", engines)
+    run("broadcast_bf16", engines, transport)
+    for lr in lrs:
+        run(f"tensor_delta_{lr:g}", engines, delta=DeltaEncoder(torch.bfloat16), lr=lr)
+        run(f"broadcast_delta_{lr:g}", engines, transport, delta=DeltaEncoder(torch.bfloat16), lr=lr)
+    if rank == 0:
+        transport.close()
+        out["server_bf16_peak_rss_gb"] = peak_rss_gb(proc.pid)
+        proc.terminate()
+        proc.wait(timeout=60)
+    out["delta_keys"] = ["tensor_bf16", "broadcast_bf16"] + [
+        f"{t}_delta_{lr:g}" for lr in lrs for t in ("tensor", "broadcast")
+    ]
+    return version
 
 
 def main() -> None:
@@ -221,6 +276,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed syncs per transport (median), after 1 warm-up")
     ap.add_argument("--threads", type=int, default=0, help="cores to use in all (0: this process's affinity)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    lrs_help = "learning rates of the simulated steps before delta syncs (none: skip the bf16 rows)"
+    ap.add_argument("--delta-lrs", type=float, nargs="*", default=[1e-6, 1e-5], help=lrs_help)
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
@@ -242,6 +299,7 @@ def main() -> None:
         args.repeats,
         free_port(),
         threads,
+        tuple(args.delta_lrs),
         threads=threads,
         timeout_s=3600.0,
     )
@@ -271,7 +329,40 @@ def json_rows(nbytes: int, rank0: dict) -> list[dict[str, Any]]:
         rows[-1].update(ratio=gbs / mem_gbs, breakdown_s=breakdown)
     rows.append(dict(transport="memcpy", name="memcpy (torch `copy_`, same bytes, rank 0)", seconds=mem_s))
     rows[-1].update(gb_per_s=mem_gbs, buckets=0, ratio=1.0)
-    return rows
+    return rows + [dict(transport=key, **delta_row(rank0[key], mem_gbs)) for key in rank0.get("delta_keys", [])]
+
+
+def delta_row(reps: list, mem_gbs: float) -> dict[str, float]:
+    """Medians of one bf16 row: seconds, bytes sent, the full sync's bytes, and the effective rate (full bytes per
+    second, the rate a full sync would need to match) against memcpy."""
+    secs = statistics.median(r.seconds for r in reps)
+    full = statistics.median(r.delta.full_bytes if r.delta else r.bytes for r in reps)
+    sent = statistics.median(r.bytes for r in reps)
+    changed = statistics.median(r.delta.changed / r.delta.elements if r.delta else 1.0 for r in reps)
+    fallbacks = sum(bool(r.delta_fallback) for r in reps)
+    gbs = full / secs / 1e9
+    return dict(seconds=secs, sent_gb=sent / 1e9, full_gb=full / 1e9, sent_frac=sent / full, changed_frac=changed,
+                effective_gb_per_s=gbs, ratio=gbs / mem_gbs, fallbacks=fallbacks)  # fmt: skip
+
+
+def format_delta_table(rank0: dict, mem_gbs: float) -> list[str]:
+    if not rank0.get("delta_keys"):
+        return []
+    lines = [
+        "",
+        "bf16 server, full vs `rollout.sync: delta` after simulated steps (every weight +-lr); effective GB/s ="
+        " the full sync's bytes / seconds:",
+        "",
+        "| row | seconds | GB sent | sent / full | elements changed | effective GB/s | vs memcpy | fallbacks |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in rank0["delta_keys"]:
+        r = delta_row(rank0[key], mem_gbs)
+        lines.append(
+            f"| {key} | {r['seconds']:.3f} | {r['sent_gb']:.4f} | {r['sent_frac']:.3f} | {r['changed_frac']:.4f} |"
+            f" {r['effective_gb_per_s']:.3f} | {r['ratio']:.3f} | {r['fallbacks']} |"
+        )
+    return lines
 
 
 def format_table(
@@ -308,6 +399,7 @@ def format_table(
     for key, name in TRANSPORTS:
         cells = [f"{statistics.median(p.get(part, 0.0) for p in rank0[f'{key}_parts']):.3f}" for part in parts]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += format_delta_table(rank0, mem_gbs)
     rss = " + ".join(f"{r['peak_rss_gb']:.2f}" for r in res)
     lines.append(
         f"\npeak RSS GB: actor ranks {rss} (rank 0 includes the in-process engine), server"

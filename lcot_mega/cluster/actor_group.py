@@ -21,6 +21,7 @@ from lcot_mega.actor.batching import TokenSequence
 from lcot_mega.actor.train_step import TrainBatch
 from lcot_mega.config import Config
 from lcot_mega.rollout.protocol import RolloutEngine
+from lcot_mega.weight_sync.delta import DeltaEncoder
 from lcot_mega.weight_sync.push import ProbeCheck, WeightTransport
 
 RANK_CALLS = frozenset(
@@ -144,6 +145,8 @@ class ActorRank:
         self.store = dist_store(Path(cfg.trainer.run_dir) / "checkpoints", cfg.trainer.keep_last)
         self.engines, self.transport, self.probe = list(engines), transport, probe
         self.bucket_bytes = bucket_bytes
+        self.delta = None if cfg.rollout.sync == "full" else DeltaEncoder(getattr(torch, cfg.model.dtype))
+        """`rollout.sync: delta`: the mirror of what the engines hold (rank 0), reset whenever they may not."""
 
     def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float) -> list[torch.Tensor]:
         return self.actor.compute_logprobs(sequences, temperature)
@@ -153,6 +156,13 @@ class ActorRank:
 
     def set_lr_scale(self, scale: float) -> None:
         self.actor.set_lr_scale(scale)
+
+    def set_targets(self, engines: Sequence[RolloutEngine], transport: WeightTransport | None) -> None:
+        """What the weights sync into from now on (a re-formed weight group: a replacement server holds its own
+        weights, so a delta sync has no baseline)."""
+        self.engines, self.transport = list(engines), transport
+        if self.delta is not None:
+            self.delta.reset()
 
     def sync_weights(self, version: int) -> dict[str, float]:
         from lcot_mega.weight_sync.push import DEFAULT_BUCKET_BYTES, sync_weights
@@ -166,6 +176,7 @@ class ActorRank:
             verify=self.probe,
             transport=self.transport,
             weight_dtype=self.cfg.rollout.weight_dtype,
+            delta=self.delta,
         )
         return report.metrics()
 
@@ -177,6 +188,8 @@ class ActorRank:
 
         if torch.distributed.get_world_size() != 1:
             raise RuntimeError("push_weights reads the full weights from one rank; this actor has several")
+        if self.delta is not None:  # `engine` gets today's weights, not the mirror: the next sync is full
+            self.delta.reset()
         buckets = iter_hf_buckets(self.actor.chunks, self.actor.arch, self.bucket_bytes or DEFAULT_BUCKET_BYTES)
         for bucket in engine_buckets(buckets, self.cfg.rollout.weight_dtype):  # a restarted FP8 server wants FP8
             engine.update_weights(bucket, version)

@@ -151,8 +151,7 @@ class ActorWorker:
         can start while the ranks build their models)."""
 
         def build() -> None:
-            engines, transport = self._build_targets(targets, node_ip())
-            self.rank_state.engines, self.rank_state.transport = engines, transport
+            self.rank_state.set_targets(*self._build_targets(targets, node_ip()))
 
         self._on_actor_thread(build)
 
@@ -168,7 +167,7 @@ class ActorWorker:
                     old.close(keep=targets.urls)
                 except Exception as e:  # the member that died cannot leave; the group is dropped anyway
                     log.info("leaving the old weight group: %s", e)
-            self.rank_state.engines, self.rank_state.transport = self._build_targets(targets, node_ip(), generation)
+            self.rank_state.set_targets(*self._build_targets(targets, node_ip(), generation))
 
         self._on_actor_thread(rebuild)
 

@@ -78,6 +78,13 @@ class RolloutConfig:
     """Weights the engines receive on every sync: auto = the engine's dtype (model.dtype); fp8 = linear weights
     block-quantized to float8_e4m3fn with a float32 `weight_scale_inv` per 128x128 block (DeepSeek-V3 convention,
     docs/FP8.md), for sglang/vllm engines serving a block-FP8 checkpoint."""
+    sync: str = opt("full", choices=("full", "delta"))
+    """How each weight sync reaches served engines: full = every tensor; delta = only the elements whose bits
+    changed since the engines' version (indices + values, or the whole tensor where that is smaller), each bucket
+    checked on the engine by checksum and sequence number, a failed delta followed at once by a full sync
+    (docs/WEIGHT_SYNC.md). Pays with bf16/fp16 engines, where an RL step leaves most elements unchanged; costs
+    one copy of the model in the engine's dtype on the actor's rank 0. Needs served embedded engines
+    (`rollout.served`, or cluster.mode disaggregated): an in-process engine is written in place already."""
     partial: bool = False
     """Partial rollout (needs trainer.max_staleness >= 1): responses are sampled in windows of `partial_window`
     tokens; a step trains the first groups to finish, and a response still unfinished when its step's batch is full

@@ -110,6 +110,9 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "sync/gb",
     "sync/gb_per_s",
     "sync/probe_max_diff",
+    "sync/delta_sent_frac",
+    "sync/delta_changed_frac",
+    "sync/delta_fallbacks",
     "sync/servers",
     # wall time
     "perf/step_s",

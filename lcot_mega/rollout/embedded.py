@@ -46,6 +46,7 @@ from lcot_mega.rollout.protocol import Completion, SamplingParams, check_memory_
 from lcot_mega.rollout.sampling import process_logits, sample
 from lcot_mega.types import SampleStatus
 from lcot_mega.utils.host_memory import release_free_heap
+from lcot_mega.weight_sync.delta import DeltaReceiver, is_delta
 
 if TYPE_CHECKING:
     from transformers import Cache
@@ -146,6 +147,7 @@ class EmbeddedEngine:
         self._state_lock = threading.Lock()  # guards _in_flight against abort()
         self._in_flight = False
         self._abort = threading.Event()
+        self._delta = DeltaReceiver()
         self._unloaded: set[str] = set()  # canonical names of weights released and not loaded since
         self._saved_buffers: dict[str, torch.Tensor] = {}
         self._closed = False
@@ -446,7 +448,8 @@ class EmbeddedEngine:
         """Copy full HF-named tensors into the model, bucket by bucket, each bucket checked before it is loaded.
 
         A bad name or shape raises ValueError; buckets before it stay loaded and the version is not bumped,
-        so the caller must send the update again.
+        so the caller must send the update again. A delta bucket (`weight_sync.delta`) is applied and checked
+        against its checksums; one that does not fit raises DeltaError (a ValueError): sync in full.
         """
         if isinstance(version, bool) or not isinstance(version, int):
             raise ValueError(f"version must be an int, got {version!r}")
@@ -457,6 +460,12 @@ class EmbeddedEngine:
                 raise RuntimeError("weights are released; call resume_memory() before update_weights")
             state = self._model.state_dict()
             canonical = self._canonical_names(state)
+            named_tensors = list(named_tensors)
+            if is_delta(named_tensors):  # `rollout.sync: delta`: applied and checked in place, or DeltaError
+                for name in self._delta.apply(named_tensors, state, self._version):
+                    self._unloaded.discard(canonical[name])
+                self._version = version
+                return
             for bucket in _buckets(named_tensors, _UPDATE_BUCKET_BYTES):
                 for name, tensor in bucket:
                     _check_tensor(name, tensor, state)

@@ -38,6 +38,7 @@ def preflight_errors(cfg: Config) -> list[str]:
         + _cluster_errors(cfg)
         + rollout_engine_errors(cfg)
         + weight_dtype_errors(cfg)
+        + sync_mode_errors(cfg)
         + injection_errors(cfg)
         + staleness_errors(cfg)
     )
@@ -198,6 +199,26 @@ def weight_dtype_errors(cfg: Config) -> list[str]:
         return [
             "rollout.weight_dtype = 'fp8' is wired for SGLang servers only: the in-process vLLM engine does not yet"
             " start from a block-FP8 checkpoint; set rollout.engine=sglang or rollout.weight_dtype=auto"
+        ]
+    return []
+
+
+def sync_mode_errors(cfg: Config) -> list[str]:
+    """rollout.sync=delta speaks our delta buckets (`weight_sync.delta`), which only the embedded engine reads, and
+    pays only across processes: served engines in local mode, or the disaggregated servers."""
+    r, mode = cfg.rollout, cfg.cluster.mode
+    if r.sync != "delta":
+        return []
+    if r.engine != "embedded":
+        return [
+            f"rollout.sync = 'delta' sends element deltas that only the embedded engine applies; rollout.engine ="
+            f" {r.engine!r} loads whole tensors: set rollout.sync=full (or rollout.engine=embedded)"
+        ]
+    if mode == "colocated" or (mode == "local" and not r.served):
+        return [
+            f"rollout.sync = 'delta' is for engines in other processes; with cluster.mode = {mode!r}"
+            f"{'' if mode == 'colocated' else ' and rollout.served = false'} the engine is written in place, one copy"
+            " per byte already: set rollout.sync=full, or rollout.served=true (local) / cluster.mode=disaggregated"
         ]
     return []
 

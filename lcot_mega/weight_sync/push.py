@@ -22,6 +22,7 @@ import torch.distributed as dist
 from lcot_mega.bridge.arch import ArchSpec
 from lcot_mega.bridge.hf_export import DEFAULT_BUCKET_BYTES, Bucket, gather_hf_state
 from lcot_mega.rollout.protocol import RolloutEngine
+from lcot_mega.weight_sync.delta import DeltaEncoder, DeltaStats
 from lcot_mega.weight_sync.fp8 import DEFAULT_BLOCK, fp8_named_tensors
 
 WEIGHT_DTYPES = ("auto", "fp8")
@@ -60,6 +61,10 @@ class SyncReport:
     buckets: int
     probe_max_diff: float | None = None
     """Max |engine - actor| probe log-prob over the engines; None without `verify`."""
+    delta: DeltaStats | None = None
+    """With a `DeltaEncoder`: what the sync sent against what a full one would have."""
+    delta_fallback: bool = False
+    """A delta sync failed (an engine's check, a lost bucket) and the weights were sent again in full."""
 
     @property
     def gb_per_s(self) -> float:
@@ -69,6 +74,11 @@ class SyncReport:
         out = {"sync/seconds": self.seconds, "sync/gb_per_s": self.gb_per_s, "sync/gb": self.bytes / 1e9}
         if self.probe_max_diff is not None:
             out["sync/probe_max_diff"] = self.probe_max_diff
+        if self.delta is not None:
+            d = self.delta
+            out["sync/delta_sent_frac"] = d.sent_bytes / d.full_bytes if d.full_bytes else 0.0
+            out["sync/delta_changed_frac"] = d.changed / d.elements if d.elements else 0.0
+            out["sync/delta_fallbacks"] = float(self.delta_fallback)
         return out
 
 
@@ -126,6 +136,7 @@ def sync_weights(
     transport: WeightTransport | None = None,
     weight_dtype: str = "auto",
     shared: bool = True,
+    delta: DeltaEncoder | None = None,
 ) -> SyncReport:
     """Load the actor's current weights into `engines` as `version`, then flush their caches.
 
@@ -137,11 +148,47 @@ def sync_weights(
     (`engine_buckets`) to engines serving an FP8 checkpoint. `shared`: the owner reads its TP peers' shards in
     place through shared memory where their group allows it (`shared_shards`), instead of all-gathering them. An
     in-process engine with `parameter_views` (the embedded one) gets each weight assembled straight into its
-    parameter: one copy per byte, no intermediate full tensor.
+    parameter: one copy per byte, no intermediate full tensor. `delta` (owner rank; `rollout.sync: delta`) sends
+    only the elements that changed since the engines' last version (`weight_sync.delta`); if that sync fails
+    (an engine's checksum, a lost bucket, a push error), it is dropped and the weights are sent again in full.
     """
+    had_baseline = delta is not None and delta.version is not None  # the owner's encoder decides
+    outcome, seconds = _gather_and_push(chunks, arch, engines, version, bucket_bytes, owner, transport, weight_dtype,
+                                        shared, delta)  # fmt: skip
+    fallback = isinstance(outcome, str) and delta is not None and bool(_broadcast(had_baseline, owner))
+    if fallback:  # the engines may hold part of the delta: full weights under the same version
+        delta.reset()  # type: ignore[union-attr]
+        outcome, more = _gather_and_push(chunks, arch, engines, version, bucket_bytes, owner, transport,
+                                         weight_dtype, shared, delta)  # fmt: skip
+        seconds += more
+    if isinstance(outcome, str):
+        if delta is not None:
+            delta.reset()
+        raise WeightSyncError(f"weight sync to version {version} failed on rank {owner}: {outcome}")
+    if delta is not None:
+        delta.commit(version)
+    diff = None if verify is None else verify_weights(chunks, arch, engines, verify, owner=owner)
+    stats = delta.stats if delta is not None else None
+    return SyncReport(seconds, outcome[0], outcome[1], diff, stats, fallback)
+
+
+def _gather_and_push(
+    chunks: list[torch.nn.Module],
+    arch: ArchSpec,
+    engines: Sequence[RolloutEngine],
+    version: int,
+    bucket_bytes: int,
+    owner: int,
+    transport: WeightTransport | None,
+    weight_dtype: str,
+    shared: bool,
+    delta: DeltaEncoder | None,
+) -> tuple[tuple[int, int] | str, float]:
+    """One pass of `sync_weights` on every rank: ((bytes, buckets) or the owner's error, seconds), the same on
+    every rank."""
     start = time.perf_counter()
     into = None
-    if dist.get_rank() == owner and transport is None and weight_dtype == "auto" and engines:
+    if dist.get_rank() == owner and transport is None and weight_dtype == "auto" and engines and delta is None:
         views = getattr(engines[0], "parameter_views", None)  # an engine in this process: write straight into it
         into = views().get if views is not None else None
     stream = gather_hf_state(chunks, arch, bucket_bytes, dst=owner, shared=shared, into=into)
@@ -149,17 +196,14 @@ def sync_weights(
     if dist.get_rank() == owner:
         try:
             out = engine_buckets(stream, weight_dtype)  # "auto": `stream` itself
+            out = delta.encode(out) if delta is not None else out
             outcome = transport.push(out, version) if transport else _push(out, engines, version)
         except Exception as e:
             outcome = f"{type(e).__name__}: {e}"
     for _ in stream:  # the rest of the collectives (all of them on ranks other than the owner)
         pass
     seconds = time.perf_counter() - start
-    outcome, seconds = _broadcast((outcome, seconds), owner)  # every rank raises, or none does
-    if isinstance(outcome, str):
-        raise WeightSyncError(f"weight sync to version {version} failed on rank {owner}: {outcome}")
-    diff = None if verify is None else verify_weights(chunks, arch, engines, verify, owner=owner)
-    return SyncReport(seconds=seconds, bytes=outcome[0], buckets=outcome[1], probe_max_diff=diff)
+    return _broadcast((outcome, seconds), owner)  # every rank raises, or none does
 
 
 def verify_weights(

@@ -72,6 +72,7 @@ def test_a_server_killed_before_a_sync_is_restarted_and_resynced(ray_config, sha
         rt.close()
 
 
+@pytest.mark.slow  # about 70 s; the default tier has the killed server here and the hung one in local served mode
 def test_a_server_hung_mid_generation_is_replaced_and_no_prompt_is_lost(ray_config, shared_ray):
     cfg = ray_config(mode="disaggregated", actor_ranks=1, num_engines=2)
     cfg.rollout.request_timeout_s = 10.0

@@ -39,11 +39,11 @@ def _ok(proc: subprocess.CompletedProcess) -> list[dict]:
     return read_metrics(Path(proc.args[-1]) / "metrics.jsonl")
 
 
-def _same_run(served: list[dict], in_process: list[dict]) -> None:
+def _same_run(served: list[dict], in_process: list[dict], skip: tuple[str, ...] = ()) -> None:
     assert [r["step"] for r in served] == [r["step"] for r in in_process] == [1, 2, 3, 4]
     for a, b in zip(served, in_process, strict=True):
         assert a["rollout/groups_generated"] == b["rollout/groups_generated"] == 4.0
-        expected = {k: v for k, v in b.items() if not k.startswith(_SKIP)}
+        expected = {k: v for k, v in b.items() if not k.startswith(_SKIP + skip)}
         labels = {k for k, v in expected.items() if isinstance(v, str)}  # guard/action, guard/reason: exact
         assert {k: a[k] for k in labels} == {k: expected[k] for k in labels}, a["step"]
         numbers = {k: v for k, v in expected.items() if k not in labels}
@@ -103,6 +103,8 @@ def _processes_with(arg: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # about 70 s; the default tier kills a served server in the delta test below, and hangs one in
+# tests/cluster/test_runtime_served.py
 def test_a_killed_and_a_hung_server_are_restarted_and_the_run_is_unchanged(tmp_path, model, in_process):
     """One server, so the step's requests can only finish once it is back: SIGKILL in step 2, SIGSTOP in step 3
     (found by the request timeout). Re-sent requests keep their seeds: the run equals the in-process one."""
@@ -121,6 +123,23 @@ def test_a_killed_and_a_hung_server_are_restarted_and_the_run_is_unchanged(tmp_p
         assert r["rollout/engine_failovers"] >= struck, (step, out)  # the request in flight was re-sent
     log = (tmp_path / "run" / "logs" / "server-0.log").read_text()
     assert log.count("===== server 0 launch") == 3
+
+
+def test_delta_syncs_to_a_served_engine_train_exactly_like_full_syncs_in_process(tmp_path, model):
+    """bf16 engines and a small learning rate, so most elements keep their bits and travel as deltas (indices and
+    values through shared memory); the server is killed in step 2, gets full weights on restart, and the next
+    syncs are deltas again. Bit-exact deltas make the run equal the in-process one with full syncs."""
+    bf16 = ("model.dtype=bfloat16", "actor.lr=1e-6")
+    in_process = _ok(_train(tmp_path / "in-process", model, *bf16))
+    fault = ("debug.inject.kill_engine_at_step=[2]", f"rollout.request_timeout_s={TIMEOUT_S}")
+    proc = _train(tmp_path / "served", model, *bf16, "rollout.served=true", "rollout.sync=delta", *fault)
+    served = _ok(proc)
+    _same_run(served, in_process, skip=("sync/gb",))  # the bytes sent: fewer, which is the point
+    assert "rollout server 0 restarted with weight version 1" in proc.stdout
+    sent = [r["sync/delta_sent_frac"] for r in served]
+    assert sent[0] == 1.0 and sent[1] == 1.0  # the first sync has no baseline; step 2's follows the restart
+    assert all(f < 0.7 for f in sent[2:]), sent
+    assert all(r["sync/delta_fallbacks"] == 0 for r in served)
 
 
 # ------------------------------------------------------------------------------------------ refused configs
