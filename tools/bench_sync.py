@@ -194,7 +194,7 @@ def sync_worker(
     version = 0
 
     def run(key: str, engines: list, transport: Any = None, shared: bool = True, delta: Any = None,
-            lr: float = 0.0) -> None:  # fmt: skip
+            lr: float = 0.0, dtype: Any = None) -> None:  # fmt: skip
         nonlocal version
         reports, parts = [], []
         for _ in range(repeats + 1):
@@ -203,6 +203,7 @@ def sync_worker(
                 simulated_step(chunks, lr, seed=1000 * version + rank)
             with SyncProfile() as prof:
                 kw = dict(bucket_bytes=bucket_bytes, transport=transport, shared=shared, delta=delta)
+                kw.update(engine_dtype=dtype)
                 reports.append(sync_weights(chunks, arch, engines, version, **kw))
             parts.append(prof.parts(reports[-1].seconds))
         out[key], out[f"{key}_parts"] = reports[1:], parts[1:]
@@ -253,11 +254,12 @@ def delta_rows(
         proc, client = start_server(hf_dir, threads, dtype="bfloat16")
         transport = BroadcastSync([client], "127.0.0.1", port, group_name="bench_sync_delta")
     engines = [client] if client else []
-    run("tensor_bf16", engines)
-    run("broadcast_bf16", engines, transport)
+    bf16 = torch.bfloat16  # sent as the engine holds them: half the actor's fp32 bytes
+    run("tensor_bf16", engines, dtype=bf16)
+    run("broadcast_bf16", engines, transport, dtype=bf16)
     for lr in lrs:
-        run(f"tensor_delta_{lr:g}", engines, delta=DeltaEncoder(torch.bfloat16), lr=lr)
-        run(f"broadcast_delta_{lr:g}", engines, transport, delta=DeltaEncoder(torch.bfloat16), lr=lr)
+        run(f"tensor_delta_{lr:g}", engines, delta=DeltaEncoder(bf16), lr=lr, dtype=bf16)
+        run(f"broadcast_delta_{lr:g}", engines, transport, delta=DeltaEncoder(bf16), lr=lr, dtype=bf16)
     if rank == 0:
         transport.close()
         out["server_bf16_peak_rss_gb"] = peak_rss_gb(proc.pid)

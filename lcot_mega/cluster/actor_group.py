@@ -177,6 +177,7 @@ class ActorRank:
             transport=self.transport,
             weight_dtype=self.cfg.rollout.weight_dtype,
             delta=self.delta,
+            engine_dtype=getattr(torch, self.cfg.model.dtype),
         )
         return report.metrics()
 
@@ -191,7 +192,8 @@ class ActorRank:
         if self.delta is not None:  # `engine` gets today's weights, not the mirror: the next sync is full
             self.delta.reset()
         buckets = iter_hf_buckets(self.actor.chunks, self.actor.arch, self.bucket_bytes or DEFAULT_BUCKET_BYTES)
-        for bucket in engine_buckets(buckets, self.cfg.rollout.weight_dtype):  # a restarted FP8 server wants FP8
+        dtype = getattr(torch, self.cfg.model.dtype)
+        for bucket in engine_buckets(buckets, self.cfg.rollout.weight_dtype, dtype=dtype):  # FP8 servers want FP8
             engine.update_weights(bucket, version)
         engine.update_weights((), version)
         engine.flush_cache()

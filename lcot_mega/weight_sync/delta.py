@@ -130,36 +130,41 @@ class DeltaEncoder:
             return [(name, new)]
         flat_new, flat_old = new.contiguous().view(-1), old.view(-1)
         mask = _bits(flat_new) != _bits(flat_old)  # [n]
-        changed = mask.nonzero().view(-1)  # [k] ascending
-        k, n, size = changed.numel(), new.numel(), new.element_size()
+        k, n, size = int(torch.count_nonzero(mask)), new.numel(), new.element_size()
         self.stats.changed += k
         index_dtype = torch.int32 if n < 2**31 else torch.int64
         index_bytes = k * (torch.empty((), dtype=index_dtype).element_size() + size)
         mask_bytes = (n + 7) // 8 + k * size
+        flat_old.copy_(flat_new)  # the mirror as the engine will hold it (a copy is cheaper than a scatter)
         if min(index_bytes, mask_bytes) >= n * size:
-            flat_old.copy_(flat_new)
             return [(name, new)]
+        changed = mask.nonzero().view(-1)  # [k] ascending
         values = flat_new[changed]  # [k]
-        flat_old[changed] = values
         self.stats.sparse_tensors += 1
         if index_bytes <= mask_bytes:
             return [(name + INDEX, changed.to(index_dtype)), (name + VALUE, values)]
         return [(name + MASK, pack_bits(mask)), (name + VALUE, values)]
 
 
-_BIT = 1 << torch.arange(8, dtype=torch.uint8)  # [8]: the weight of bit i
+_GATHER = 0x0102040810204080
+"""Times a word of eight 0/1 bytes, puts byte i's bit at bit 56 + i (no two partial products overlap, so no carry)."""
+_SPREAD, _SELECT = 0x0101010101010101, -0x7FBFDFEFF7FBFDFF  # 0x8040201008040201 as int64
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool [n] as uint8 [ceil(n / 8)]: element 8j + i is bit i of byte j (numpy's packbits, little bit order)."""
+    """A bool [n] as uint8 [ceil(n / 8)]: element 8j + i is bit i of byte j (numpy's packbits, little bit order).
+    Eight mask bytes are one little-endian int64 word; one multiply gathers their bits (wrapping, as torch's int64
+    arithmetic does), so the work is three passes over n / 8 words."""
     padded = torch.zeros((mask.numel() + 7) // 8 * 8, dtype=torch.uint8)
     padded[: mask.numel()] = mask
-    return (padded.view(-1, 8) * _BIT).sum(dim=1, dtype=torch.uint8)
+    words = padded.view(torch.int64)  # [ceil(n / 8)]
+    return words.mul(_GATHER).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """`pack_bits`'s inverse: bool [n]."""
-    return (packed.view(-1, 1) & _BIT).ne(0).view(-1)[:n]
+    """`pack_bits`'s inverse: bool [n]. Each byte is copied into the eight bytes of a word and byte i keeps bit i."""
+    words = packed.to(torch.int64).mul_(_SPREAD).bitwise_and_(_SELECT)  # [n / 8]: byte i is 0 or 2^i
+    return words.view(torch.uint8).ne(0)[:n]
 
 
 def _bits(flat: torch.Tensor) -> torch.Tensor:
@@ -210,10 +215,10 @@ class DeltaReceiver:
                 target = state[name]
                 if whole is not None:
                     target.copy_(whole)
-                elif index.dtype == torch.bool:  # a bitmap, unpacked by `_writes`
-                    target.view(-1)[index] = value.to(target.dtype)
+                elif index.dtype == torch.bool:  # from a bitmap
+                    target.view(-1).masked_scatter_(index, value.to(target.dtype))
                 else:
-                    target.view(-1)[index.to(torch.int64)] = value.to(target.dtype)
+                    target.view(-1).index_copy_(0, index.to(torch.int64), value.to(target.dtype))
         for (name, _), want in zip(writes.items(), _signed_back(header[3:]), strict=True):
             if tensor_checksum(state[name]) != want:
                 raise DeltaError(f"{name} differs from the trainer's copy after delta bucket {seq}")
@@ -225,7 +230,7 @@ def _writes(
     named: list[Named], state: dict[str, torch.Tensor]
 ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
     """name -> (whole tensor, or places and values), in the order the bucket names them, checked against `state`;
-    places are int indices, or a bool mask unpacked from the bitmap."""
+    places are flat indices, or a bool mask unpacked from a bitmap."""
     out: dict[str, list[torch.Tensor | None]] = {}
     for name, tensor in named:
         for suffix, slot in ((INDEX, 1), (MASK, 3), (VALUE, 2), ("", 0)):
@@ -247,7 +252,7 @@ def _writes(
         elif bitmap is not None:
             if index is not None or bitmap.dtype != torch.uint8 or bitmap.numel() != (n + 7) // 8:
                 raise DeltaError(f"{name!r}: a delta bitmap needs {(n + 7) // 8} uint8 bytes and no indices")
-            index = unpack_bits(bitmap, n)
+            index = unpack_bits(bitmap, n)  # bool [n]
         writes[name] = (whole, index, value)
         if whole is None:
             _check_places(name, index, value, n)
@@ -257,7 +262,7 @@ def _writes(
 def _check_places(name: str, index: torch.Tensor | None, value: torch.Tensor | None, n: int) -> None:
     if index is None or value is None or index.dim() != 1 or value.dim() != 1:
         raise DeltaError(f"{name!r}: a delta needs 1-D places and values")
-    count = int(index.sum()) if index.dtype == torch.bool else index.numel()
+    count = int(torch.count_nonzero(index)) if index.dtype == torch.bool else index.numel()
     if count != value.numel():
         raise DeltaError(f"{name!r}: {count} places for {value.numel()} values")
     if index.dtype != torch.bool and index.numel() and not 0 <= int(index.min()) <= int(index.max()) < n:

@@ -98,16 +98,23 @@ def _push(stream: Iterable[Bucket], engines: Sequence[RolloutEngine], version: i
 
 
 def engine_buckets(
-    buckets: Iterable[Bucket], weight_dtype: str = "auto", block: tuple[int, int] = DEFAULT_BLOCK
+    buckets: Iterable[Bucket],
+    weight_dtype: str = "auto",
+    block: tuple[int, int] = DEFAULT_BLOCK,
+    dtype: torch.dtype | None = None,
 ) -> Iterable[Bucket]:
-    """The HF buckets as the engines load them (`rollout.weight_dtype`): "auto" returns `buckets` itself; "fp8"
-    block-quantizes each bucket's linear weights (`fp8_named_tensors`). Quantizing bucket by bucket keeps the
-    byte bound: 1 byte per weight plus one float32 per block is less than the bf16/fp32 tensor it replaces."""
+    """The HF buckets as the engines load them (`rollout.weight_dtype`): "auto" returns `buckets` itself, or with
+    `dtype` (the engines' dtype, model.dtype) its floating tensors cast to it on the way, so that a bf16 engine
+    is sent half the bytes of the actor's fp32 weights; "fp8" block-quantizes each bucket's linear weights
+    (`fp8_named_tensors`). Quantizing bucket by bucket keeps the byte bound: 1 byte per weight plus one float32
+    per block is less than the bf16/fp32 tensor it replaces."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
-    if weight_dtype == "auto":
+    if weight_dtype == "fp8":
+        return (list(fp8_named_tensors(bucket, block=block)) for bucket in buckets)
+    if dtype is None:
         return buckets
-    return (list(fp8_named_tensors(bucket, block=block)) for bucket in buckets)
+    return ([(n, t.to(dtype) if t.is_floating_point() else t) for n, t in bucket] for bucket in buckets)
 
 
 class WeightTransport(Protocol):
@@ -137,6 +144,7 @@ def sync_weights(
     weight_dtype: str = "auto",
     shared: bool = True,
     delta: DeltaEncoder | None = None,
+    engine_dtype: torch.dtype | None = None,
 ) -> SyncReport:
     """Load the actor's current weights into `engines` as `version`, then flush their caches.
 
@@ -148,18 +156,18 @@ def sync_weights(
     (`engine_buckets`) to engines serving an FP8 checkpoint. `shared`: the owner reads its TP peers' shards in
     place through shared memory where their group allows it (`shared_shards`), instead of all-gathering them. An
     in-process engine with `parameter_views` (the embedded one) gets each weight assembled straight into its
-    parameter: one copy per byte, no intermediate full tensor. `delta` (owner rank; `rollout.sync: delta`) sends
+    parameter: one copy per byte, no intermediate full tensor. `engine_dtype`: the engines' dtype; weights travel
+    in it (`engine_buckets`). `delta` (owner rank; `rollout.sync: delta`) sends
     only the elements that changed since the engines' last version (`weight_sync.delta`); if that sync fails
     (an engine's checksum, a lost bucket, a push error), it is dropped and the weights are sent again in full.
     """
     had_baseline = delta is not None and delta.version is not None  # the owner's encoder decides
-    outcome, seconds = _gather_and_push(chunks, arch, engines, version, bucket_bytes, owner, transport, weight_dtype,
-                                        shared, delta)  # fmt: skip
+    args = (chunks, arch, engines, version, bucket_bytes, owner, transport, weight_dtype, shared, delta, engine_dtype)
+    outcome, seconds = _gather_and_push(*args)
     fallback = isinstance(outcome, str) and delta is not None and bool(_broadcast(had_baseline, owner))
     if fallback:  # the engines may hold part of the delta: full weights under the same version
         delta.reset()  # type: ignore[union-attr]
-        outcome, more = _gather_and_push(chunks, arch, engines, version, bucket_bytes, owner, transport,
-                                         weight_dtype, shared, delta)  # fmt: skip
+        outcome, more = _gather_and_push(*args)
         seconds += more
     if isinstance(outcome, str):
         if delta is not None:
@@ -183,6 +191,7 @@ def _gather_and_push(
     weight_dtype: str,
     shared: bool,
     delta: DeltaEncoder | None,
+    engine_dtype: torch.dtype | None,
 ) -> tuple[tuple[int, int] | str, float]:
     """One pass of `sync_weights` on every rank: ((bytes, buckets) or the owner's error, seconds), the same on
     every rank."""
@@ -195,7 +204,7 @@ def _gather_and_push(
     outcome: tuple[int, int] | str = (0, 0)
     if dist.get_rank() == owner:
         try:
-            out = engine_buckets(stream, weight_dtype)  # "auto": `stream` itself
+            out = engine_buckets(stream, weight_dtype, dtype=engine_dtype)
             out = delta.encode(out) if delta is not None else out
             outcome = transport.push(out, version) if transport else _push(out, engines, version)
         except Exception as e:

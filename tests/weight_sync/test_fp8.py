@@ -296,3 +296,10 @@ def test_sglang_serving_block_fp8_takes_synced_fp8_weights(tmp_path):
             logp = model(ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)  # [R, V]
             ref = logp.gather(-1, torch.tensor(response)[:, None])[:, 0]
             torch.testing.assert_close(score.float(), ref, atol=0.1, rtol=0)
+
+
+def test_auto_buckets_travel_in_the_engines_dtype_when_it_is_given():
+    buckets = [[("w", torch.randn(4, 4)), ("ids", torch.arange(3))]]
+    (out,) = list(engine_buckets(buckets, "auto", dtype=torch.bfloat16))
+    assert out[0][1].dtype == torch.bfloat16 and torch.equal(out[0][1], buckets[0][0][1].to(torch.bfloat16))
+    assert out[1][1] is buckets[0][1][1]  # integers are not weights: untouched
