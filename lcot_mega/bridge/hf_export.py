@@ -18,7 +18,7 @@ import copy
 import json
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -82,8 +82,8 @@ def _chunk_params(chunk: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter,
     return list(named_params_with_layers(unwrap_model(chunk)))
 
 
-Targets = Callable[[str], torch.Tensor | None]
-"""HF name -> the tensor to write that weight into (an in-process engine's parameter), or None."""
+Targets = Mapping[str, torch.Tensor]
+"""HF name -> the tensor to write that weight into (an in-process engine's parameter)."""
 
 
 @torch.no_grad()
@@ -93,26 +93,33 @@ def _chunk_hf_tensors(
     group: Any,
     per_rank_of: Callable[[int], list[torch.Tensor]] | None = None,
     into: Targets | None = None,
+    only: int | None = None,
 ) -> Iterator[Named]:
     """(HF name, full tensor) of one chunk; each TP-split parameter all-gathered over `group`, or, with
     `per_rank_of` (parameter index -> every TP rank's tensor, `weight_sync.shared_shards`), read in place. With
-    `into`, a full tensor is assembled straight in its target, which is what is yielded."""
-    for i, (name, param, layer) in enumerate(_chunk_params(chunk)):
+    `into`, a full tensor is assembled straight in its target, which is what is yielded. `only` (with `into` and
+    `per_rank_of`): this rank writes TP rank `only`'s slices alone (its own: `shared_shards.peer_targets` gave
+    every TP rank the targets), and a tensor that does not fit its target is assembled by TP rank 0 alone."""
+    for index, (name, param, layer) in enumerate(_chunk_params(chunk)):
         if name == "output_layer.weight" and arch.tie_word_embeddings:
             continue  # the last PP stage's copy of the embedding; stage 0 emits model.embed_tokens.weight
         rule = rule_for(name, layer, arch)
         if per_rank_of is not None and rule.layout != REPLICATED:
-            tensors = per_rank_of(i)
+            tensors = per_rank_of(index)
         else:
             tensors = _gather_tp(param, rule.layout, group)
-        per_rank = [split(rule, t, arch) for t in tensors]
-        for i, hf_name in enumerate(rule.hf_names):
-            pieces = [p[i] for p in per_rank]
-            target = into(hf_name) if into is not None else None
-            if target is not None and concat_tp_into(rule, pieces, target):
+        mine = tensors
+        if only is not None and rule.layout != REPLICATED:  # split the others' shards for their shapes only
+            mine = [t if r == only else t.to("meta") for r, t in enumerate(tensors)]
+        per_rank = [split(rule, t, arch) for t in mine]
+        for j, hf_name in enumerate(rule.hf_names):
+            pieces = [p[j] for p in per_rank]
+            target = into.get(hf_name) if into is not None else None
+            if target is not None and concat_tp_into(rule, pieces, target, only=only):
                 yield hf_name, target
-                continue
-            yield hf_name, concat_tp(rule, pieces, hf_rows=arch.vocab_size).contiguous()
+            elif only in (None, 0):  # TP rank 0 assembles what does not fit, from the real shards
+                pieces = pieces if mine is tensors else [split(rule, t, arch)[j] for t in tensors]
+                yield hf_name, concat_tp(rule, pieces, hf_rows=arch.vocab_size).contiguous()
 
 
 def iter_hf_tensors(chunks: list[torch.nn.Module], arch: ArchSpec) -> Iterator[Named]:
@@ -239,13 +246,20 @@ def gather_hf_state(
     pipeline stages the order is chunk 0 of every stage, then chunk 1, ...: the model's layer order.
     `shared`: the exporting rank reads its TP peers' shards in place through shared memory where the group
     allows it (`weight_sync.shared_shards`: one host, gloo) instead of all-gathering them. `into`: on `dst`, the
-    tensors of its own stage are assembled straight into these targets (an in-process engine's parameters).
+    tensors of its own stage are assembled straight into these targets (an in-process engine's parameters); with
+    `shared` as well, the targets are shared with dst's TP peers and each rank copies its own slices into them
+    at once (`shared_shards.peer_targets`), and a yielded target is complete once the stream has ended.
     """
     places = _all_places()
     me = places[dist.get_rank()]
     device = _comm_device()
     group = _tp_group()
     shards = _shared_shards(chunks, group) if shared else None
+    every_rank_writes = None  # dst's targets, writable by every rank of its TP group
+    if shards is not None and me.rank in places[dst].tp_ranks:
+        from lcot_mega.weight_sync.shared_shards import peer_targets
+
+        every_rank_writes = peer_targets(dict(into) if me.rank == dst and into else None, group, dst)
     offset = 0
     for chunk in chunks:
         count = len(_chunk_params(chunk))
@@ -258,9 +272,14 @@ def gather_hf_state(
             elif me.rank in producer.tp_ranks:  # the producing TP group: read in place between two barriers
                 shards.begin()
                 per_rank_of = partial(lambda base, i: shards.tensors(base + i), offset)
-                local = _pack(_chunk_hf_tensors(chunk, arch, group, per_rank_of, targets), bucket_bytes)
-                yield from _stage_part(me.rank, producer, dst, local if me.rank == producer.rank else iter(()), device)
-                shards.end()
+                if every_rank_writes is not None and producer.rank == dst:  # each rank copies its own slices
+                    tensors = _chunk_hf_tensors(chunk, arch, group, per_rank_of, every_rank_writes, only=me.tp_rank)
+                    yield from _stage_part(me.rank, producer, dst, _pack(tensors, bucket_bytes), device)
+                else:
+                    local = _pack(_chunk_hf_tensors(chunk, arch, group, per_rank_of, targets), bucket_bytes)
+                    mine = local if me.rank == producer.rank else iter(())
+                    yield from _stage_part(me.rank, producer, dst, mine, device)
+                shards.end()  # after it, every rank's slices are in the targets
             else:
                 yield from _stage_part(me.rank, producer, dst, iter(()), device)
         offset += count

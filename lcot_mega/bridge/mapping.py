@@ -146,14 +146,17 @@ def concat_tp(rule: Rule, per_rank: list[torch.Tensor], hf_rows: int | None = No
     return full
 
 
-def concat_tp_into(rule: Rule, per_rank: list[torch.Tensor], out: torch.Tensor) -> bool:
+def concat_tp_into(rule: Rule, per_rank: list[torch.Tensor], out: torch.Tensor, only: int | None = None) -> bool:
     """`concat_tp` written straight into `out` (an engine's parameter: no intermediate full tensor; a dtype cast
     happens in the copy); False, with `out` untouched, when the slices do not make `out`'s shape (VOCAB padding
-    beyond `out`'s rows is dropped, as `hf_rows` does)."""
+    beyond `out`'s rows is dropped, as `hf_rows` does). `only`: write rank `only`'s slice alone (a replicated
+    tensor: rank 0 writes it), so that every TP rank writes its own in parallel; the other slices are read for
+    their shapes only (meta tensors will do) and the answer is the same for every `only`."""
     if rule.layout == REPLICATED:
         if per_rank[0].shape != out.shape:
             return False
-        out.copy_(per_rank[0])
+        if only in (None, 0):
+            out.copy_(per_rank[0])
         return True
     dim = shard_dim(rule)
     rest = [s for d, s in enumerate(out.shape) if d != dim]
@@ -163,9 +166,9 @@ def concat_tp_into(rule: Rule, per_rank: list[torch.Tensor], out: torch.Tensor) 
     if total < rows or (total > rows and rule.layout != VOCAB):
         return False
     offset = 0
-    for t in per_rank:
+    for r, t in enumerate(per_rank):
         n = min(t.shape[dim], rows - offset)
-        if n > 0:
+        if n > 0 and only in (None, r):
             out.narrow(dim, offset, n).copy_(t.narrow(dim, 0, n))
         offset += n
     return True

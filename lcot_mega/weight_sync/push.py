@@ -199,7 +199,7 @@ def _gather_and_push(
     into = None
     if dist.get_rank() == owner and transport is None and weight_dtype == "auto" and engines and delta is None:
         views = getattr(engines[0], "parameter_views", None)  # an engine in this process: write straight into it
-        into = views().get if views is not None else None
+        into = views() if views is not None else None
     stream = gather_hf_state(chunks, arch, bucket_bytes, dst=owner, shared=shared, into=into)
     outcome: tuple[int, int] | str = (0, 0)
     if dist.get_rank() == owner:

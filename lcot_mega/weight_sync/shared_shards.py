@@ -115,6 +115,53 @@ class SharedShards:
         dist.barrier(group=self.group)
 
 
+class _Published:
+    """What one process knows of the engine targets shared in its TP group (`peer_targets`)."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.signature: tuple = ()
+        """On the source: (name, address) of every target since they were last shared."""
+        self.shared = False
+        """On the source: whether that sharing worked."""
+        self.views: dict[str, torch.Tensor] = {}
+        """On a peer: the source's targets as last shared, mapped (kept while a sync has no targets)."""
+
+
+_PUBLISHED: dict[int, _Published] = {}
+
+
+def peer_targets(targets: dict[str, torch.Tensor] | None, group: Any, src: int) -> dict[str, torch.Tensor] | None:
+    """An in-process engine's parameters (`targets`, on global rank `src`) as tensors every TP rank of `group` can
+    write, so that each rank copies its own slices straight into them (shard to shard, every core at work); None
+    on every rank when `src` has no targets or cannot share them. The storages move into shared memory in place
+    once (the engine keeps using them) and are shared again only when an address changes (the engine's weights
+    were released and reloaded); otherwise one small broadcast per sync. Collective over `group`."""
+    state = _PUBLISHED.setdefault(src, _Published())
+    message: Any = None
+    if dist.get_rank() == src and targets is not None:
+        message = (state.generation,) if state.shared else None
+        if tuple((name, t.data_ptr()) for name, t in targets.items()) != state.signature:
+            state.generation += 1
+            try:
+                handles, places = _share(list(targets.values()))
+                message, state.shared = (state.generation, list(targets), handles, places), True
+            except (RuntimeError, OSError):  # no torch_shm_manager, /dev/shm full: the source copies alone
+                message, state.shared = None, False
+            state.signature = tuple((name, t.data_ptr()) for name, t in targets.items())  # sharing moved them
+    box = [message]
+    dist.broadcast_object_list(box, src=src, group=group)
+    message = box[0]
+    if message is None:
+        return None
+    if dist.get_rank() == src:
+        return targets
+    if len(message) > 1:
+        state.generation, names, handles, places = message
+        state.views = dict(zip(names, _map(handles, places), strict=True))
+    return state.views
+
+
 _CACHE: weakref.WeakKeyDictionary[torch.nn.Module, SharedShards | str] = weakref.WeakKeyDictionary()
 
 

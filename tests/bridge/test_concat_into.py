@@ -55,3 +55,24 @@ def test_slices_that_do_not_make_the_parameters_shape_leave_it_untouched(rule, p
     out = torch.full(shape, -1.0)
     assert not concat_tp_into(rule, pieces, out)
     assert torch.equal(out, torch.full(shape, -1.0))
+
+
+@pytest.mark.parametrize(("layout", "dim", "rows"), [(COLUMN, 0, 6), (ROW, 1, 6), (VOCAB, 0, 5)])
+def test_each_rank_writing_only_its_own_slice_adds_up_to_the_whole(layout, dim, rows):
+    """Shard to shard: rank r writes slice r alone, knowing the others' shapes only (meta tensors)."""
+    rule = Rule(layout, ("w",))
+    pieces = _slices((6, 4), dim, 3)
+    shape = (rows, 4) if dim == 0 else (6, 4)
+    want = torch.full(shape, -1.0)
+    assert concat_tp_into(rule, pieces, want)
+    out = torch.full(shape, -1.0)
+    for r in range(3):
+        shapes_only = [p if i == r else p.to("meta") for i, p in enumerate(pieces)]
+        assert concat_tp_into(rule, shapes_only, out, only=r)
+        written = torch.zeros(shape, dtype=torch.bool)
+        written.narrow(dim, 2 * r, max(0, min(2, shape[dim] - 2 * r))).fill_(True)
+        assert torch.equal(out[written], want[written])  # slice r is in place now
+    assert torch.equal(out, want)
+    norm = torch.zeros(5)
+    assert concat_tp_into(Rule(REPLICATED, ("n",)), [torch.ones(5)], norm, only=1) and torch.equal(norm, torch.zeros(5))
+    assert concat_tp_into(Rule(REPLICATED, ("n",)), [torch.ones(5)], norm, only=0) and torch.equal(norm, torch.ones(5))

@@ -58,6 +58,9 @@ def _run(rank: int, world: int, a_dir: str, b_dir: str) -> dict:
     sync_weights(actor.chunks, arch, engines, 3)
     gaps.append(_gap(actor, engine))
     out["gaps"] = gaps
+    # shard to shard: rank 1 holds the engine's parameters mapped (it wrote its slices into them)
+    views = shared_shards._PUBLISHED[0].views if rank == 1 else engine.parameter_views()
+    out["engine_weights"] = {n: t.clone() for n, t in views.items()}
     ma.destroy_parallel()
     return out
 
@@ -81,3 +84,9 @@ def test_reading_the_peer_in_place_exports_exactly_what_the_all_gather_does(resu
 def test_syncs_after_optimizer_steps_and_after_a_parameter_moved_give_the_actors_logprobs(results):
     gaps = results[0]["gaps"]
     assert len(gaps) == 3 and max(gaps) < 1e-5, gaps
+
+
+def test_the_peer_writes_its_own_slices_into_the_engines_parameters_it_maps(results):
+    mine, peers = results[0]["engine_weights"], results[1]["engine_weights"]
+    assert len(peers) > 10 and peers.keys() <= mine.keys()
+    assert all(torch.equal(peers[n], mine[n]) for n in peers)  # the same memory, seen from both processes
