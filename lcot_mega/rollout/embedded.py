@@ -148,6 +148,7 @@ class EmbeddedEngine:
         self._in_flight = False
         self._abort = threading.Event()
         self._delta = DeltaReceiver()
+        self._state: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None  # `_weights`
         self._unloaded: set[str] = set()  # canonical names of weights released and not loaded since
         self._saved_buffers: dict[str, torch.Tensor] = {}
         self._closed = False
@@ -458,8 +459,7 @@ class EmbeddedEngine:
                 raise RuntimeError("the engine is shut down")
             if self._released:
                 raise RuntimeError("weights are released; call resume_memory() before update_weights")
-            state = self._model.state_dict()
-            canonical = self._canonical_names(state)
+            state, canonical = self._weights()
             named_tensors = list(named_tensors)
             if is_delta(named_tensors):  # `rollout.sync: delta`: applied and checked in place, or DeltaError
                 for name in self._delta.apply(named_tensors, state, self._version):
@@ -483,7 +483,15 @@ class EmbeddedEngine:
         with self._lock:
             if self._closed or self._released:
                 raise RuntimeError("the engine is shut down or its weights are released: no parameters to write")
-            return dict(self._model.state_dict())
+            return dict(self._weights()[0])
+
+    def _weights(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The model's state dict and `_canonical_names`, built once per allocation of the weights (a state dict
+        walks every module: ~4 ms per call on a 120M model, paid per bucket before)."""
+        if self._state is None:
+            state = self._model.state_dict()
+            self._state = (state, self._canonical_names(state))
+        return self._state
 
     def reload_weights(self, version: int = 0) -> None:
         """Load the weights saved in `model_dir` again (after `release_memory`, or to undo updates)."""
@@ -515,6 +523,7 @@ class EmbeddedEngine:
                 # Non-persistent buffers (RoPE inv_freq) are not part of a weight update: keep them aside.
                 self._saved_buffers = {k: b.clone() for k, b in self._model.named_buffers()}
                 self._model.to("meta")
+                self._state = None
         finally:
             self._lock.release()
 
@@ -529,6 +538,7 @@ class EmbeddedEngine:
                 return
             self._model.to_empty(device=self.device)
             self._model.tie_weights()
+            self._state = None
             with torch.no_grad():
                 for name, buf in self._model.named_buffers():
                     buf.copy_(self._saved_buffers[name])
