@@ -120,6 +120,9 @@ def _chunk_hf_tensors(
             elif only in (None, 0):  # TP rank 0 assembles what does not fit, from the real shards
                 pieces = pieces if mine is tensors else [split(rule, t, arch)[j] for t in tensors]
                 yield hf_name, concat_tp(rule, pieces, hf_rows=arch.vocab_size).contiguous()
+            else:  # a peer: the same item, without data, so that its buckets end where TP rank 0's do
+                meta = [p.to("meta") for p in pieces]
+                yield hf_name, concat_tp(rule, meta, hf_rows=arch.vocab_size)
 
 
 def iter_hf_tensors(chunks: list[torch.nn.Module], arch: ArchSpec) -> Iterator[Named]:
@@ -147,6 +150,14 @@ def _pack(items: Iterable[Named], limit: int) -> Iterator[Bucket]:
         size += nbytes
     if group:
         yield group
+
+
+def _pack_together(items: Iterable[Named], limit: int, group: Any) -> Iterator[Bucket]:
+    """`_pack` on every rank of `group` writing its share of the same buckets (`only`): a bucket is yielded once
+    every rank has written its slices of it (one barrier per bucket), so a reader may read it at once."""
+    for bucket in _pack(items, limit):
+        dist.barrier(group=group)
+        yield bucket
 
 
 def iter_hf_buckets(chunks: list[torch.nn.Module], arch: ArchSpec, bucket_bytes: int) -> Iterator[Bucket]:
@@ -246,9 +257,10 @@ def gather_hf_state(
     pipeline stages the order is chunk 0 of every stage, then chunk 1, ...: the model's layer order.
     `shared`: the exporting rank reads its TP peers' shards in place through shared memory where the group
     allows it (`weight_sync.shared_shards`: one host, gloo) instead of all-gathering them. `into`: on `dst`, the
-    tensors of its own stage are assembled straight into these targets (an in-process engine's parameters); with
-    `shared` as well, the targets are shared with dst's TP peers and each rank copies its own slices into them
-    at once (`shared_shards.peer_targets`), and a yielded target is complete once the stream has ended.
+    tensors of its own stage are assembled straight into these targets (an in-process engine's parameters, or a
+    staging buffer in shared memory); with `shared` as well, the targets are shared with dst's TP peers and each
+    rank copies its own slices into them at once (`shared_shards.peer_targets`), a bucket being yielded once
+    every rank has written its part.
     """
     places = _all_places()
     me = places[dist.get_rank()]
@@ -274,7 +286,7 @@ def gather_hf_state(
                 per_rank_of = partial(lambda base, i: shards.tensors(base + i), offset)
                 if every_rank_writes is not None and producer.rank == dst:  # each rank copies its own slices
                     tensors = _chunk_hf_tensors(chunk, arch, group, per_rank_of, every_rank_writes, only=me.tp_rank)
-                    yield from _stage_part(me.rank, producer, dst, _pack(tensors, bucket_bytes), device)
+                    yield from _stage_part(me.rank, producer, dst, _pack_together(tensors, bucket_bytes, group), device)
                 else:
                     local = _pack(_chunk_hf_tensors(chunk, arch, group, per_rank_of, targets), bucket_bytes)
                     mine = local if me.rank == producer.rank else iter(())

@@ -97,6 +97,8 @@ def dumps_named_tensors(
 ) -> SerializedTensors:
     """Copy `named_tensors` into one shared-memory buffer and pickle handles to it, once per rank.
 
+    Tensors that all lie in shared memory already (a staging buffer) are sent as they are, in the plain format:
+    handles only, nothing copied; the caller must not change them before the server has answered.
     `flatten` sends SGLang's "flattened_bucket" when every tensor has the same dtype (else the plain list). Each rank
     gets its own pickle of the same buffer, since each pickle holds one reference that one rank gives back. `reuse`
     is the buffer of an earlier, answered payload: used again when large enough (a fresh segment costs a page fault
@@ -107,6 +109,9 @@ def dumps_named_tensors(
     if not named:
         payload: Any = []
         load_format, buffer, nbytes = None, None, 0
+    elif all(_in_shared_memory(t) for _, t in named):  # a staging buffer: handles to it, no copy
+        payload, load_format, buffer = named, None, None
+        nbytes = sum(t.numel() * t.element_size() for _, t in named)
     elif flatten and len({t.dtype for _, t in named}) == 1:
         payload, buffer, nbytes = _flattened(named, reuse)
         load_format = FLATTENED_BUCKET
@@ -115,6 +120,11 @@ def dumps_named_tensors(
         load_format = None
     entries = [_dumps(payload) for _ in range(ranks)]
     return SerializedTensors(entries=entries, load_format=load_format, buffer=buffer, nbytes=nbytes)
+
+
+def _in_shared_memory(t: torch.Tensor) -> bool:
+    """A CPU tensor whose storage is already a named shared-memory segment (`weight_sync.staging`)."""
+    return t.device.type == "cpu" and t.untyped_storage().is_shared()
 
 
 def _check_name(name: Any) -> str:

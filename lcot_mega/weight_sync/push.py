@@ -12,6 +12,7 @@ rank on their way out (`engine_buckets`, docs/FP8.md).
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,6 +25,7 @@ from lcot_mega.bridge.hf_export import DEFAULT_BUCKET_BYTES, Bucket, gather_hf_s
 from lcot_mega.rollout.protocol import RolloutEngine
 from lcot_mega.weight_sync.delta import DeltaEncoder, DeltaStats
 from lcot_mega.weight_sync.fp8 import DEFAULT_BLOCK, fp8_named_tensors
+from lcot_mega.weight_sync.staging import Stager
 
 WEIGHT_DTYPES = ("auto", "fp8")
 
@@ -125,6 +127,10 @@ class WeightTransport(Protocol):
         ...
 
 
+_STAGERS: weakref.WeakKeyDictionary[torch.nn.Module, Stager] = weakref.WeakKeyDictionary()
+"""Each actor's staging buffer (keyed by its first chunk) for syncs to engines in other processes."""
+
+
 def _broadcast(obj: object, src: int) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -217,15 +223,20 @@ def _gather_and_push_unpaused(
     engine_dtype: torch.dtype | None,
 ) -> tuple[tuple[int, int] | str, float]:
     start = time.perf_counter()
-    into = None
-    if dist.get_rank() == owner and transport is None and weight_dtype == "auto" and engines and delta is None:
-        views = getattr(engines[0], "parameter_views", None)  # an engine in this process: write straight into it
-        into = views() if views is not None else None
+    into, stager = None, None
+    if dist.get_rank() == owner and weight_dtype == "auto":
+        views = getattr(engines[0], "parameter_views", None) if engines and transport is None else None
+        if views is not None and delta is None:  # an engine in this process: write straight into it
+            into = views()
+        elif dist.get_backend() == "gloo":  # engines elsewhere, bytes through host memory: a staging buffer
+            stager = _STAGERS.setdefault(chunks[0], Stager())
+            into = stager.targets()
     stream = gather_hf_state(chunks, arch, bucket_bytes, dst=owner, shared=shared, into=into)
     outcome: tuple[int, int] | str = (0, 0)
     if dist.get_rank() == owner:
         try:
             out = engine_buckets(stream, weight_dtype, dtype=engine_dtype)
+            out = stager.watch(out) if stager is not None else out
             out = delta.encode(out) if delta is not None else out
             outcome = transport.push(out, version) if transport else _push(out, engines, version)
         except Exception as e:
