@@ -113,9 +113,11 @@ def peak_rss_gb(pid: int | None = None) -> float:
 
 
 class SyncProfile:
-    """Where a sync's seconds go on this rank (the issue-20 breakdown): the TP all-gather, the barriers around
-    reading shared shards, the engine's load (`update_weights`: name checks and `copy_` into the model), and the
-    rest (splitting fused tensors, concatenating TP slices, Python). Wraps the functions while it is entered."""
+    """Where a sync's seconds go on this rank (the issue-20 breakdown): the TP all-gather, the barriers (around
+    reading shared shards, one per bucket where every TP rank writes its slices), the engine's load (in process:
+    `update_weights`, name checks and `copy_` into the model; served: the request or broadcast round as the
+    trainer waits for it, the server's load included), and the rest (splitting fused tensors, concatenating TP
+    slices into the targets, Python). Wraps the functions while it is entered."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -137,12 +139,14 @@ class SyncProfile:
     def __enter__(self) -> SyncProfile:
         from lcot_mega.bridge import hf_export
         from lcot_mega.rollout.embedded import EmbeddedEngine
-        from lcot_mega.weight_sync.shared_shards import SharedShards
+        from lcot_mega.rollout.http_client import SGLangHTTPEngine
+        from lcot_mega.weight_sync.broadcast import BroadcastSync
 
         self._wrap(hf_export, "_gather_tp", "tp all-gather")
-        self._wrap(SharedShards, "begin", "barriers")
-        self._wrap(SharedShards, "end", "barriers")
+        self._wrap(hf_export.dist, "barrier", "barriers")  # around reading shared shards, and one per bucket
         self._wrap(EmbeddedEngine, "update_weights", "engine load")
+        self._wrap(SGLangHTTPEngine, "update_weights", "engine load")  # the request, as the client waits for it
+        self._wrap(BroadcastSync, "_round", "engine load")
         return self
 
     def __exit__(self, *exc: object) -> None:

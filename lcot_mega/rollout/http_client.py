@@ -254,10 +254,12 @@ class SGLangHTTPEngine:
         weight_version: int | None = None,
         *,
         flush_cache: bool = True,
+        load_format: str | None = None,
     ) -> None:
         """Announce tensors the trainer is about to broadcast from rank 0 (`/update_weights_from_distributed`);
         `weight_version` None keeps the server's version. Returns only once the server has received and loaded
-        them, so call it from a thread and broadcast meanwhile (`lcot_mega.weight_sync.broadcast.BroadcastSync`)."""
+        them, so call it from a thread and broadcast meanwhile (`lcot_mega.weight_sync.broadcast.BroadcastSync`).
+        `load_format` "flattened_bucket": the tensors (of one dtype) come as one broadcast of their concatenation."""
         body = {
             "names": list(names),
             "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
@@ -265,7 +267,7 @@ class SGLangHTTPEngine:
             "group_name": group_name,
             "flush_cache": flush_cache,
             "weight_version": None if weight_version is None else str(weight_version),
-            "load_format": None,
+            "load_format": load_format,
         }
         path = "/update_weights_from_distributed"
         _check_success(self._request("POST", path, body), path)

@@ -495,6 +495,7 @@ class RolloutServer:
         return group
 
     def _update_from_distributed(self, body: dict[str, Any]) -> Any:
+        from lcot_mega.rollout.tensor_ipc import FLATTENED_BUCKET
         from lcot_mega.weight_sync.broadcast import parse_dtype
 
         group = self._group(body)
@@ -507,12 +508,16 @@ class RolloutServer:
             raise HTTPError(400, "names must be strings")
         if not all(_is_id_list(s) and min(s, default=0) >= 0 for s in shapes):
             raise HTTPError(400, "shapes must be lists of non-negative ints")
-        if body.get("load_format") not in (None, "direct"):
-            raise HTTPError(400, f"load_format {body.get('load_format')!r} is not supported (only null)")
+        load_format = body.get("load_format")
+        if load_format not in (None, "direct", FLATTENED_BUCKET):
+            raise HTTPError(400, f"load_format {load_format!r} is not supported (null or {FLATTENED_BUCKET!r})")
         torch_dtypes = [parse_dtype(d) for d in dtypes]
+        flat = load_format == FLATTENED_BUCKET
+        if flat and len(set(torch_dtypes)) > 1:
+            raise HTTPError(400, f"a {FLATTENED_BUCKET} holds tensors of one dtype, got {sorted(set(dtypes))}")
         version = _weight_version(body.get("weight_version"), self.engine.weight_version)
         with self._weights_lock:
-            tensors = group.receive(torch_dtypes, shapes)  # the trainer is broadcasting now: receive first
+            tensors = group.receive(torch_dtypes, shapes, flat=flat)  # the trainer is broadcasting: receive first
             self.engine.update_weights(list(zip(names, tensors, strict=True)), version)
         if body.get("flush_cache", True):
             self.engine.flush_cache()

@@ -97,8 +97,9 @@ def dumps_named_tensors(
 ) -> SerializedTensors:
     """Copy `named_tensors` into one shared-memory buffer and pickle handles to it, once per rank.
 
-    Tensors that all lie in shared memory already (a staging buffer) are sent as they are, in the plain format:
-    handles only, nothing copied; the caller must not change them before the server has answered.
+    Tensors that all lie in shared memory already (a staging buffer) are sent as they are: handles only, nothing
+    copied, as one flattened bucket when they lie packed one after the other (`staging.flat_range`), else in the
+    plain format; the caller must not change them before the server has answered.
     `flatten` sends SGLang's "flattened_bucket" when every tensor has the same dtype (else the plain list). Each rank
     gets its own pickle of the same buffer, since each pickle holds one reference that one rank gives back. `reuse`
     is the buffer of an earlier, answered payload: used again when large enough (a fresh segment costs a page fault
@@ -110,7 +111,11 @@ def dumps_named_tensors(
         payload: Any = []
         load_format, buffer, nbytes = None, None, 0
     elif all(_in_shared_memory(t) for _, t in named):  # a staging buffer: handles to it, no copy
-        payload, load_format, buffer = named, None, None
+        from lcot_mega.weight_sync.staging import flat_range
+
+        flat = flat_range([t for _, t in named]) if flatten else None
+        payload = _metadata(named, flat) if flat is not None else named
+        load_format, buffer = (FLATTENED_BUCKET if flat is not None else None), None
         nbytes = sum(t.numel() * t.element_size() for _, t in named)
     elif flatten and len({t.dtype for _, t in named}) == 1:
         payload, buffer, nbytes = _flattened(named, reuse)
@@ -160,13 +165,21 @@ def _flattened(
     total = sum(t.numel() for _, t in named)
     storage = _shared_storage(total * named[0][1].element_size(), reuse)
     flat = _view(storage, dtype, 0, torch.Size([total]))  # [total]
+    start = 0
+    for _, t in named:
+        flat[start : start + t.numel()].view(t.shape).copy_(t)
+        start += t.numel()
+    return _metadata(named, flat), storage, total * flat.element_size()
+
+
+def _metadata(named: NamedTensors, flat: torch.Tensor) -> dict[str, Any]:
+    """The flattened-bucket payload of `named`, which lie one after the other in `flat` (their common dtype)."""
     metadata, start = [], 0
     for name, t in named:
         end = start + t.numel()
-        flat[start:end].view(t.shape).copy_(t)
-        metadata.append(FlattenedTensorMetadata(name, torch.Size(t.shape), dtype, start, end, t.numel()))
+        metadata.append(FlattenedTensorMetadata(name, torch.Size(t.shape), flat.dtype, start, end, t.numel()))
         start = end
-    return {"flattened_tensor": flat, "metadata": metadata}, storage, total * flat.element_size()
+    return {"flattened_tensor": flat, "metadata": metadata}
 
 
 def _plain(named: NamedTensors, reuse: torch.UntypedStorage | None) -> tuple[NamedTensors, torch.UntypedStorage, int]:

@@ -3,7 +3,10 @@
 SGLang's protocol: the trainer (rank 0) hosts a TCP store and asks each server to join a new group
 (`POST /init_weights_update_group`, server i at rank i); per bucket it posts `/update_weights_from_distributed`
 (names, dtypes, shapes) to every server in background threads, since each answer only comes once the tensors
-have arrived, then broadcasts every tensor from rank 0 in the same order and joins the requests.
+have arrived, then broadcasts every tensor from rank 0 in the same order and joins the requests. A bucket whose
+tensors share one dtype goes as one broadcast of their concatenation instead (`load_format: "flattened_bucket"`,
+SGLang's `_update_bucketed_weights_from_distributed`): one collective per bucket rather than per tensor, and from a
+staging buffer (`weight_sync.staging`) the bucket's range itself is sent, without a copy.
 
 The group is built directly from a `TCPStore` + `PrefixStore` and `ProcessGroupGloo` (CPU) or `ProcessGroupNCCL`
 (GPU), without `init_process_group`: it does not touch the default group, so it works in a training job, in a
@@ -22,10 +25,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lcot_mega.rollout.tensor_ipc import FLATTENED_BUCKET
 from lcot_mega.weight_sync.push import WeightSyncError
+from lcot_mega.weight_sync.staging import flat_range
 
 Bucket = Sequence[tuple[str, torch.Tensor]]
 DEFAULT_TIMEOUT_S = 300.0
+_ALIGN = 64  # bytes: each received tensor starts aligned in the receive buffer, whatever its dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -85,6 +91,7 @@ class WeightGroup:
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
             self._pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+        self._buffer: torch.Tensor | None = None  # `receive`'s, reused
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         """In place, from rank 0 (blocks until done on this rank)."""
@@ -92,23 +99,46 @@ class WeightGroup:
         opts.rootRank, opts.rootTensor = 0, 0
         self._pg.broadcast([tensor], opts).wait()
 
-    def receive(self, dtypes: Sequence[torch.dtype], shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Fresh tensors filled by rank 0's broadcasts, in order."""
-        out = []
-        for dtype, shape in zip(dtypes, shapes, strict=True):
-            t = torch.empty(tuple(shape), dtype=dtype, device=self.device)
-            self.broadcast(t)
-            out.append(t)
+    def receive(
+        self, dtypes: Sequence[torch.dtype], shapes: Sequence[Sequence[int]], *, flat: bool = False
+    ) -> list[torch.Tensor]:
+        """Tensors filled by rank 0's broadcasts, in order, one broadcast per tensor; `flat` (one dtype): a single
+        broadcast of their concatenation (SGLang's "flattened_bucket"). They are views of one receive buffer that
+        the next `receive` overwrites, so load them before receiving again: reused because fresh memory costs a
+        page fault per 4 KiB on first touch (on CPU about 3x the copy itself); it grows to the largest bucket."""
+        if flat and len(set(dtypes)) > 1:
+            raise ValueError(f"a flattened bucket holds one dtype, got {sorted(map(str, set(dtypes)))}")
+        sizes = [torch.Size(shape).numel() * _itemsize(dtype) for dtype, shape in zip(dtypes, shapes, strict=True)]
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + (size if flat else -(-size // _ALIGN) * _ALIGN))
+        if self._buffer is None or self._buffer.numel() < offsets[-1]:
+            self._buffer = None  # freed before its replacement exists
+            self._buffer = torch.empty(offsets[-1], dtype=torch.uint8, device=self.device)
+        out = [
+            self._buffer[offset : offset + size].view(dtype).view(tuple(shape))
+            for dtype, shape, size, offset in zip(dtypes, shapes, sizes, offsets, strict=False)
+        ]
+        if flat and out:
+            self.broadcast(self._buffer[: offsets[-1]].view(dtypes[0]))
+        else:
+            for t in out:
+                self.broadcast(t)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return out
 
     def close(self) -> None:
+        self._buffer = None
         pg, self._pg = self._pg, None
         if pg is not None and hasattr(pg, "shutdown"):
             with contextlib.suppress(Exception):  # best effort: the group is being dropped anyway
                 pg.shutdown()
         self._store = None
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
 
 
 def listening_store(master_address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
@@ -130,11 +160,18 @@ class BroadcastSync:
         group_name: str = "lcot_weights",
         backend: str = "gloo",
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        flatten: bool | None = None,
     ) -> None:
-        """`master_port` 0: listen on a port the OS picks before inviting the servers (`listening_store`)."""
+        """`master_port` 0: listen on a port the OS picks before inviting the servers (`listening_store`).
+        `flatten`: a bucket of one dtype goes as one broadcast (load format "flattened_bucket", which our server
+        and recent SGLang read; an SGLang without it needs False); None: where every engine sends flattened buckets
+        (`SGLangHTTPEngine.flattened_bucket`)."""
         if not engines:
             raise ValueError("BroadcastSync needs at least one server")
         self.engines, self.group_name, self.backend = list(engines), group_name, backend
+        if flatten is None:
+            flatten = all(getattr(e, "flattened_bucket", False) for e in self.engines)
+        self.flatten, self._send_buffer = flatten, None
         world = len(self.engines) + 1
         store = listening_store(master_address, timeout_s) if master_port == 0 else None
         master_port = store.port if store is not None else master_port
@@ -160,14 +197,18 @@ class BroadcastSync:
         names = [n for n, _ in bucket]
         dtypes = [dtype_name(t.dtype) for _, t in bucket]
         shapes = [list(t.shape) for _, t in bucket]
+        flat = self._flat([t.detach() for _, t in bucket]) if self.flatten and len(set(dtypes)) == 1 else None
+        load_format = FLATTENED_BUCKET if flat is not None else None
 
         def post(engine: Any) -> Callable[[], None]:
-            return lambda: engine.update_weights_from_distributed(names, dtypes, shapes, self.group_name, version)
+            return lambda: engine.update_weights_from_distributed(
+                names, dtypes, shapes, self.group_name, version, load_format=load_format
+            )
 
         threads = _start([post(e) for e in self.engines])
         failure = None
         try:
-            for _, t in bucket:
+            for t in [flat] if flat is not None else [t for _, t in bucket]:
                 self.group.broadcast(t.detach().to(self.group.device).contiguous())
         except Exception as e:
             failure = f"broadcast: {type(e).__name__}: {e}"
@@ -176,6 +217,24 @@ class BroadcastSync:
             errors.insert(0, failure)
         if errors:
             raise WeightSyncError(f"weight broadcast failed: {'; '.join(errors)}")
+
+    def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The concatenation of `tensors` (one dtype): the staged range itself where they lie packed in one
+        storage (`staging.flat_range`), else a copy into a send buffer kept for the next bucket."""
+        flat = flat_range(tensors)
+        if flat is not None and flat.device == self.group.device:
+            return flat
+        total = sum(t.numel() for t in tensors)
+        nbytes = total * tensors[0].element_size()
+        if self._send_buffer is None or self._send_buffer.numel() < nbytes:
+            self._send_buffer = None
+            self._send_buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.group.device)
+        flat = self._send_buffer[:nbytes].view(tensors[0].dtype)
+        start = 0
+        for t in tensors:
+            flat[start : start + t.numel()].view(t.shape).copy_(t)
+            start += t.numel()
+        return flat
 
     def push(self, named_tensor_buckets: Iterable[Bucket], version: int) -> tuple[int, int]:
         """Every bucket to every server under its current version, then the bump to `version`; (bytes, buckets).
@@ -195,6 +254,7 @@ class BroadcastSync:
         leaving = [e for e in self.engines if keep is None or getattr(e, "base_url", None) in keep]
         errors = _join(_start([lambda e=e: e.destroy_weights_update_group(self.group_name) for e in leaving]), 60)
         self.group.close()
+        self._send_buffer = None
         if errors:
             raise WeightSyncError(f"destroy_weights_update_group failed: {'; '.join(errors)}")
 

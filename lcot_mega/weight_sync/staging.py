@@ -15,25 +15,54 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-Layout = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
-_ALIGN = 64  # bytes: every view starts aligned, whatever its dtype
+Layout = tuple[tuple[tuple[str, tuple[int, ...], torch.dtype], ...], ...]
+"""Per bucket, the (name, shape, dtype) of each tensor in it."""
+_ALIGN = 64  # bytes: every bucket starts aligned
 
 
 class StagingBuffer:
-    """Views, by HF name, into one CPU storage in shared memory (a named segment that other processes can map)."""
+    """Views, by HF name, into one CPU storage in shared memory (a named segment that other processes can map).
+
+    Each bucket's tensors lie packed one after the other (a tensor whose dtype differs from the one before it starts
+    at a multiple of its item size), so a bucket of one dtype is one contiguous range: sent as a single flat tensor
+    (`flat_range`) without a copy."""
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         offsets, size = [], 0
-        for _, shape, dtype in layout:
-            offsets.append(size)
-            size += -(-torch.Size(shape).numel() * _itemsize(dtype) // _ALIGN) * _ALIGN
+        for bucket in layout:
+            size = _round_up(size, _ALIGN)
+            for _, shape, dtype in bucket:
+                size = _round_up(size, _itemsize(dtype))
+                offsets.append(size)
+                size += torch.Size(shape).numel() * _itemsize(dtype)
         self.storage = torch.UntypedStorage._new_using_filename_cpu(max(size, 1))
         self.nbytes = size
         self.views: dict[str, torch.Tensor] = {}
-        for (name, shape, dtype), offset in zip(layout, offsets, strict=True):
+        specs = [spec for bucket in layout for spec in bucket]
+        for (name, shape, dtype), offset in zip(specs, offsets, strict=True):
             view = torch.empty(0, dtype=dtype).set_(self.storage, offset // _itemsize(dtype), torch.Size(shape))
             self.views[name] = view
+
+
+def flat_range(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-D tensor over exactly the elements of `tensors` when they are contiguous, of one dtype and lie one
+    right after the other in one storage (a staged bucket); else None."""
+    if not tensors:
+        return None
+    first, dtype = tensors[0], tensors[0].dtype
+    storage, start = first.untyped_storage(), first.storage_offset()
+    end = start
+    for t in tensors:
+        same_place = t.untyped_storage().data_ptr() == storage.data_ptr() and t.storage_offset() == end
+        if t.dtype != dtype or not t.is_contiguous() or not same_place:
+            return None
+        end += t.numel()
+    return torch.empty(0, dtype=dtype, device=first.device).set_(storage, start, torch.Size([end - start]))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -55,7 +84,7 @@ class Stager:
         layout = []
         for bucket in buckets:
             bucket = list(bucket)
-            layout += [(name, tuple(t.shape), t.dtype) for name, t in bucket]
+            layout.append(tuple((name, tuple(t.shape), t.dtype) for name, t in bucket))
             yield bucket
         if self.buffer is None or self.buffer.layout != tuple(layout):
             self.buffer = StagingBuffer(tuple(layout)) if layout else None

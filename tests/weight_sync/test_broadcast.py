@@ -51,19 +51,26 @@ def servers(dirs):
         s.shutdown()
 
 
-def test_broadcast_sync_matches_fresh_engine(dirs, servers):
+@pytest.mark.parametrize("flatten", [True, False])
+def test_broadcast_sync_matches_fresh_engine(dirs, servers, flatten):
     a, _ = dirs
     expected = EmbeddedEngine(a).score(PROBE_PROMPT, PROBE_RESPONSE)
-    clients = [SGLangHTTPEngine(s.url, timeout_s=30) for s in servers]
+    clients = [SGLangHTTPEngine(s.url, timeout_s=30, flattened_bucket=flatten) for s in servers]
     before = clients[0].score(PROBE_PROMPT, PROBE_RESPONSE)
     assert not torch.equal(before, expected)
 
     sync = BroadcastSync(clients, "127.0.0.1", _free_port(), group_name="g1", backend="gloo", timeout_s=30)
+    assert sync.flatten is flatten  # from the clients
+    sent = []
+    real_broadcast = sync.group.broadcast
+    sync.group.broadcast = lambda t: (sent.append(t.numel()), real_broadcast(t))[1]
     try:
         buckets = _buckets(a)
         assert len(buckets) > 1
         nbytes, n = sync.push(buckets, 7)
         assert n == len(buckets) and nbytes == sum(t.numel() * t.element_size() for b in buckets for _, t in b)
+        per_bucket = [sum(t.numel() for _, t in b) for b in buckets]  # one collective per bucket, or per tensor
+        assert sent == (per_bucket if flatten else [t.numel() for b in buckets for _, t in b])
         for c in clients:
             assert c.weight_version == 7
             torch.testing.assert_close(c.score(PROBE_PROMPT, PROBE_RESPONSE), expected, rtol=0, atol=0)
@@ -71,6 +78,9 @@ def test_broadcast_sync_matches_fresh_engine(dirs, servers):
         with pytest.raises(WeightSyncError, match="not_a_weight"):
             sync.push([[("not_a_weight", torch.zeros(2))]], 8)
         assert all(c.weight_version == 7 for c in clients)
+        with pytest.raises(ValueError, match="one dtype"):  # refused before anything is received: nothing hangs
+            flat = {"load_format": "flattened_bucket"}
+            clients[0].update_weights_from_distributed(["a", "b"], ["float32", "bfloat16"], [[2], [2]], "g1", 8, **flat)
     finally:
         sync.close()
     # The group is gone on the servers: a new one under the same name can be created.
