@@ -248,6 +248,7 @@ def gather_hf_state(
     *,
     shared: bool = False,
     into: Targets | None = None,
+    read_as_yielded: bool = True,
 ) -> Iterator[Bucket]:
     """On global rank `dst`: the HF buckets of every pipeline stage in model order (stage 0 first).
 
@@ -260,7 +261,9 @@ def gather_hf_state(
     tensors of its own stage are assembled straight into these targets (an in-process engine's parameters, or a
     staging buffer in shared memory); with `shared` as well, the targets are shared with dst's TP peers and each
     rank copies its own slices into them at once (`shared_shards.peer_targets`), a bucket being yielded once
-    every rank has written its part.
+    every rank has written its part (a barrier per bucket), or, with `read_as_yielded` False (a reader that reads
+    the targets only after the stream has ended: an in-process engine), without those barriers; the same on
+    every rank.
     """
     places = _all_places()
     me = places[dist.get_rank()]
@@ -286,7 +289,9 @@ def gather_hf_state(
                 per_rank_of = partial(lambda base, i: shards.tensors(base + i), offset)
                 if every_rank_writes is not None and producer.rank == dst:  # each rank copies its own slices
                     tensors = _chunk_hf_tensors(chunk, arch, group, per_rank_of, every_rank_writes, only=me.tp_rank)
-                    yield from _stage_part(me.rank, producer, dst, _pack_together(tensors, bucket_bytes, group), device)
+                    together = read_as_yielded
+                    packed = _pack_together(tensors, bucket_bytes, group) if together else _pack(tensors, bucket_bytes)
+                    yield from _stage_part(me.rank, producer, dst, packed, device)
                 else:
                     local = _pack(_chunk_hf_tensors(chunk, arch, group, per_rank_of, targets), bucket_bytes)
                     mine = local if me.rank == producer.rank else iter(())

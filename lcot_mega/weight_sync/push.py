@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -231,20 +232,61 @@ def _gather_and_push_unpaused(
         elif dist.get_backend() == "gloo":  # engines elsewhere, bytes through host memory: a staging buffer
             stager = _STAGERS.setdefault(chunks[0], Stager())
             into = stager.targets()
-    stream = gather_hf_state(chunks, arch, bucket_bytes, dst=owner, shared=shared, into=into)
+    in_process = bool(_broadcast(into is not None and stager is None, owner))  # read once the stream has ended
+    stream = gather_hf_state(
+        chunks, arch, bucket_bytes, dst=owner, shared=shared, into=into, read_as_yielded=not in_process
+    )
     outcome: tuple[int, int] | str = (0, 0)
+    ahead = None
     if dist.get_rank() == owner:
         try:
-            out = engine_buckets(stream, weight_dtype, dtype=engine_dtype)
+            # engines elsewhere: bucket n+1 is gathered in a thread while bucket n is on its way
+            ahead = _Ahead(stream) if stager is not None else None
+            out = engine_buckets(ahead or stream, weight_dtype, dtype=engine_dtype)
             out = stager.watch(out) if stager is not None else out
             out = delta.encode(out) if delta is not None else out
             outcome = transport.push(out, version) if transport else _push(out, engines, version)
         except Exception as e:
             outcome = f"{type(e).__name__}: {e}"
+        finally:
+            if ahead is not None:
+                ahead.close()
     for _ in stream:  # the rest of the collectives (all of them on ranks other than the owner)
         pass
     seconds = time.perf_counter() - start
     return _broadcast((outcome, seconds), owner)  # every rank raises, or none does
+
+
+class _Ahead:
+    """`items` iterated one item ahead in a thread: the next bucket is gathered (copies, which release the GIL, and
+    the TP group's barriers) while the caller sends the current one (a request or a broadcast that waits on
+    sockets). `close` waits for the item in flight; the caller may then go on iterating `items` itself."""
+
+    _END = object()
+
+    def __init__(self, items: Iterable[Bucket]) -> None:
+        self._items = iter(items)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="weight-sync-ahead")
+        self._next: Future | None = self._pool.submit(next, self._items, self._END)
+
+    def __iter__(self) -> _Ahead:
+        return self
+
+    def __next__(self) -> Bucket:
+        if self._next is None:
+            raise StopIteration
+        item = self._next.result()  # the gather's exception, if it raised
+        if item is self._END:
+            self._next = None
+            raise StopIteration
+        self._next = self._pool.submit(next, self._items, self._END)
+        return item
+
+    def close(self) -> None:
+        pending, self._next = self._next, None
+        if pending is not None:
+            wait([pending])
+        self._pool.shutdown(wait=True)
 
 
 def verify_weights(

@@ -148,3 +148,37 @@ def test_a_tp2_actor_syncs_a_served_engine_through_the_staging_buffer(tmp_path, 
     assert all(d is not None and d < 1e-5 for d in rank0["diffs"]), rank0["diffs"]
     assert rank0["buckets"][0] > 2
     assert rank0["copied"][0] > 0 and rank0["copied"][1:] == [0, 0], rank0["copied"]
+
+
+def test_the_next_bucket_is_gathered_while_the_current_one_is_sent():
+    import threading
+
+    from lcot_mega.weight_sync.push import _Ahead
+
+    produced, consumer_saw = [], []
+    second_started = threading.Event()
+
+    def gather():
+        for i in range(4):
+            produced.append(i)
+            if i == 1:
+                second_started.set()
+            yield [(f"w{i}", torch.full((2,), float(i)))]
+
+    ahead = _Ahead(gather())
+    first = next(ahead)
+    assert second_started.wait(10)  # bucket 1 is being gathered while bucket 0 is still with the caller
+    consumer_saw.append(first[0][0])
+    consumer_saw.append(next(ahead)[0][0])
+    ahead.close()  # the caller stops early (a failed push): the item in flight finishes, the rest stays unread
+    assert consumer_saw == ["w0", "w1"] and produced == [0, 1, 2]
+
+    def failing():
+        yield [("w0", torch.zeros(1))]
+        raise RuntimeError("gather failed")
+
+    ahead = _Ahead(failing())
+    next(ahead)
+    with pytest.raises(RuntimeError, match="gather failed"):  # the gather's own error, in the caller's thread
+        next(ahead)
+    ahead.close()
