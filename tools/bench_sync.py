@@ -186,7 +186,8 @@ def sync_worker(
 
     from lcot_mega.actor import megatron_adapter as ma
     from lcot_mega.rollout import EmbeddedEngine
-    from lcot_mega.weight_sync import BroadcastSync, sync_weights
+    from lcot_mega.weight_sync import BroadcastSync, ProbeCheck, sync_weights
+    from lcot_mega.weight_sync.push import fixed_probe_ids
 
     out: dict[str, Any] = dict(threads=torch.get_num_threads())
     if rank == 0:  # before any model exists, so that its two buffers do not add to the peak
@@ -200,17 +201,20 @@ def sync_worker(
     def run(key: str, engines: list, transport: Any = None, shared: bool = True, delta: Any = None,
             lr: float = 0.0, dtype: Any = None) -> None:  # fmt: skip
         nonlocal version
-        reports, parts = [], []
+        reports, parts, checks = [], [], []
         for _ in range(repeats + 1):
             version += 1
             if lr:  # untimed: the step the sync follows
                 simulated_step(chunks, lr, seed=1000 * version + rank)
             with SyncProfile() as prof:
                 kw = dict(bucket_bytes=bucket_bytes, transport=transport, shared=shared, delta=delta)
-                kw.update(engine_dtype=dtype)
+                probe = ProbeCheck(fixed_probe_ids(arch.vocab_size), 1e-3 if dtype is None else 1.0)
+                kw.update(engine_dtype=dtype, verify=probe)  # as `rollout.verify_sync` does by default
+                t0 = time.perf_counter()
                 reports.append(sync_weights(chunks, arch, engines, version, **kw))
+                checks.append(time.perf_counter() - t0 - reports[-1].seconds)
             parts.append(prof.parts(reports[-1].seconds))
-        out[key], out[f"{key}_parts"] = reports[1:], parts[1:]
+        out[key], out[f"{key}_parts"], out[f"{key}_verify_s"] = reports[1:], parts[1:], checks[1:]
         if rank == 0:
             progress(f"{key}: {[round(r.seconds, 3) for r in reports]} s (first is warm-up)")
 
@@ -332,7 +336,8 @@ def json_rows(nbytes: int, rank0: dict) -> list[dict[str, Any]]:
         rows.append(dict(transport=key, name=name, seconds=secs, gb_per_s=gbs, buckets=reps[0].buckets))
         parts = rank0[f"{key}_parts"]
         breakdown = {part: statistics.median(p.get(part, 0.0) for p in parts) for part in parts[0]}
-        rows[-1].update(ratio=gbs / mem_gbs, breakdown_s=breakdown)
+        verify_s = statistics.median(rank0[f"{key}_verify_s"])
+        rows[-1].update(ratio=gbs / mem_gbs, breakdown_s=breakdown, verify_s=verify_s)
     rows.append(dict(transport="memcpy", name="memcpy (torch `copy_`, same bytes, rank 0)", seconds=mem_s))
     rows[-1].update(gb_per_s=mem_gbs, buckets=0, ratio=1.0)
     return rows + [dict(transport=key, **delta_row(rank0[key], mem_gbs)) for key in rank0.get("delta_keys", [])]
@@ -399,11 +404,13 @@ def format_table(
             f"| {name} | {secs:.3f} | {gbs:.3f} | {reps[0].buckets} | {secs / mem_s:.1f}x | {gbs / mem_gbs:.3f} |"
         )
     lines.append(f"| memcpy (torch `copy_`, same bytes, rank 0) | {mem_s:.5f} | {mem_gbs:.3f} | - | 1.0x | 1.000 |")
-    lines += ["", "Where the seconds go (rank 0, median per part):", ""]
+    lines += ["", "Where the seconds go (rank 0, median per part; the probe check comes after the sync's seconds):", ""]
     parts = ["tp all-gather", "barriers", "engine load", "split, concat, python"]
-    lines += ["| transport | " + " | ".join(parts) + " |", "|---" * (len(parts) + 1) + "|"]
+    head = [*parts, "probe check (`rollout.verify_sync`)"]
+    lines += ["| transport | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for key, name in TRANSPORTS:
         cells = [f"{statistics.median(p.get(part, 0.0) for p in rank0[f'{key}_parts']):.3f}" for part in parts]
+        cells.append(f"{statistics.median(rank0[f'{key}_verify_s']):.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += format_delta_table(rank0, mem_gbs)
     rss = " + ".join(f"{r['peak_rss_gb']:.2f}" for r in res)

@@ -171,5 +171,16 @@ def paused() -> contextlib.AbstractContextManager:
     return torch._C.DisableTorchFunction() if _mode is not None else contextlib.nullcontext()
 
 
+def active() -> contextlib.AbstractContextManager:
+    """The mode for a block in this thread, where it is enabled but not on this thread's stack: a function-mode
+    stack is per thread, so a thread other than the one that called `enable` (a sync started from a worker
+    thread) would hand megatron-core's CUDA device arguments to torch as they are. A no-op elsewhere."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    if _mode is None or any(isinstance(m, _CudaToCpuMode) for m in _get_current_function_mode_stack()):
+        return contextlib.nullcontext()
+    return _CudaToCpuMode()
+
+
 def is_enabled() -> bool:
     return _mode is not None

@@ -22,7 +22,7 @@ from lcot_mega.actor.train_step import TrainBatch
 from lcot_mega.config import Config
 from lcot_mega.rollout.protocol import RolloutEngine
 from lcot_mega.weight_sync.delta import DeltaEncoder
-from lcot_mega.weight_sync.push import ProbeCheck, WeightTransport
+from lcot_mega.weight_sync.push import ProbeCheck, WeightTransport, fixed_probe_ids
 
 RANK_CALLS = frozenset(
     {
@@ -120,7 +120,7 @@ class ActorRank:
 
     `engines` are rollout engines this process loads in place (local and colocated modes; only global rank 0
     passes them). `transport` moves weights to engines in other processes (disaggregated mode: a broadcast).
-    `probe` verifies each sync against the engines' log-probs of a fixed sequence.
+    `probe` verifies each sync against the engines' log-probs of a fixed sequence (default: `sync_probe`).
     """
 
     def __init__(
@@ -143,7 +143,8 @@ class ActorRank:
         arch = arch_from_hf_config(AutoConfig.from_pretrained(self.hf_dir))
         self.actor = MegatronActor(arch, cfg.actor, cfg.algo, self.hf_dir, seed=cfg.trainer.seed)
         self.store = dist_store(Path(cfg.trainer.run_dir) / "checkpoints", cfg.trainer.keep_last)
-        self.engines, self.transport, self.probe = list(engines), transport, probe
+        self.engines, self.transport = list(engines), transport
+        self.probe = probe if probe is not None else sync_probe(cfg, arch.vocab_size)
         self.bucket_bytes = bucket_bytes
         self.delta = None if cfg.rollout.sync == "full" else DeltaEncoder(getattr(torch, cfg.model.dtype))
         """`rollout.sync: delta`: the mirror of what the engines hold (rank 0), reset whenever they may not."""
@@ -248,3 +249,17 @@ class LocalRanks:
 def local_actor(make_rank: Callable[[], ActorRank]) -> ActorGroup:
     """The actor as one rank in this process."""
     return ActorGroup(LocalRanks(make_rank))
+
+
+def sync_probe(cfg: Config, vocab_size: int) -> ProbeCheck | None:
+    """The per-sync check of `rollout.verify_sync`: 16 fixed token ids spread over the vocabulary, at
+    `rollout.verify_tolerance` or the tolerance its dtypes allow (exact only where everything is float32)."""
+    if not cfg.rollout.verify_sync:
+        return None
+    tolerance = cfg.rollout.verify_tolerance
+    if tolerance is None:
+        on_gpu = torch.cuda.is_available()
+        actor_fp32 = cfg.actor.precision == "fp32" or (cfg.actor.precision == "auto" and not on_gpu)
+        exact = actor_fp32 and cfg.actor.fp8 is None and cfg.model.dtype == "float32"
+        tolerance = 1e-3 if exact and cfg.rollout.weight_dtype == "auto" else 1.0
+    return ProbeCheck(fixed_probe_ids(vocab_size), tolerance)

@@ -85,6 +85,15 @@ class RolloutConfig:
     (docs/WEIGHT_SYNC.md). Pays with bf16/fp16 engines, where an RL step leaves most elements unchanged; costs
     one copy of the model in the engine's dtype on the actor's rank 0. Needs served embedded engines
     (`rollout.served`, or cluster.mode disaggregated): an in-process engine is written in place already."""
+    verify_sync: bool = True
+    """After every weight sync, every engine's teacher-forced log-probs of a fixed 16-token probe are compared with
+    the actor's; a difference above `verify_tolerance` fails the sync (WeightSyncError: the run stops and says so),
+    so a corrupted or misrouted sync is caught before it samples a step. Costs one 16-token forward on the actor
+    and one score per engine (docs/WEIGHT_SYNC.md)."""
+    verify_tolerance: float | None = opt(None, gt=0.0)
+    """Max |engine - actor| probe log-prob, nats. None: 1e-3 where actor and engines compute in float32 and the
+    weights travel as they are; else 1.0 (bf16/fp8 rounding moves a short probe's log-probs by a few 1e-2, weights
+    in the wrong place or from another model by several nats)."""
     partial: bool = False
     """Partial rollout (needs trainer.max_staleness >= 1): responses are sampled in windows of `partial_window`
     tokens; a step trains the first groups to finish, and a response still unfinished when its step's batch is full

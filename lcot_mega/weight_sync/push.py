@@ -53,6 +53,11 @@ class ProbeCheck:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
 
 
+def fixed_probe_ids(vocab_size: int, n: int = 16) -> tuple[int, ...]:
+    """`n` token ids spread over the vocabulary by a fixed prime stride: the same probe for every run of a model."""
+    return tuple((7919 * i + 13) % vocab_size for i in range(n))
+
+
 @dataclass(frozen=True)
 class SyncReport:
     """One sync as measured on the owner rank (every rank returns the same report)."""
@@ -299,10 +304,13 @@ def verify_weights(
 ) -> float:
     """Max |engine - actor| teacher-forced log-prob of the probe over `engines`; WeightSyncError on every rank
     above `check.tolerance`. Collective, like `sync_weights` (the actor's forward runs on every rank)."""
+    from lcot_mega.actor import cpu_compat
     from lcot_mega.actor.logprobs import compute_logprobs
 
     prompt, response = check.probe_ids[:1], check.probe_ids[1:]
-    actor = compute_logprobs(chunks, [(prompt, response)], 1.0, arch.vocab_size, len(check.probe_ids)).logprobs[0]
+    with cpu_compat.active():  # a sync may run in a worker thread
+        out = compute_logprobs(chunks, [(prompt, response)], 1.0, arch.vocab_size, len(check.probe_ids))
+    actor = out.logprobs[0]
     diff = 0.0
     if dist.get_rank() == owner:
         for engine in engines:

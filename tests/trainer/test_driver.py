@@ -143,6 +143,7 @@ def test_one_step_through_ray(tmp_path, model, mode):
     # fp32 on both sides and the engine freshly synced from the same weights: train and rollout agree (an injected
     # solution's placeholder log-probs would show here as a gap of whole nats)
     assert record["rollout/logp_gap_max"] < 1e-4
+    assert record["sync/probe_max_diff"] < 1e-4  # rollout.verify_sync, on by default, on the Ray actor ranks
     assert record.get("injection/trained", 1) > 0
     # step 2's samples (some, with partial rollout) came from the weights before step 1's update: the gap shows it
     (second,) = rest
