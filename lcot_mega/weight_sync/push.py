@@ -303,19 +303,27 @@ def verify_weights(
     owner: int = 0,
 ) -> float:
     """Max |engine - actor| teacher-forced log-prob of the probe over `engines`; WeightSyncError on every rank
-    above `check.tolerance`. Collective, like `sync_weights` (the actor's forward runs on every rank)."""
+    above `check.tolerance`, or when an engine cannot score it. Collective, like `sync_weights` (the actor's forward
+    runs on every rank); the engines score the probe meanwhile, in threads on the owner: each side is a forward
+    pass that reads every weight once, so running them side by side takes the longer of the two, not the sum."""
     from lcot_mega.actor import cpu_compat
     from lcot_mega.actor.logprobs import compute_logprobs
 
     prompt, response = check.probe_ids[:1], check.probe_ids[1:]
-    with cpu_compat.active():  # a sync may run in a worker thread
-        out = compute_logprobs(chunks, [(prompt, response)], 1.0, arch.vocab_size, len(check.probe_ids))
-    actor = out.logprobs[0]
-    diff = 0.0
-    if dist.get_rank() == owner:
-        for engine in engines:
-            diff = max(diff, float((engine.score(prompt, response) - actor).abs().max()))
-    diff = float(_broadcast(diff, owner))
+    owns = dist.get_rank() == owner
+    with ThreadPoolExecutor(max(len(engines), 1), thread_name_prefix="probe-score") as pool:
+        scores = [pool.submit(engine.score, prompt, response) for engine in engines] if owns else []
+        with cpu_compat.active():  # a sync may run in a worker thread
+            out = compute_logprobs(chunks, [(prompt, response)], 1.0, arch.vocab_size, len(check.probe_ids))
+        diff, error = 0.0, None
+        try:
+            for score in scores:
+                diff = max(diff, float((score.result() - out.logprobs[0]).abs().max()))
+        except Exception as e:
+            error = f"an engine could not score the probe: {type(e).__name__}: {e}"
+    diff, error = _broadcast((diff, error), owner)  # type: ignore[misc]
+    if error:
+        raise WeightSyncError(f"weight sync check failed on rank {owner}: {error}")
     if diff > check.tolerance:
         raise WeightSyncError(
             f"engine and actor disagree on the probe sequence after the sync: max |log-prob diff| {diff:.3g}"

@@ -90,6 +90,22 @@ def _corrupted_probe(actor, engine) -> str:
     return "no error"
 
 
+class _Unreachable:
+    def score(self, prompt_ids, response_ids):
+        raise ConnectionError("server gone")
+
+
+def _unscorable_probe(actor, engine) -> str:
+    """The probe check with an engine that cannot answer: the WeightSyncError message (every rank, none hangs)."""
+    from lcot_mega.weight_sync import WeightSyncError, verify_weights
+
+    try:
+        verify_weights(actor.chunks, actor.arch, [engine, _Unreachable()] if engine else [], PROBE)
+    except WeightSyncError as e:
+        return str(e)
+    return "no error"
+
+
 def _run(rank: int, world: int, a_dir: str, b_dir: str) -> dict:
     from transformers import AutoConfig
 
@@ -112,6 +128,7 @@ def _run(rank: int, world: int, a_dir: str, b_dir: str) -> dict:
         wall = time.perf_counter() - t0
         after = _sample_and_score(engine, actor)
         out[name] = dict(before=before, after=after, report=report, wall=wall, failed=_failed_sync(actor, engine))
+        out[name]["unscorable"] = _unscorable_probe(actor, engine)
         out[name]["corrupted"] = _corrupted_probe(actor, engine)
         ma.destroy_parallel()
     return out
@@ -155,6 +172,7 @@ def test_report_is_the_same_on_every_rank_and_counts_every_bucket(synced, layout
 def test_probe_check_stops_every_rank_on_a_corrupted_engine(synced, layout):
     for results in synced:
         assert "disagree on the probe sequence" in results[layout]["corrupted"]
+        assert "could not score the probe: ConnectionError: server gone" in results[layout]["unscorable"]
 
 
 @pytest.mark.parametrize("layout", [name for name, *_ in LAYOUTS])
