@@ -391,8 +391,13 @@ def render_sync(res: dict[str, Any]) -> str:
     if profiled:
         parts = list(dict.fromkeys(p for r in profiled for p in r["breakdown_s"]))
         cells = [[r["name"], *(f"{r['breakdown_s'].get(p, 0.0):.3f}" for p in parts)] for r in profiled]
+        head = ["transport", *parts]
+        if all("verify_s" in r for r in profiled):  # after the sync's seconds, not part of them
+            head.append("then the probe check (`rollout.verify_sync`)")
+            for row, r in zip(cells, profiled, strict=True):
+                row.append(f"{r['verify_s']:.3f}")
         where = "Where a sync's seconds go on rank 0 (median per part; `bench_sync.SyncProfile`):"
-        out += "\n\n" + where + "\n\n" + md_table(["transport", *parts], cells)
+        out += "\n\n" + where + "\n\n" + md_table(head, cells)
     return out + _render_delta([r for r in res["rows"] if "sent_frac" in r])
 
 
