@@ -138,6 +138,8 @@ def test_kept_sections_keep_the_blank_line_after_them_and_the_final_newline(runs
     assert doc.count("_Kept from the earlier run") == 2 and "| memcpy | 0.0010 | 4.000 | - | 1.00 |" in doc
     assert doc.count("\n\n## ") == doc.count("\n## ") == 6  # the sync section (kept) ends as the others do
     assert doc.endswith("`\n") and not doc.endswith("\n\n")  # so does the data section, the file's last
+    again = bench_all.keep_skipped(now, bench_all.kept_sections(doc), "2026-02-03 04:05")
+    assert again == doc  # kept a second time: one note, still naming the run that measured it
 
 
 def test_needed_runs_follow_the_areas() -> None:

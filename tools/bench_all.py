@@ -323,7 +323,9 @@ def keep_skipped(doc: str, old: dict[str, str], when: str) -> str:
             head, _, rest = kept.partition("\n")
             trail = chunk[len(chunk.rstrip("\n")) :]  # the blank line before the next section, or the final newline
             note = f"_Kept from the earlier run of this file ({when}; `--keep`), not measured now._"
-            chunk = f"{head}\n\n{note}\n{rest}{trail}"
+            if not rest.lstrip("\n").startswith("_Kept from"):  # kept before: its note names the run it came from
+                rest = f"\n{note}\n{rest}"
+            chunk = f"{head}\n{rest}{trail}"
         out.append(chunk)
     return "\n## ".join(out)
 

@@ -7,16 +7,20 @@ the engines:
 (1) in-process: an `EmbeddedEngine` on rank 0 loaded bucket by bucket by `sync_weights` (`update_weights`);
 (2) broadcast: a `lcot-mega serve` process (an `EmbeddedEngine` behind our SGLang-compatible HTTP server) reached
 through an `SGLangHTTPEngine`, with `BroadcastSync` broadcasting each bucket over its own gloo group
-(`/init_weights_update_group` + `/update_weights_from_distributed`);
-(3) tensor: the same server through `/update_weights_from_tensor` (SGLang's colocated path): each bucket is copied
-into a shared-memory segment, its handles go over HTTP, and the server copies from the mapped segment (flattened
-bucket, one dtype).
+(`/init_weights_update_group` + `/update_weights_from_distributed`; one flattened broadcast per bucket);
+(3) tensor: the same server through `/update_weights_from_tensor` (SGLang's colocated path): the buckets are
+written into a staging buffer in shared memory (`weight_sync.staging`, from the second sync on), handles to each
+bucket's range go over HTTP, and the server copies from the mapped segment (flattened bucket, one dtype).
+Every sync is followed by the probe check of `rollout.verify_sync`, timed apart from the sync.
 Each transport syncs `--repeats + 1` times; the first is a warm-up and is excluded; the table shows the median
 seconds and GB/s (bytes = tensor bytes pushed into the engine, as `SyncReport` counts them). (4) memcpy: `copy_` of
 a buffer of the same number of bytes into another, on rank 0 with the same thread count, before any model is built
 (so its 2x bytes do not add to the peak), median of as many repeats after one warm-up: the ceiling a local copy of
 those bytes reaches on this machine. (5) With `--delta-lrs` (default 1e-6 1e-5): a bf16 server, full syncs over
 both transports, then delta syncs (`rollout.sync: delta`) each after a simulated step of that learning rate.
+(6) The broadcast route's floor on this box, before any model is built: a bare gloo broadcast of the same bytes
+in the same buckets from rank 0 to rank 1, which receives into one reused buffer, then the same with rank 1
+copying each bucket into a tensor of all the bytes (what a server's load adds at least).
 
 Models (bench_models.py): `random120m-kv4` (default, ~120M parameters, SmolLM2's depth and vocabulary with 4 KV
 heads so that TP=2 splits it), `random1b` (a 0.87B Llama: hidden 2048, 16 layers, FFN 5504, 16/8 heads, untied
@@ -66,6 +70,42 @@ def memcpy_times(nbytes: int, repeats: int) -> list[float]:
         dst.copy_(src)
         times.append(time.perf_counter() - t0)
     return times
+
+
+FLOORS = (
+    ("gloo_floor", "floor of the broadcast route: gloo broadcast alone, rank 0 -> rank 1, into one reused buffer"),
+    ("gloo_floor_copy", "the same floor with the receiver's copy of each bucket into a tensor of all the bytes"),
+)
+
+
+def gloo_floor_times(rank: int, nbytes: int, bucket_bytes: int, repeats: int) -> dict[str, list[float]]:
+    """What any broadcast route costs on this box before its own work: rank 0 broadcasts `nbytes` in buckets to
+    rank 1 over the default gloo group (TCP loopback), rank 1 receiving into one reused buffer, then the same with
+    rank 1 also copying each bucket into a tensor holding all the bytes (as a server loads its parameters).
+    Seconds per pass after one warm-up, as rank 0 sees them (a barrier after each pass)."""
+    import torch.distributed as dist
+
+    n, b = nbytes // 4, bucket_bytes // 4
+    src = torch.ones(n) if rank == 0 else None
+    buf, dst = (torch.empty(b), torch.zeros(n)) if rank == 1 else (None, None)  # touched: no faults timed
+    out = {}
+    for key, copy in (("gloo_floor", False), ("gloo_floor_copy", True)):
+        times = []
+        for _ in range(repeats + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            for start in range(0, n, b):
+                k = min(b, n - start)
+                if rank == 0:
+                    dist.broadcast(src[start : start + k], 0)
+                elif rank == 1:
+                    dist.broadcast(buf[:k], 0)
+                    if copy:
+                        dst[start : start + k].copy_(buf[:k])
+            dist.barrier()
+            times.append(time.perf_counter() - t0)
+        out[key] = times[1:]
+    return out
 
 
 def weights_only_actor(hf_dir: str, world: int) -> tuple[list[torch.nn.Module], Any]:
@@ -195,6 +235,10 @@ def sync_worker(
         progress(f"memcpy: {[round(t, 4) for t in out['memcpy']]} s")
         gc.collect()
     dist.barrier()
+    out.update(gloo_floor_times(rank, nbytes, bucket_bytes, repeats))  # also before the model, for the peak
+    if rank == 0:
+        progress(f"gloo floor: {[round(t, 4) for t in out['gloo_floor']]} s")
+    gc.collect()
     chunks, arch = weights_only_actor(hf_dir, world)
     version = 0
 
@@ -338,6 +382,10 @@ def json_rows(nbytes: int, rank0: dict) -> list[dict[str, Any]]:
         breakdown = {part: statistics.median(p.get(part, 0.0) for p in parts) for part in parts[0]}
         verify_s = statistics.median(rank0[f"{key}_verify_s"])
         rows[-1].update(ratio=gbs / mem_gbs, breakdown_s=breakdown, verify_s=verify_s)
+    for key, name in FLOORS if "gloo_floor" in rank0 else ():
+        secs = statistics.median(rank0[key])
+        rows.append(dict(transport=key, name=name, seconds=secs, gb_per_s=nbytes / secs / 1e9, buckets=0))
+        rows[-1]["ratio"] = rows[-1]["gb_per_s"] / mem_gbs
     rows.append(dict(transport="memcpy", name="memcpy (torch `copy_`, same bytes, rank 0)", seconds=mem_s))
     rows[-1].update(gb_per_s=mem_gbs, buckets=0, ratio=1.0)
     return rows + [dict(transport=key, **delta_row(rank0[key], mem_gbs)) for key in rank0.get("delta_keys", [])]
@@ -403,6 +451,10 @@ def format_table(
         lines.append(
             f"| {name} | {secs:.3f} | {gbs:.3f} | {reps[0].buckets} | {secs / mem_s:.1f}x | {gbs / mem_gbs:.3f} |"
         )
+    for key, name in FLOORS:
+        secs = statistics.median(rank0[key])
+        gbs = nbytes / secs / 1e9
+        lines.append(f"| {name} | {secs:.3f} | {gbs:.3f} | - | {secs / mem_s:.1f}x | {gbs / mem_gbs:.3f} |")
     lines.append(f"| memcpy (torch `copy_`, same bytes, rank 0) | {mem_s:.5f} | {mem_gbs:.3f} | - | 1.0x | 1.000 |")
     lines += ["", "Where the seconds go (rank 0, median per part; the probe check comes after the sync's seconds):", ""]
     parts = ["tp all-gather", "barriers", "engine load", "split, concat, python"]
