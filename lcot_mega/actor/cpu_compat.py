@@ -79,6 +79,10 @@ class _NullStream:
     def __getattr__(self, name: str) -> Any:
         return lambda *a, **k: None
 
+    def record_event(self, *args: Any, **kwargs: Any) -> _NullStream:
+        """An event that is already complete (MoE's all-to-all dispatcher waits on one: `d2h_event.synchronize()`)."""
+        return _NullStream()
+
     def __enter__(self) -> _NullStream:
         return self
 
@@ -130,20 +134,58 @@ def _patch_megatron_rng() -> None:
     mrandom._set_cuda_rng_state = _set_cpu_rng_state
 
 
-def _patch_checkpoint_backward() -> None:
-    """Recompute (actor.recompute) reruns modules inside `CheckpointFunction.backward`, where the autograd engine
-    does not carry this thread's function-mode stack: the rerun would see the CUDA device arguments again (e.g.
-    the causal mask of `DotProductAttention`). Its backward runs under the mode too."""
-    from megatron.core.tensor_parallel import random as mrandom
+_MEGATRON_FUNCTION_MODULES = (
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.token_dispatcher",
+)
 
-    function = mrandom.CheckpointFunction
-    inner = function.backward
 
-    def backward(ctx: Any, *grads: Any) -> Any:
-        with _CudaToCpuMode():
-            return inner(ctx, *grads)
+def _patch_function_backwards() -> None:
+    """A custom `torch.autograd.Function`'s backward runs in the autograd engine's thread, without this thread's
+    function-mode stack: megatron-core's would see their CUDA device arguments again (recompute's
+    `CheckpointFunction` rerunning a layer, the MoE all-to-all and gather mappings allocating on
+    `torch.cuda.current_device()`). Every megatron-core Function's backward runs under the mode too."""
+    import importlib
 
-    function.backward = staticmethod(backward)
+    for module in _MEGATRON_FUNCTION_MODULES:
+        importlib.import_module(module)
+    seen, todo = set(), list(torch.autograd.Function.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        todo += cls.__subclasses__()
+        if cls.__module__.startswith("megatron.core") and "backward" in cls.__dict__:
+            inner = cls.__dict__["backward"]
+            inner = inner.__func__ if isinstance(inner, staticmethod) else inner
+
+            def backward(ctx: Any, *grads: Any, _inner: Any = inner) -> Any:
+                with active():
+                    return _inner(ctx, *grads)
+
+            cls.backward = staticmethod(backward)
+
+
+def _patch_megatron_moe() -> None:
+    """Two megatron-core 0.16 MoE paths that assume CUDA: the router's gating names `te_general_gemm`, defined only
+    when Transformer Engine imports (a NameError without it), and the all-to-all dispatcher's split sizes stay
+    tensors on CPU (`maybe_move_tensor_to_cpu(as_numpy=True)` converts CUDA tensors only), which
+    `all_to_all_single` refuses."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.detach().cpu().numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_cpu
 
 
 def enable() -> bool:
@@ -158,7 +200,8 @@ def enable() -> bool:
         if _mode is None:
             _patch_torch_cuda()
             _patch_megatron_rng()
-            _patch_checkpoint_backward()
+            _patch_function_backwards()
+            _patch_megatron_moe()
             _mode = _CudaToCpuMode()
             _mode.__enter__()  # stays pushed for the life of the process
     return True
