@@ -141,6 +141,11 @@ def setup_errors(cfg: ActorConfig, world_size: int) -> list[str]:
             f"world size {world_size} is not divisible by actor.tensor_parallel * actor.pipeline_parallel"
             f" * actor.context_parallel = {cfg.tensor_parallel} * {cfg.pipeline_parallel} * {cfg.context_parallel}"
         )
+    elif (world_size // (cfg.tensor_parallel * cfg.pipeline_parallel)) % cfg.expert_parallel:
+        errors.append(
+            f"actor.expert_parallel {cfg.expert_parallel} does not divide the {world_size} ranks' data-parallel"
+            f" groups (world size / (tensor_parallel * pipeline_parallel))"
+        )
     if cfg.fp8 is not None and not te_available():
         errors.append(f"actor.fp8 = {cfg.fp8!r} needs Transformer Engine on a GPU; set actor.fp8=null here")
     if cfg.sequence_parallel and not te_available():
@@ -170,6 +175,7 @@ def init_parallel(cfg: ActorConfig, seed: int) -> ModelLayout:
             pipeline_model_parallel_size=cfg.pipeline_parallel,
             virtual_pipeline_model_parallel_size=cfg.virtual_pipeline,
             context_parallel_size=cfg.context_parallel,
+            expert_model_parallel_size=cfg.expert_parallel,
         )
     model_parallel_cuda_manual_seed(seed)
     return current_layout()
@@ -216,6 +222,7 @@ def transformer_config(arch: ArchSpec, cfg: ActorConfig):
         # Transformer Engine's attention: K/V blocks passed around the CP ring, overlapped with compute (megatron's
         # default). The sdpa attention all-gathers K/V instead (`sdpa_attention`) and ignores it.
         kwargs.update(cp_comm_type="p2p")
+    kwargs.update(moe_kwargs(arch, cfg))
     config = TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -263,6 +270,41 @@ def transformer_config(arch: ArchSpec, cfg: ActorConfig):
     return config
 
 
+def moe_kwargs(arch: ArchSpec, cfg: ActorConfig) -> dict[str, Any]:
+    """megatron-core `TransformerConfig` fields of a mixture-of-experts model ({} for a dense one).
+
+    Routing as Qwen3-MoE's: with `norm_topk_prob` the top-k logits' softmax (= softmax over all experts, top-k,
+    renormalized), else the softmax over all experts, top-k, not renormalized (`moe_router_pre_softmax`). Experts
+    one after another (SequentialMLP) on CPU, TE's grouped GEMM on GPU; tokens dispatched by all-to-all."""
+    if not arch.num_experts:
+        if cfg.expert_parallel > 1:
+            raise ActorSetupError(f"actor.expert_parallel {cfg.expert_parallel} needs a mixture-of-experts model")
+        return {}
+    if arch.num_experts % cfg.expert_parallel:
+        raise ActorSetupError(
+            f"{arch.num_experts} experts cannot be split over actor.expert_parallel {cfg.expert_parallel}"
+        )
+    if cfg.tensor_parallel > 1 and not te_available():
+        raise ActorSetupError(
+            "a mixture of experts with actor.tensor_parallel > 1 needs sequence parallelism, which needs Transformer"
+            " Engine on a GPU; use actor.expert_parallel instead here"
+        )
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.experts_per_token,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.norm_topk_prob,
+        moe_grouped_gemm=te_available(),
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        expert_model_parallel_size=cfg.expert_parallel,
+    )
+
+
 def recompute_kwargs(cfg: ActorConfig, arch: ArchSpec) -> dict[str, Any]:
     """megatron-core `TransformerConfig` fields for actor.recompute and actor.offload_activations."""
     kwargs: dict[str, Any] = {}
@@ -290,9 +332,14 @@ def layer_spec(arch: ArchSpec, cfg: ActorConfig):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     backend = attention_backend(cfg)
+    experts = arch.num_experts or None
     if backend == "te":
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    spec = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+        return specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=experts is not None, qk_layernorm=arch.qk_norm
+        )
+    spec = specs.get_gpt_layer_local_spec(
+        num_experts=experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm, normalization="RMSNorm"
+    )
     if backend == "sdpa":
         from lcot_mega.actor.sdpa_attention import SDPAttention
 

@@ -1,7 +1,7 @@
 """What the bridge and the actor need to know about a Hugging Face decoder: one frozen record per model.
 
-Supported: dense Llama, Qwen2 and Qwen3 (qk-norm) families. Anything else fails here with the list of
-supported `model_type`s, before a model is built or a weight is read.
+Supported: dense Llama, Qwen2 and Qwen3 (qk-norm) families, and Qwen3-MoE with every layer sparse. Anything else
+fails here with the list of supported `model_type`s, before a model is built or a weight is read.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 
 
 class UnsupportedModelError(ValueError):
@@ -38,6 +38,15 @@ class ArchSpec:
     """RMSNorm over head_dim on queries and keys (Qwen3)."""
     rope_scaling_factor: float | None = None
     """Llama-3 style RoPE frequency scaling (low 1, high 4, original context 8192), or None."""
+    num_experts: int = 0
+    """Routed experts per layer (mixture of experts: every layer's MLP); 0 for a dense model."""
+    experts_per_token: int = 0
+    """Top-k experts each token is routed to."""
+    moe_ffn_hidden_size: int = 0
+    """Hidden size of each expert's gated MLP."""
+    norm_topk_prob: bool = True
+    """Routing weights: softmax over all experts, top-k, renormalized over the k (True, as Qwen3-30B-A3B's config
+    sets it; the same as a softmax over the k chosen logits) or not (False)."""
 
     @property
     def heads_per_group(self) -> int:
@@ -81,6 +90,7 @@ def arch_from_hf_config(cfg: Any) -> ArchSpec:
     heads = int(_get(cfg, "num_attention_heads"))
     hidden = int(_get(cfg, "hidden_size"))
     theta, scaling = _rope(cfg)
+    moe = _moe_fields(cfg, model_type)
     return ArchSpec(
         model_type=model_type,
         vocab_size=int(_get(cfg, "vocab_size")),
@@ -95,6 +105,27 @@ def arch_from_hf_config(cfg: Any) -> ArchSpec:
         max_position_embeddings=int(_get(cfg, "max_position_embeddings", 4096)),
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(_get(cfg, "attention_bias", False)),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         rope_scaling_factor=scaling,
+        **moe,
+    )
+
+
+def _moe_fields(cfg: Any, model_type: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Qwen3-MoE config ({} for a dense model)."""
+    if model_type != "qwen3_moe":
+        return {}
+    layers = int(_get(cfg, "num_hidden_layers"))
+    step, dense = int(_get(cfg, "decoder_sparse_step", 1)), list(_get(cfg, "mlp_only_layers", []))
+    if step != 1 or dense:
+        sparse = [i for i in range(layers) if i not in dense and (i + 1) % step == 0]
+        raise UnsupportedModelError(
+            f"qwen3_moe with dense layers (decoder_sparse_step {step}, mlp_only_layers {dense}: sparse layers"
+            f" {sparse}) is not supported yet: only every layer a mixture of experts"
+        )
+    return dict(
+        num_experts=int(_get(cfg, "num_experts")),
+        experts_per_token=int(_get(cfg, "num_experts_per_tok")),
+        moe_ffn_hidden_size=int(_get(cfg, "moe_intermediate_size")),
+        norm_topk_prob=bool(_get(cfg, "norm_topk_prob", False)),
     )

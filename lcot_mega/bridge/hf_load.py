@@ -8,6 +8,7 @@ could run code on load, so it is refused with a message saying how to convert it
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -43,14 +44,23 @@ def safetensors_index(hf_dir: str | Path) -> dict[str, Path]:
 
 
 def named_params_with_layers(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter, int | None]]:
-    """(local name, parameter, global layer index or None) of one GPTModel chunk."""
+    """(local name, parameter, global layer index or None) of one GPTModel chunk. A MoE layer's experts are named by
+    their global index (`...local_experts.{global}...`: under expert parallelism a rank holds experts
+    `local_expert_indices`, numbered from 0 in its own module tree)."""
     layers = getattr(getattr(chunk, "decoder", None), "layers", [])
     offsets = [layer.layer_number - 1 for layer in layers]  # layer_number is global and 1-based
+    experts = [getattr(getattr(layer, "mlp", None), "local_expert_indices", None) for layer in layers]
     for name, param in chunk.named_parameters():
         global_layer = None
         if name.startswith("decoder.layers."):
-            global_layer = offsets[int(name.split(".")[2])]
+            j = int(name.split(".")[2])
+            global_layer = offsets[j]
+            if experts[j] is not None:
+                name = _LOCAL_EXPERT.sub(lambda m, g=experts[j]: f"{m.group(1)}{g[int(m.group(2))]}.", name)
         yield name, param, global_layer
+
+
+_LOCAL_EXPERT = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)\.")
 
 
 class _Reader:

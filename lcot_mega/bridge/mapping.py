@@ -1,4 +1,4 @@
-"""Hugging Face <-> Megatron-core parameter names and layouts for dense Llama / Qwen2 / Qwen3.
+"""Hugging Face <-> Megatron-core parameter names and layouts for Llama / Qwen2 / Qwen3 / Qwen3-MoE.
 
 One map serves the converter tools and the live weight sync (STYLE.md rule 3). A Megatron parameter
 is described by a `Rule`: which HF tensors it is made of and how it is laid out. Sharding is done in
@@ -46,7 +46,11 @@ _LAYER_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "mlp.linear_fc1.layer_norm_weight": (REPLICATED, ("post_attention_layernorm.weight",)),
     "mlp.linear_fc1.weight": (GATE_UP, ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
     "mlp.linear_fc2.weight": (ROW, ("mlp.down_proj.weight",)),
+    "mlp.router.weight": (REPLICATED, ("mlp.gate.weight",)),
 }
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+"""An expert's MLP in a MoE layer (megatron-core's SequentialMLP), by its *global* expert index
+(`hf_load.named_params_with_layers` renames each rank's local indices): HF `mlp.experts.{e}.*_proj.weight`."""
 _GLOBAL_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "embedding.word_embeddings.weight": (VOCAB, ("model.embed_tokens.weight",)),
     "decoder.final_layernorm.weight": (REPLICATED, ("model.norm.weight",)),
@@ -70,7 +74,15 @@ def rule_for(mcore_name: str, global_layer: int | None, arch: ArchSpec) -> Rule:
     """The rule of a Megatron parameter (`decoder.layers.{j}.…` names need the layer's global index)."""
     m = _LAYER.match(mcore_name)
     if m:
-        layout, suffixes = _lookup(_LAYER_RULES, m.group(2), mcore_name)
+        expert = _EXPERT.match(m.group(2))
+        if expert:
+            e = int(expert.group(1))
+            if expert.group(2) == "linear_fc1":
+                layout, suffixes = GATE_UP, (f"mlp.experts.{e}.gate_proj.weight", f"mlp.experts.{e}.up_proj.weight")
+            else:
+                layout, suffixes = ROW, (f"mlp.experts.{e}.down_proj.weight",)
+        else:
+            layout, suffixes = _lookup(_LAYER_RULES, m.group(2), mcore_name)
         layer = int(m.group(1)) if global_layer is None else global_layer
         return Rule(layout, tuple(f"model.layers.{layer}.{s}" for s in suffixes))
     layout, names = _lookup(_GLOBAL_RULES, mcore_name, mcore_name)
@@ -182,6 +194,9 @@ def hf_tensor_names(arch: ArchSpec) -> list[str]:
     if arch.qk_norm:
         attn += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
     mlp = ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    if arch.num_experts:
+        per_expert = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+        mlp = ["mlp.gate.weight"] + [f"mlp.experts.{e}.{p}" for e in range(arch.num_experts) for p in per_expert]
     layer = ["input_layernorm.weight", *attn, "self_attn.o_proj.weight", "post_attention_layernorm.weight", *mlp]
     names = ["model.embed_tokens.weight"]
     names += [f"model.layers.{i}.{s}" for i in range(arch.num_layers) for s in layer]

@@ -266,6 +266,13 @@ class ActorConfig:
     """Megatron pipeline-parallel size."""
     virtual_pipeline: int | None = opt(None, ge=2)
     """Virtual pipeline stages per rank (interleaved schedule); None disables it."""
+    expert_parallel: int = opt(1, ge=1)
+    """Megatron expert-parallel size for mixture-of-experts models (Qwen3-MoE): each rank of an expert-parallel
+    group holds num_experts / this many experts of every layer, and tokens travel to them by all-to-all. Must
+    divide the data-parallel ranks (world / (tensor_parallel * pipeline_parallel)); refused for dense models."""
+    moe_aux_loss_coeff: float = opt(0.0, ge=0.0)
+    """Mixture of experts: weight of megatron-core's load-balancing loss (Switch-style, per layer) in the
+    actor's loss; 0 trains the router by the policy loss alone."""
     context_parallel: int = opt(1, ge=1)
     """Megatron context-parallel size: each sequence is cut into 2 x this many chunks and every rank of a CP group
     holds two of them (load-balanced for causal attention), so activation memory per rank falls with it.

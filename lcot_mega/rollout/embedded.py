@@ -489,7 +489,7 @@ class EmbeddedEngine:
         """The model's state dict and `_canonical_names`, built once per allocation of the weights (a state dict
         walks every module: ~4 ms per call on a 120M model, paid per bucket before)."""
         if self._state is None:
-            state = self._model.state_dict()
+            state = checkpoint_state(self._model)
             self._state = (state, self._canonical_names(state))
         return self._state
 
@@ -499,7 +499,7 @@ class EmbeddedEngine:
 
         with _no_progress_bar():
             fresh = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype)
-        self.update_weights(fresh.state_dict().items(), version)
+        self.update_weights(checkpoint_state(fresh).items(), version)
 
     @staticmethod
     def _canonical_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -519,7 +519,7 @@ class EmbeddedEngine:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
             if "weights" in tags and not self._released:
-                self._unloaded = set(self._canonical_names(self._model.state_dict()).values())
+                self._unloaded = set(self._canonical_names(checkpoint_state(self._model)).values())
                 # Non-persistent buffers (RoPE inv_freq) are not part of a weight update: keep them aside.
                 self._saved_buffers = {k: b.clone() for k, b in self._model.named_buffers()}
                 self._model.to("meta")
@@ -568,6 +568,24 @@ def _cache_keyword(model: torch.nn.Module) -> str:
     Both versions accept **kwargs, so passing the wrong name is silently ignored (and decoding goes wrong)."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict under its checkpoint names: transformers 5 holds a mixture of experts' weights fused,
+    `mlp.experts.gate_up_proj` [E, 2I, H] and `mlp.experts.down_proj` [E, H, I], while checkpoints, our bridge
+    and SGLang name them per expert (`mlp.experts.{e}.gate_proj.weight` [I, H], `up_proj`, `down_proj` [H, I]):
+    those names map to views of the fused parameters, so an update by checkpoint names writes in place."""
+    state = model.state_dict()
+    for name in [n for n in state if n.endswith(".mlp.experts.gate_up_proj")]:
+        prefix, fused = name.removesuffix("gate_up_proj"), state.pop(name)
+        gate, up = fused.chunk(2, dim=1)
+        for e in range(fused.shape[0]):
+            state[f"{prefix}{e}.gate_proj.weight"], state[f"{prefix}{e}.up_proj.weight"] = gate[e], up[e]
+    for name in [n for n in state if n.endswith(".mlp.experts.down_proj")]:
+        prefix, fused = name.removesuffix("down_proj"), state.pop(name)
+        for e in range(fused.shape[0]):
+            state[f"{prefix}{e}.down_proj.weight"] = fused[e]
+    return state
 
 
 def _check_tensor(name: str, tensor: torch.Tensor, state: dict[str, torch.Tensor]) -> None:

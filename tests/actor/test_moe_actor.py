@@ -1,0 +1,165 @@
+"""Qwen3-MoE on the Megatron actor (issue 21, first slice): a tiny random `Qwen3MoeForCausalLM` loads into
+megatron-core MoE layers at expert parallelism 1 and 2 (over gloo, on CPU) and gives transformers' log-probs; at
+EP1 it exports back bit-exact; what is not built yet is refused with a reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.distributed_harness import run_gloo
+from helpers.tiny_models import hf_logits, make_tiny_hf
+
+pytest.importorskip("megatron.core")
+
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, initializer_range=0.2)
+SEQUENCES = [([1, 5, 9, 13], [20, 30, 40, 50, 60]), ([2, 6, 10], [70, 80, 11, 12]), ([7], [3, 4, 5, 6, 8, 9])]
+
+
+def _actor_run(rank: int, world: int, hf_dir: str, ep: int) -> dict:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from lcot_mega.actor.actor import MegatronActor
+    from lcot_mega.actor.train_step import TrainBatch
+    from lcot_mega.bridge.arch import arch_from_hf_config
+    from lcot_mega.bridge.hf_export import iter_hf_tensors
+    from lcot_mega.config import ActorConfig, AlgoConfig
+
+    torch.set_num_threads(1)
+    arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
+    actor = MegatronActor(arch, ActorConfig(expert_parallel=ep, lr=1e-2), AlgoConfig(), hf_dir)
+    experts = [list(layer.mlp.local_expert_indices) for layer in actor.chunks[0].module.decoder.layers]
+    out = {"logprobs": actor.compute_logprobs(SEQUENCES), "experts": experts}
+    try:
+        exported = dict(iter_hf_tensors(actor.chunks, arch))
+        saved = load_file(f"{hf_dir}/model.safetensors")
+        out["export"] = sorted(exported) == sorted(saved) and all(torch.equal(exported[n], saved[n]) for n in saved)
+    except NotImplementedError as e:
+        out["export"] = str(e)
+    batch = TrainBatch([p for p, _ in SEQUENCES], [r for _, r in SEQUENCES], advantages=[1.0, -1.0, 0.5])
+    out["metrics"] = actor.train_step(batch)
+    out["after"] = actor.compute_logprobs(SEQUENCES)
+    return out
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["norm_topk", "no_norm_topk"])
+def moe_dir(request, tmp_path_factory):
+    return str(make_tiny_hf(tmp_path_factory.mktemp("moe"), "qwen3_moe", norm_topk_prob=request.param, **MOE))
+
+
+def _reference(hf_dir: str) -> list[torch.Tensor]:
+    out = []
+    for prompt, response in SEQUENCES:
+        logp = torch.log_softmax(hf_logits(hf_dir, torch.tensor([prompt + response]))[0, :-1].double(), -1)
+        out.append(logp[len(prompt) - 1 :].gather(-1, torch.tensor(response)[:, None])[:, 0])
+    return out
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_moe_actor_gives_transformers_logprobs(moe_dir, ep):
+    results = run_gloo(_actor_run, ep, moe_dir, ep)
+    want = _reference(moe_dir)
+    assert results[0]["experts"] == ([[0, 1, 2, 3]] * 4 if ep == 1 else [[0, 1]] * 4)
+    if ep == 2:
+        assert results[1]["experts"] == [[2, 3]] * 4  # each rank holds its half of every layer's experts
+    for out in results:
+        for got, ref in zip(out["logprobs"], want, strict=True):
+            assert torch.allclose(got.double(), ref, atol=1e-4), (got.double() - ref).abs().max()
+    if ep == 1:
+        assert results[0]["export"] is True  # every HF tensor back, bit for bit
+    else:
+        assert all("expert_parallel > 1" in out["export"] for out in results)
+
+
+def test_one_adam_step_is_the_same_at_ep1_ep2_and_on_one_rank(moe_dir):
+    """One rank; two data-parallel ranks with every expert on each (EP1); two ranks with half the experts each
+    (EP2): the same batch and step give the same updated model (expert gradients reduced and scaled right)."""
+    (single,) = run_gloo(_actor_run, 1, moe_dir, 1)
+    for ep in (1, 2):
+        for out in run_gloo(_actor_run, 2, moe_dir, ep):
+            assert out["metrics"]["actor/update_ok"] == 1.0
+            for got, ref in zip(out["after"], single["after"], strict=True):
+                assert torch.allclose(got, ref, atol=2e-5), (ep, (got - ref).abs().max())
+    moved = max((a - b).abs().max() for a, b in zip(single["after"], single["logprobs"], strict=True))
+    assert moved > 1e-2  # the step changed the model: equality above is not of two untouched models
+
+
+def test_routing_differs_between_the_two_normalizations(moe_dir, tmp_path):
+    """The two routings give different log-probs: a mapping that ignored norm_topk_prob would fail one variant."""
+    from transformers import AutoConfig
+
+    flipped = not AutoConfig.from_pretrained(moe_dir).norm_topk_prob
+    other = str(make_tiny_hf(tmp_path / "other", "qwen3_moe", norm_topk_prob=flipped, **MOE))
+    assert max((a - b).abs().max() for a, b in zip(_reference(moe_dir), _reference(other), strict=True)) > 1e-3
+
+
+def test_unsupported_moe_layouts_are_refused_with_a_reason(tmp_path):
+    from transformers import AutoConfig
+
+    from lcot_mega.bridge.arch import UnsupportedModelError, arch_from_hf_config
+
+    cfg = AutoConfig.for_model("qwen3_moe", num_hidden_layers=4, decoder_sparse_step=2, **MOE)
+    with pytest.raises(UnsupportedModelError, match=r"sparse layers \[1, 3\]"):
+        arch_from_hf_config(cfg)
+
+
+def _dense_with_experts(rank: int, world: int, hf_dir: str) -> str:
+    from transformers import AutoConfig
+
+    from lcot_mega.actor.actor import MegatronActor
+    from lcot_mega.actor.megatron_adapter import ActorSetupError
+    from lcot_mega.bridge.arch import arch_from_hf_config
+    from lcot_mega.config import ActorConfig, AlgoConfig
+
+    arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
+    try:
+        MegatronActor(arch, ActorConfig(expert_parallel=2), AlgoConfig(), hf_dir)
+    except ActorSetupError as e:
+        return str(e)
+    return "no error"
+
+
+def test_expert_parallel_on_a_dense_model_is_refused(tmp_path):
+    hf_dir = str(make_tiny_hf(tmp_path, "qwen3"))
+    assert all("needs a mixture-of-experts model" in m for m in run_gloo(_dense_with_experts, 2, hf_dir))
+
+
+def _sync_run(rank: int, world: int, actor_dir: str, engine_dir: str) -> dict:
+    from transformers import AutoConfig
+
+    from lcot_mega.actor.actor import MegatronActor
+    from lcot_mega.bridge.arch import arch_from_hf_config
+    from lcot_mega.config import ActorConfig, AlgoConfig
+    from lcot_mega.rollout import EmbeddedEngine
+    from lcot_mega.weight_sync import ProbeCheck, sync_weights
+    from lcot_mega.weight_sync.push import fixed_probe_ids
+
+    torch.set_num_threads(1)
+    arch = arch_from_hf_config(AutoConfig.from_pretrained(actor_dir))
+    actor = MegatronActor(arch, ActorConfig(), AlgoConfig(), actor_dir)
+    engine = EmbeddedEngine(engine_dir)
+    probe = ProbeCheck(fixed_probe_ids(arch.vocab_size), 1e-4)
+    before = [engine.score(p, r) for p, r in SEQUENCES]
+    report = sync_weights(actor.chunks, arch, [engine], 1, verify=probe)
+    engine.release_memory(["weights"])
+    engine.resume_memory(["weights"])
+    again = sync_weights(actor.chunks, arch, [engine], 2, verify=probe)  # every expert again, by checkpoint name
+    return dict(
+        before=before,
+        after=[engine.score(p, r) for p, r in SEQUENCES],
+        actor=actor.compute_logprobs(SEQUENCES),
+        probes=(report.probe_max_diff, again.probe_max_diff),
+    )
+
+
+def test_weight_sync_into_the_embedded_engine_by_checkpoint_names(tmp_path):
+    """transformers holds the experts fused ([E, 2I, H]); the sync sends them per expert, as checkpoints and SGLang
+    name them, into views of the fused parameters, also after the engine released and resumed its weights."""
+    shape = dict(MOE, moe_intermediate_size=24, norm_topk_prob=True)  # 2I != H: a transposed view cannot pass
+    actor_dir = str(make_tiny_hf(tmp_path / "a", "qwen3_moe", seed=0, **shape))
+    engine_dir = str(make_tiny_hf(tmp_path / "b", "qwen3_moe", seed=1, **shape))
+    (out,) = run_gloo(_sync_run, 1, actor_dir, engine_dir)
+    assert max((b - a).abs().max() for b, a in zip(out["before"], out["actor"], strict=True)) > 0.1
+    assert all(p is not None and p < 1e-5 for p in out["probes"])
+    for got, want in zip(out["after"], out["actor"], strict=True):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
