@@ -48,9 +48,14 @@ def make_tiny_hf(out_dir: str | Path, model_type: str, *, tie: bool = False, see
     return Path(out_dir)
 
 
+TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+"""The experts of the tiny `qwen3_moe` model: 4 per layer, top-2, renormalized as Qwen3-30B-A3B's config does."""
+
+
 def make_tiny_model_dir(out_dir: str | Path, model_type: str = "llama", seed: int = 0) -> Path:
     """A tiny random model with the character tokenizer: a complete model directory for smoke runs."""
-    out = make_tiny_hf(out_dir, model_type, seed=seed, **SHARP_LONG)
+    moe = TINY_MOE if model_type == "qwen3_moe" else {}
+    out = make_tiny_hf(out_dir, model_type, seed=seed, **SHARP_LONG, **moe)
     save_char_tokenizer(out)
     return out
 
