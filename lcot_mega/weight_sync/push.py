@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -192,27 +192,13 @@ def sync_weights(
     return SyncReport(seconds, outcome[0], outcome[1], diff, stats, fallback)
 
 
-def _gather_and_push(
-    chunks: list[torch.nn.Module],
-    arch: ArchSpec,
-    engines: Sequence[RolloutEngine],
-    version: int,
-    bucket_bytes: int,
-    owner: int,
-    transport: WeightTransport | None,
-    weight_dtype: str,
-    shared: bool,
-    delta: DeltaEncoder | None,
-    engine_dtype: torch.dtype | None,
-) -> tuple[tuple[int, int] | str, float]:
-    """One pass of `sync_weights` on every rank: ((bytes, buckets) or the owner's error, seconds), the same on
-    every rank."""
+def _gather_and_push(*args: Any) -> tuple[tuple[int, int] | str, float]:
+    """One pass of `sync_weights` on every rank (`args`: `_gather_and_push_unpaused`'s): ((bytes, buckets) or the
+    owner's error, seconds), the same on every rank."""
     from lcot_mega.actor import cpu_compat
 
     with cpu_compat.paused():  # CPU: the copies need no device rewriting, and the mode costs ~30% of a sync
-        return _gather_and_push_unpaused(
-            chunks, arch, engines, version, bucket_bytes, owner, transport, weight_dtype, shared, delta, engine_dtype
-        )
+        return _gather_and_push_unpaused(*args)
 
 
 def _gather_and_push_unpaused(
