@@ -108,7 +108,7 @@ class WeightGroup:
         page fault per 4 KiB on first touch (on CPU about 3x the copy itself); it grows to the largest bucket."""
         if flat and len(set(dtypes)) > 1:
             raise ValueError(f"a flattened bucket holds one dtype, got {sorted(map(str, set(dtypes)))}")
-        sizes = [torch.Size(shape).numel() * _itemsize(dtype) for dtype, shape in zip(dtypes, shapes, strict=True)]
+        sizes = [torch.Size(shape).numel() * dtype.itemsize for dtype, shape in zip(dtypes, shapes, strict=True)]
         offsets = [0]
         for size in sizes:
             offsets.append(offsets[-1] + (size if flat else -(-size // _ALIGN) * _ALIGN))
@@ -135,10 +135,6 @@ class WeightGroup:
             with contextlib.suppress(Exception):  # best effort: the group is being dropped anyway
                 pg.shutdown()
         self._store = None
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
 
 
 def listening_store(master_address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:

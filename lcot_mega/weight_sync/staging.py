@@ -33,15 +33,15 @@ class StagingBuffer:
         for bucket in layout:
             size = _round_up(size, _ALIGN)
             for _, shape, dtype in bucket:
-                size = _round_up(size, _itemsize(dtype))
+                size = _round_up(size, dtype.itemsize)
                 offsets.append(size)
-                size += torch.Size(shape).numel() * _itemsize(dtype)
+                size += torch.Size(shape).numel() * dtype.itemsize
         self.storage = torch.UntypedStorage._new_using_filename_cpu(max(size, 1))
         self.nbytes = size
         self.views: dict[str, torch.Tensor] = {}
         specs = [spec for bucket in layout for spec in bucket]
         for (name, shape, dtype), offset in zip(specs, offsets, strict=True):
-            view = torch.empty(0, dtype=dtype).set_(self.storage, offset // _itemsize(dtype), torch.Size(shape))
+            view = torch.empty(0, dtype=dtype).set_(self.storage, offset // dtype.itemsize, torch.Size(shape))
             self.views[name] = view
 
 
@@ -63,10 +63,6 @@ def flat_range(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
 
 
 class Stager:
