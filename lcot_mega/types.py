@@ -58,6 +58,9 @@ class Sample:
     token_versions: list[int] | None = None
     """Per token, the weights version that sampled it, for a response continued across syncs (partial rollout);
     None when `weight_version` sampled every token. `weight_version` is then the oldest of them."""
+    routed_experts: torch.Tensor | None = None
+    """A mixture of experts with `actor.routing_replay: rollout`: the engine's top-k experts per token and MoE layer
+    (`Completion.routed_experts`, a [prompt + response - 1, layers * top_k] tensor), replayed by the actor."""
 
     def __post_init__(self) -> None:
         if self.rollout_logprobs is not None and len(self.rollout_logprobs) != len(self.response_ids):

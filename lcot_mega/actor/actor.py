@@ -19,6 +19,7 @@ from lcot_mega.actor import megatron_adapter as ma
 from lcot_mega.actor.batching import TokenSequence
 from lcot_mega.actor.logprobs import TokenLogProbs, compute_logprobs
 from lcot_mega.actor.mini_batches import combine_metrics, split_batch
+from lcot_mega.actor.routing import RouteList
 from lcot_mega.actor.train_step import TrainBatch, train_step
 from lcot_mega.bridge.arch import ArchSpec
 from lcot_mega.bridge.hf_load import load_hf_weights
@@ -57,7 +58,14 @@ class MegatronActor:
             chunk.eval()
         return chunks
 
-    def _token_logprobs(self, chunks: list, sequences: Sequence[TokenSequence], temperature: float, entropy: bool):
+    def _token_logprobs(
+        self,
+        chunks: list,
+        sequences: Sequence[TokenSequence],
+        temperature: float,
+        entropy: bool,
+        routing: RouteList | None = None,
+    ):
         cfg = self.cfg
         try:
             return compute_logprobs(
@@ -69,19 +77,23 @@ class MegatronActor:
                 with_entropy=entropy,
                 chunk_tokens=cfg.logits_chunk_tokens,
                 packed=cfg.pack_sequences,
+                routes=routing,
             )
         finally:
             release_free_heap()
 
-    def compute_logprobs(self, sequences: Sequence[TokenSequence], temperature: float = 1.0) -> list[torch.Tensor]:
-        """Per-sequence [response_len] log-probs under the current policy (logits / temperature), on every rank."""
-        return self._token_logprobs(self.chunks, sequences, temperature, entropy=False).logprobs
+    def compute_logprobs(
+        self, sequences: Sequence[TokenSequence], temperature: float = 1.0, routing: RouteList | None = None
+    ) -> list[torch.Tensor]:
+        """Per-sequence [response_len] log-probs under the current policy (logits / temperature), on every rank.
+        `routing`: a mixture of experts' routed experts to replay per sequence (`TrainBatch.routing`)."""
+        return self._token_logprobs(self.chunks, sequences, temperature, entropy=False, routing=routing).logprobs
 
     def compute_logprobs_and_entropy(
-        self, sequences: Sequence[TokenSequence], temperature: float = 1.0
+        self, sequences: Sequence[TokenSequence], temperature: float = 1.0, routing: RouteList | None = None
     ) -> TokenLogProbs:
         """As `compute_logprobs`, plus the per-token entropy of softmax(logits / temperature)."""
-        return self._token_logprobs(self.chunks, sequences, temperature, entropy=True)
+        return self._token_logprobs(self.chunks, sequences, temperature, entropy=True, routing=routing)
 
     def compute_ref_logprobs(self, sequences: Sequence[TokenSequence], temperature: float = 1.0) -> list[torch.Tensor]:
         """Per-sequence log-probs under the frozen reference policy (needs algo.kl_coef > 0)."""
@@ -101,7 +113,8 @@ class MegatronActor:
             batch = replace(batch, ref_logprobs=self.compute_ref_logprobs(batch.sequences, batch.temperature))
         updates = self.cfg.updates_per_batch if policy else 1
         if updates > 1 and batch.old_logprobs is None:
-            batch = replace(batch, old_logprobs=self.compute_logprobs(batch.sequences, batch.temperature))
+            old = self.compute_logprobs(batch.sequences, batch.temperature, batch.routing)
+            batch = replace(batch, old_logprobs=old)
         try:
             return combine_metrics(
                 [

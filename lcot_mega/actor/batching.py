@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,6 +57,8 @@ class MicroBatch:
     """Index of each real row's sequence in the caller's list; rows beyond len(indices) are dummies."""
     packed: PackedRows | None = None
     """Set when the model input is packed (then `labels` and `loss_mask` are still [n, s], one row a sequence)."""
+    routing: Any = None
+    """A mixture of experts' `routing.RouteTargets` for this micro-batch (replayed experts, real tokens), or None."""
 
     @property
     def num_rows(self) -> int:
@@ -79,7 +82,8 @@ class MicroBatch:
         move = [
             t.to(device, non_blocking=True) for t in (self.input_ids, self.position_ids, self.labels, self.loss_mask)
         ]
-        return MicroBatch(*move, self.indices, None if self.packed is None else self.packed.to(device))
+        packed = None if self.packed is None else self.packed.to(device)
+        return MicroBatch(*move, self.indices, packed, None if self.routing is None else self.routing.to(device))
 
 
 def sequence_lengths(sequences: Sequence[TokenSequence]) -> list[int]:

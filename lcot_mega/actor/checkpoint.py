@@ -199,6 +199,7 @@ def _model_signature(chunks: Sequence[torch.nn.Module]) -> dict:
         "normalization": c.normalization,
         "padded_vocab_size": model.vocab_size,
         "tied_embeddings": model.share_embeddings_and_output_weights,
+        **({"num_moe_experts": c.num_moe_experts, "moe_router_topk": c.moe_router_topk} if c.num_moe_experts else {}),
     }
 
 
@@ -210,6 +211,7 @@ def _layout(num_chunks: int) -> dict:
         "pp": layout.pp_size,
         "dp": layout.dp_size,
         "cp": layout.cp_size,
+        "ep": layout.ep_size,
         "vpp": num_chunks if num_chunks > 1 else None,
     }
 
@@ -471,7 +473,7 @@ def _dc_load(sharded: dict, dcp_dir: Path, strict: bool) -> dict:
 
 def _restore_rng(ckpt_dir: Path, saved_layout: dict, num_chunks: int) -> bool:
     current = _layout(num_chunks)
-    saved_layout = {"cp": 1, **saved_layout}  # saved before actor.context_parallel existed
+    saved_layout = {"cp": 1, "ep": 1, **saved_layout}  # saved before actor.context_parallel / expert_parallel
     if current != saved_layout:
         warnings.warn(
             f"RNG states not restored: {ckpt_dir} was saved with layout {saved_layout}, this run is {current}",

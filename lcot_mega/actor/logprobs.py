@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from lcot_mega.actor import megatron_adapter as ma
+from lcot_mega.actor import routing
 from lcot_mega.actor.batching import MicroBatch, PackedRows, TokenSequence, from_token_layout, make_micro_batches
 from lcot_mega.actor.chunked_logits import chunked_token_stats, output_weight, returning_hidden_states
 
@@ -171,6 +172,8 @@ def run_schedule(
         mb = next(data_iterator)
         packed = None if mb.packed is None else packed_seq_params(mb.packed)
         local = head.split.local(mb)  # this context-parallel rank's tokens (all of them without CP)
+        if mb.routing is not None:  # a mixture of experts: this micro-batch's replayed experts, its real tokens
+            routing.set_targets(model, mb.routing)
         # [b, s, V/tp] logits or [b, s, h] hidden states on the last stage ([1, T, ...] packed), else activations;
         # s / cp positions under context parallelism
         output = model(local.input_ids, local.position_ids, None, packed_seq_params=packed)
@@ -276,14 +279,17 @@ def compute_logprobs(
     with_entropy: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     packed: bool = False,
+    routes: routing.RouteList | None = None,
 ) -> TokenLogProbs:
     """Log-probs (and optionally entropy) of every response token of `sequences`, on every rank.
 
     Every rank must pass the same `sequences` (the whole batch); each data-parallel replica computes its
     share (`batching.split_across_ranks`) and the results are shared with all ranks. `chunk_tokens`: see
-    `TokenStatsHead`; `packed`: see `batching.pack`.
+    `TokenStatsHead`; `packed`: see `batching.pack`; `routes`: a mixture of experts' routing to replay, per sequence
+    (`routing`).
     """
     micro_batches = micro_batches_for_this_rank(sequences, max_tokens, packed)
+    micro_batches = routing.with_targets(chunks, micro_batches, sequences, routes)
     head = TokenStatsHead(chunks, vocab_size, chunk_tokens)
 
     def collect(mb: MicroBatch, output: torch.Tensor) -> tuple[MicroBatch, torch.Tensor | None, torch.Tensor | None]:

@@ -65,6 +65,8 @@ class ModelLayout:
     vpp_size: int | None
     cp_rank: int = 0
     cp_size: int = 1
+    ep_size: int = 1
+    """Expert parallelism: how many ranks share each MoE layer's experts (ranks of the data-parallel group)."""
 
 
 def te_available() -> bool:
@@ -135,6 +137,13 @@ def context_parallel_errors(cfg: ActorConfig) -> list[str]:
 def setup_errors(cfg: ActorConfig, world_size: int) -> list[str]:
     """What prevents `cfg` from running on this machine with `world_size` ranks (empty: it can run)."""
     errors = []
+    if cfg.routing_replay != "off":  # each needs the replayed experts cut or re-fed as its tokens are: not built
+        unsupported = {
+            "actor.recompute=full": cfg.recompute == "full",
+            f"actor.context_parallel={cfg.context_parallel}": cfg.context_parallel > 1,
+            f"actor.tensor_parallel={cfg.tensor_parallel}": cfg.tensor_parallel > 1,
+        }
+        errors += [f"actor.routing_replay with {k} is not built yet" for k, on in unsupported.items() if on]
     model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel * cfg.context_parallel
     if world_size % model_parallel:
         errors.append(
@@ -194,6 +203,7 @@ def current_layout() -> ModelLayout:
         vpp_size=ps.get_virtual_pipeline_model_parallel_world_size(),
         cp_rank=ps.get_context_parallel_rank(),
         cp_size=ps.get_context_parallel_world_size(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
     )
 
 
@@ -279,6 +289,8 @@ def moe_kwargs(arch: ArchSpec, cfg: ActorConfig) -> dict[str, Any]:
     if not arch.num_experts:
         if cfg.expert_parallel > 1:
             raise ActorSetupError(f"actor.expert_parallel {cfg.expert_parallel} needs a mixture-of-experts model")
+        if cfg.routing_replay != "off":
+            raise ActorSetupError(f"actor.routing_replay {cfg.routing_replay} needs a mixture-of-experts model")
         return {}
     if arch.num_experts % cfg.expert_parallel:
         raise ActorSetupError(
@@ -381,8 +393,26 @@ def build_model(arch: ArchSpec, cfg: ActorConfig) -> list[torch.nn.Module]:
             let_output_layer_return_hidden_states(model)
         if cfg.precision == "bf16_autocast":
             _autocast_forward(model, torch.bfloat16)
+        if arch.num_experts:
+            from lcot_mega.actor.routing import install_taps
+
+            _experts_in_their_own_optimizer(model)
+            install_taps([model], arch.num_experts, pre_softmax=not arch.norm_topk_prob)
         chunks.append(model)
     return chunks
+
+
+def _experts_in_their_own_optimizer(model: torch.nn.Module) -> None:
+    """Mark every expert weight as expert-parallel (`allreduce = False`) also at actor.expert_parallel 1.
+
+    megatron-core gives expert-parallel weights their own optimizer (a `ChainedOptimizer` of dense + experts) only
+    when EP > 1, so a checkpoint saved at EP2 would hold two optimizer states and one at EP1 one, and neither would
+    load into the other. Marked always, the chain is the same at every EP and dist-checkpointing reshards the
+    experts' Adam state like their weights. At EP1 the experts' gradients are then reduced over the expert
+    data-parallel group, which is the data-parallel group itself: the same sums, scaled the same."""
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
 
 
 def _autocast_forward(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -572,6 +602,20 @@ def tensor_parallel_group() -> torch.distributed.ProcessGroup:
     from megatron.core import parallel_state as ps
 
     return ps.get_tensor_model_parallel_group()
+
+
+def expert_parallel_group() -> torch.distributed.ProcessGroup:
+    """The ranks that hold the other experts of this rank's MoE layers (size 1 without expert parallelism)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_group()
+
+
+def expert_tensor_parallel_group() -> torch.distributed.ProcessGroup:
+    """The ranks that split each of this rank's experts (megatron-core's default: the tensor-parallel size)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_tensor_parallel_group()
 
 
 def data_parallel_group() -> torch.distributed.ProcessGroup:

@@ -23,10 +23,11 @@ PER_SEQUENCE_FIELDS = (
     "ref_logprobs",
     "rollout_logprobs",
     "offline",
+    "routing",
 )
 """The `TrainBatch` fields that hold one entry per sequence (what a mini-batch slices)."""
 _SUMMED = ("actor/micro_batches", "actor/response_tokens")
-_MAXED = ("actor/ratio_max", "rollout/logp_gap_max")
+_MAXED = ("actor/ratio_max", "rollout/logp_gap_max", "moe/expert_load_max")
 _LAST = ("actor/lr",)
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lcot_mega.actor import megatron_adapter as ma
+from lcot_mega.actor import routing
 from lcot_mega.actor.batching import MicroBatch, TokenSequence, to_token_layout
 from lcot_mega.actor.logprobs import TokenStatsHead, is_reporting_rank, micro_batches_for_this_rank, run_schedule
 from lcot_mega.algo import (
@@ -83,6 +84,10 @@ class TrainBatch:
     loss -A p / (p + gamma) instead of the clipped surrogate, and left out of the importance and train-vs-rollout
     statistics (its `rollout_logprobs` entry is a placeholder: no engine sampled it). None: every sequence is
     on-policy."""
+    routing: Sequence[torch.Tensor | None] | None = None
+    """A mixture of experts' routing to replay (`actor.routing_replay: rollout`): per sequence, the experts the rollout
+    engine chose for its tokens ([tokens, layers * top_k]; None for a sequence no engine routed). None: the actor
+    routes every token itself."""
     objective: str = "policy"
     """policy: the clipped surrogate of `algo` (with its KL and entropy terms). sft: the negative log-likelihood
     of the response tokens, aggregated by `algo.loss_agg` (token-mean: masked cross entropy), advantages unused."""
@@ -334,6 +339,7 @@ def train_step(
     if algo.kl_coef > 0 and batch.ref_logprobs is None and batch.objective == "policy":
         raise ValueError("algo.kl_coef > 0 needs TrainBatch.ref_logprobs (MegatronActor computes them)")
     micro_batches = micro_batches_for_this_rank(batch.sequences, actor_cfg.micro_batch_tokens, actor_cfg.pack_sequences)
+    micro_batches = routing.with_targets(chunks, micro_batches, batch.sequences, batch.routing)
     denominator = global_denominator(micro_batches, algo)
     # Loss scaling. Micro-batch m of DP rank r has numerator N_rm (policy + KL - entropy terms summed over its
     # tokens); the whole-batch loss is L = sum_{r,m} N_rm / D, D the global denominator. With M micro-batches
@@ -356,10 +362,14 @@ def train_step(
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    config = ma.unwrap(chunks[0]).config
+    routing.start_counting(chunks)
     stats = run_schedule(chunks, micro_batches, loss_fn, forward_only=False, head=head)
     found_inf, grad_norm = prepare_update(optimizer)
 
     metrics = reduce_stats(stats, loss_fn.keys)
+    if config.num_moe_experts:  # collective: every rank's MoE layers and tokens
+        metrics.update(routing.moe_metrics(chunks, config.num_layers, config.num_moe_experts))
     metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["actor/micro_batches"] = float(len(micro_batches))
     update_ok = passed = gate_passes(found_inf, batch.update_bounds, metrics)

@@ -124,7 +124,7 @@ def _moe_fields(cfg: Any, model_type: str) -> dict[str, Any]:
             f" {sparse}) is not supported yet: only every layer a mixture of experts"
         )
     return dict(
-        num_experts=int(_get(cfg, "num_experts")),
+        num_experts=int(_get(cfg, "num_experts") or _get(cfg, "num_local_experts")),  # transformers 5 saves the latter
         experts_per_token=int(_get(cfg, "num_experts_per_tok")),
         moe_ffn_hidden_size=int(_get(cfg, "moe_intermediate_size")),
         norm_topk_prob=bool(_get(cfg, "norm_topk_prob", False)),

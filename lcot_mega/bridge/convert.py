@@ -1,6 +1,6 @@
 """Hugging Face <-> Megatron dist-checkpoint conversion (`lcot-mega convert`, tools/convert_*.py).
 
-- `hf_to_mcore`: tp * pp processes (spawned here: gloo on CPU, nccl on GPU) each read their slices of the
+- `hf_to_mcore`: tp * pp * ep processes (spawned here: gloo on CPU, nccl on GPU) each read their slices of the
   HF safetensors (`bridge.hf_load`) and save a model-only checkpoint directory (`megatron_ckpt` layout,
   committed atomically) with the HF config and tokenizer files in its `hf/`, so the reverse needs nothing
   else.
@@ -45,13 +45,13 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 # --- HF -> Megatron ----------------------------------------------------------------------------------------
 
 
-def _check_hf_source(hf_dir: Path, tp: int, pp: int) -> None:
-    """Fail in the launching process, with the reason, before tp * pp workers start."""
+def _check_hf_source(hf_dir: Path, tp: int, pp: int, ep: int = 1) -> None:
+    """Fail in the launching process, with the reason, before tp * pp * ep workers start."""
     from lcot_mega.bridge.arch import arch_from_hf_config
     from lcot_mega.bridge.hf_load import safetensors_index
 
-    if tp < 1 or pp < 1:
-        raise ConversionError(f"--tp and --pp must be >= 1, got tp={tp} pp={pp}")
+    if tp < 1 or pp < 1 or ep < 1:
+        raise ConversionError(f"--tp, --pp and --ep must be >= 1, got tp={tp} pp={pp} ep={ep}")
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
     arch = arch_from_hf_config(json.loads((hf_dir / "config.json").read_text()))
@@ -62,9 +62,15 @@ def _check_hf_source(hf_dir: Path, tp: int, pp: int) -> None:
         )
     if arch.num_layers % pp:
         raise ConversionError(f"--pp {pp} must divide the number of layers ({arch.num_layers})")
+    if ep > 1 and not arch.num_experts:
+        raise ConversionError(f"--ep {ep} needs a mixture-of-experts model; {hf_dir} is dense")
+    if ep > 1 and arch.num_experts % ep:
+        raise ConversionError(f"--ep {ep} must divide the number of experts ({arch.num_experts})")
 
 
-def _hf_to_mcore_worker(rank: int, world: int, port: int, hf_dir: str, out_dir: str, tp: int, pp: int) -> None:
+def _hf_to_mcore_worker(
+    rank: int, world: int, port: int, hf_dir: str, out_dir: str, tp: int, pp: int, ep: int = 1
+) -> None:
     import torch.distributed as dist
     from transformers import AutoConfig
 
@@ -77,11 +83,11 @@ def _hf_to_mcore_worker(rank: int, world: int, port: int, hf_dir: str, out_dir: 
     init_process_group(rank, world, port)
     say = _say if rank == 0 else (lambda msg: None)
     try:
-        cfg = ActorConfig(tensor_parallel=tp, pipeline_parallel=pp)
+        cfg = ActorConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep)
         layout = ma.init_parallel(cfg, seed=0)
         arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
         chunks = ma.build_model(arch, cfg)
-        say(f"hf-to-mcore: [2/3] reading HF weights from {hf_dir} into TP={tp} PP={pp}")
+        say(f"hf-to-mcore: [2/3] reading HF weights from {hf_dir} into TP={tp} PP={pp} EP={ep}")
         load_hf_weights(chunks, hf_dir, arch, layout.tp_rank, layout.tp_size)
         say(f"hf-to-mcore: [3/3] writing the dist checkpoint {out_dir}")
         megatron_ckpt.save(chunks, out_dir, 0, extra={"converted_from": hf_dir}, hf_dir=hf_dir)
@@ -96,10 +102,12 @@ def hf_to_mcore(
     tp: int = 1,
     pp: int = 1,
     *,
+    ep: int = 1,
     overwrite: bool = False,
     progress: Progress = _say,
 ) -> Path:
-    """Convert an HF model directory into a Megatron dist checkpoint laid out for TP=`tp`, PP=`pp`.
+    """Convert an HF model directory into a Megatron dist checkpoint laid out for TP=`tp`, PP=`pp`, EP=`ep` (a
+    mixture of experts: each of `ep` ranks writes its share of every layer's experts; any EP loads it back).
 
     `progress` gets the launcher's messages; the workers' (rank 0) go to stderr.
     """
@@ -109,13 +117,13 @@ def hf_to_mcore(
 
     hf_dir, out_dir = Path(hf_dir).resolve(), Path(out_dir).resolve()
     progress(f"hf-to-mcore: [1/3] checking {hf_dir}")
-    _check_hf_source(hf_dir, tp, pp)
+    _check_hf_source(hf_dir, tp, pp, ep)
     _check_out_dir(out_dir, overwrite)
-    world = tp * pp
+    world = tp * pp * ep
     if torch.cuda.is_available() and world > torch.cuda.device_count():
-        raise ConversionError(f"tp * pp = {world} processes need as many GPUs; {torch.cuda.device_count()} found")
+        raise ConversionError(f"tp * pp * ep = {world} processes need as many GPUs; {torch.cuda.device_count()} found")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    args = (world, free_port(), str(hf_dir), str(out_dir), tp, pp)
+    args = (world, free_port(), str(hf_dir), str(out_dir), tp, pp, ep)
     try:
         mp.start_processes(_hf_to_mcore_worker, args=args, nprocs=world, join=True, start_method="spawn")
     except ProcessException as e:
@@ -182,6 +190,8 @@ def _build_arch(arch: ArchSpec, saved: dict, path: Path, config_dir: Path) -> Ar
         "qk_layernorm": arch.qk_norm,
         "tied_embeddings": arch.tie_word_embeddings,
     }
+    if arch.num_experts or saved.get("num_moe_experts"):
+        expected.update(num_moe_experts=arch.num_experts or None, moe_router_topk=arch.experts_per_token)
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in expected.items() if saved.get(k) != v]
     padded = saved.get("padded_vocab_size")
     if not isinstance(padded, int) or not arch.vocab_size <= padded < arch.vocab_size + 128:
@@ -233,7 +243,8 @@ def mcore_to_hf(
 
 def _layout_text(meta: dict) -> str:
     layout = meta.get("layout", {})
-    return f"TP={layout.get('tp')} PP={layout.get('pp')} DP={layout.get('dp')}, step {meta.get('step')}"
+    ep = f" EP={layout['ep']}" if layout.get("ep", 1) > 1 else ""
+    return f"TP={layout.get('tp')} PP={layout.get('pp')} DP={layout.get('dp')}{ep}, step {meta.get('step')}"
 
 
 # --- command line ------------------------------------------------------------------------------------------
@@ -244,6 +255,7 @@ def add_hf_to_mcore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory to create")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the checkpoint (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the checkpoint (default 1)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size of a mixture of experts (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
@@ -267,7 +279,9 @@ def _run(fn: Callable[[], object], command: str) -> int:
 
 
 def run_hf_to_mcore(args: argparse.Namespace) -> int:
-    return _run(lambda: hf_to_mcore(args.hf, args.out, args.tp, args.pp, overwrite=args.overwrite), "hf-to-mcore")
+    return _run(
+        lambda: hf_to_mcore(args.hf, args.out, args.tp, args.pp, ep=args.ep, overwrite=args.overwrite), "hf-to-mcore"
+    )
 
 
 def run_mcore_to_hf(args: argparse.Namespace) -> int:

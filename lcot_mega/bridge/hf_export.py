@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -77,16 +78,54 @@ def _gather_tp(param: torch.Tensor, layout: str, group: Any) -> list[torch.Tenso
 
 
 def _chunk_params(chunk: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter, int | None]]:
-    from megatron.core import parallel_state as ps
     from megatron.core.utils import unwrap_model
 
-    params = list(named_params_with_layers(unwrap_model(chunk)))
-    if ps.get_expert_model_parallel_world_size() > 1 and any(".mlp.experts." in name for name, _, _ in params):
-        raise NotImplementedError(
-            "exporting a mixture of experts held at actor.expert_parallel > 1 (converters, weight sync) is not built"
-            " yet: each rank holds only its own experts; use actor.expert_parallel=1 for now"
-        )
-    return params
+    return list(named_params_with_layers(unwrap_model(chunk)))
+
+
+@dataclass(frozen=True)
+class _Experts:
+    """Where the other experts of this rank's MoE layers are: its expert-parallel group (size > 1) and the group
+    that splits each expert over tensor-parallel ranks."""
+
+    group: Any
+    size: int
+    rank: int
+    tp_group: Any
+
+
+def _expert_groups() -> _Experts | None:
+    """This rank's expert-parallel groups, or None without expert parallelism (every expert on every rank)."""
+    from lcot_mega.actor import megatron_adapter as ma
+
+    group = ma.expert_parallel_group()
+    size = dist.get_world_size(group)
+    if size == 1:
+        return None
+    return _Experts(group, size, dist.get_rank(group), ma.expert_tensor_parallel_group())
+
+
+_GLOBAL_EXPERT = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)\.")
+
+
+def _every_rank_expert(
+    name: str, param: torch.Tensor, experts: _Experts, num_experts: int
+) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the expert at `param`'s local position on every expert-parallel rank, in rank order: rank r
+    holds experts [r*n, (r+1)*n) (megatron-core's `local_expert_indices`), so a name's global index moves by n."""
+    local = param.detach().contiguous()
+    per_rank = [torch.empty_like(local) for _ in range(experts.size)]
+    dist.all_gather(per_rank, local, group=experts.group)
+    match = _GLOBAL_EXPERT.search(name)
+    assert match is not None, name
+    index = int(match.group(2))
+    n = num_experts // experts.size
+    position = index - experts.rank * n
+    out = []
+    for r, t in enumerate(per_rank):
+        renamed = f"{name[: match.start(2)]}{r * n + position}{name[match.end(2) :]}"
+        out.append((renamed, t))
+    return out
 
 
 Targets = Mapping[str, torch.Tensor]
@@ -107,9 +146,15 @@ def _chunk_hf_tensors(
     `into`, a full tensor is assembled straight in its target, which is what is yielded. `only` (with `into` and
     `per_rank_of`): this rank writes TP rank `only`'s slices alone (its own: `shared_shards.peer_targets` gave
     every TP rank the targets), and a tensor that does not fit its target is assembled by TP rank 0 alone."""
+    experts = _expert_groups() if arch.num_experts else None
     for index, (name, param, layer) in enumerate(_chunk_params(chunk)):
         if name == "output_layer.weight" and arch.tie_word_embeddings:
             continue  # the last PP stage's copy of the embedding; stage 0 emits model.embed_tokens.weight
+        if experts is not None and _GLOBAL_EXPERT.search(name):  # this expert of every expert-parallel rank
+            for expert_name, t in _every_rank_expert(name, param, experts, arch.num_experts):
+                rule = rule_for(expert_name, layer, arch)
+                yield from _assembled(rule, _gather_tp(t, rule.layout, experts.tp_group), arch, into)
+            continue
         rule = rule_for(name, layer, arch)
         if per_rank_of is not None and rule.layout != REPLICATED:
             tensors = per_rank_of(index)
@@ -130,6 +175,18 @@ def _chunk_hf_tensors(
             else:  # a peer: the same item, without data, so that its buckets end where TP rank 0's do
                 meta = [p.to("meta") for p in pieces]
                 yield hf_name, concat_tp(rule, meta, hf_rows=arch.vocab_size)
+
+
+def _assembled(rule: Any, tensors: list[torch.Tensor], arch: ArchSpec, into: Targets | None) -> Iterator[Named]:
+    """The HF tensors of one parameter from every TP rank's shard: written into their targets where they fit."""
+    per_rank = [split(rule, t, arch) for t in tensors]
+    for j, hf_name in enumerate(rule.hf_names):
+        pieces = [p[j] for p in per_rank]
+        target = into.get(hf_name) if into is not None else None
+        if target is not None and concat_tp_into(rule, pieces, target):
+            yield hf_name, target
+        else:
+            yield hf_name, concat_tp(rule, pieces, hf_rows=arch.vocab_size).contiguous()
 
 
 def iter_hf_tensors(chunks: list[torch.nn.Module], arch: ArchSpec) -> Iterator[Named]:
@@ -185,6 +242,8 @@ class _Place:
     replica0: bool
     """Data-parallel and context-parallel rank 0."""
     tp_ranks: tuple[int, ...]
+    ep_ranks: tuple[int, ...]
+    """Its expert-parallel group: the ranks holding the other experts of its MoE layers (itself alone without)."""
 
 
 def _all_places() -> list[_Place]:
@@ -197,6 +256,7 @@ def _all_places() -> list[_Place]:
         tp_rank=layout.tp_rank,
         replica0=ma.is_first_replica(),
         tp_ranks=tuple(dist.get_process_group_ranks(_tp_group())),
+        ep_ranks=tuple(dist.get_process_group_ranks(ma.expert_parallel_group())),
     )
     places: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(places, me)
@@ -276,7 +336,8 @@ def gather_hf_state(
     me = places[dist.get_rank()]
     device = _comm_device()
     group = _tp_group()
-    shards = _shared_shards(chunks, group) if shared else None
+    expert_parallel = any(len(p.ep_ranks) > 1 for p in places)  # every rank of an EP group gathers its experts
+    shards = _shared_shards(chunks, group) if shared and not expert_parallel else None
     every_rank_writes = None  # dst's targets, writable by every rank of its TP group
     if shards is not None and me.rank in places[dst].tp_ranks:
         from lcot_mega.weight_sync.shared_shards import peer_targets
@@ -290,7 +351,8 @@ def gather_hf_state(
             targets = into if me.rank == dst else None
             if shards is None:
                 local = _pack(_chunk_hf_tensors(chunk, arch, group, into=targets), bucket_bytes)  # lazy
-                yield from _stage_part(me.rank, producer, dst, local, device)
+                peers = {r for t in producer.tp_ranks for r in places[t].ep_ranks}
+                yield from _stage_part(me.rank, producer, dst, local, device, peers)
             elif me.rank in producer.tp_ranks:  # the producing TP group: read in place between two barriers
                 shards.begin()
                 per_rank_of = partial(lambda base, i: shards.tensors(base + i), offset)
@@ -320,17 +382,23 @@ def _shared_shards(chunks: list[torch.nn.Module], group: Any) -> Any:
 
 
 def _stage_part(
-    rank: int, producer: _Place, dst: int, local: Iterator[Bucket], device: torch.device
+    rank: int,
+    producer: _Place,
+    dst: int,
+    local: Iterator[Bucket],
+    device: torch.device,
+    expert_peers: Collection[int] = (),
 ) -> Iterator[Bucket]:
-    """This rank's part in bringing one stage's buckets to `dst` (which alone yields them)."""
+    """This rank's part in bringing one stage's buckets to `dst` (which alone yields them). `expert_peers`: the
+    ranks whose experts the producing TP group gathers (they iterate along)."""
     if rank == dst and rank in producer.tp_ranks:
         yield from local
     elif rank == dst:
         yield from _recv_buckets(producer.rank, device)
     elif rank == producer.rank:
         _send_buckets(local, dst, device)
-    elif rank in producer.tp_ranks:
-        _drain(local)  # a TP peer of the sender: its part of each all-gather
+    elif rank in producer.tp_ranks or rank in expert_peers:
+        _drain(local)  # a TP or expert-parallel peer of the sender: its part of each all-gather
 
 
 # ------------------------------------------------------------------------------------- HF directory

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -46,7 +46,8 @@ def safetensors_index(hf_dir: str | Path) -> dict[str, Path]:
 def named_params_with_layers(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter, int | None]]:
     """(local name, parameter, global layer index or None) of one GPTModel chunk. A MoE layer's experts are named by
     their global index (`...local_experts.{global}...`: under expert parallelism a rank holds experts
-    `local_expert_indices`, numbered from 0 in its own module tree)."""
+    `local_expert_indices`, numbered from 0 in its own module tree), whichever module holds them: SequentialMLP
+    (`local_experts.{j}.linear_fc1.weight`) or Transformer Engine's grouped GEMM (`linear_fc1.weight{j}`)."""
     layers = getattr(getattr(chunk, "decoder", None), "layers", [])
     offsets = [layer.layer_number - 1 for layer in layers]  # layer_number is global and 1-based
     experts = [getattr(getattr(layer, "mlp", None), "local_expert_indices", None) for layer in layers]
@@ -56,11 +57,21 @@ def named_params_with_layers(chunk: torch.nn.Module) -> Iterator[tuple[str, torc
             j = int(name.split(".")[2])
             global_layer = offsets[j]
             if experts[j] is not None:
-                name = _LOCAL_EXPERT.sub(lambda m, g=experts[j]: f"{m.group(1)}{g[int(m.group(2))]}.", name)
+                name = global_expert_name(name, experts[j])
         yield name, param, global_layer
 
 
+def global_expert_name(name: str, local_expert_indices: Sequence[int]) -> str:
+    """`name` of a layer's parameter with its expert (if any) named by global index, as SequentialMLP names it."""
+    grouped = _GROUPED_EXPERT.search(name)
+    if grouped:  # TEGroupedMLP: one parameter per local expert, the index at the end
+        prefix, fc, j = name[: grouped.start()], grouped.group(1), int(grouped.group(2))
+        return f"{prefix}.mlp.experts.local_experts.{local_expert_indices[j]}.{fc}.weight"
+    return _LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{local_expert_indices[int(m.group(2))]}.", name)
+
+
 _LOCAL_EXPERT = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)\.")
+_GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.(linear_fc1|linear_fc2)\.weight(\d+)$")
 
 
 class _Reader:

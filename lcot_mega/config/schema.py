@@ -273,6 +273,12 @@ class ActorConfig:
     moe_aux_loss_coeff: float = opt(0.0, ge=0.0)
     """Mixture of experts: weight of megatron-core's load-balancing loss (Switch-style, per layer) in the
     actor's loss; 0 trains the router by the policy loss alone."""
+    routing_replay: str = opt("off", choices=("off", "rollout"))
+    """Mixture of experts: rollout replays the experts the rollout engine routed each token to (R3: the engine
+    returns them, SGLang's `return_routed_experts`) in the actor's forward for old log-probs and training, so that
+    train and rollout run the same experts; off lets the actor route. Metrics under moe/ (replay mismatch, expert
+    load, router entropy). Refused for dense models, vLLM engines, and (not built yet) with actor.recompute=full,
+    tensor or context parallelism."""
     context_parallel: int = opt(1, ge=1)
     """Megatron context-parallel size: each sequence is cut into 2 x this many chunks and every rank of a CP group
     holds two of them (load-balanced for causal attention), so activation memory per rank falls with it.
@@ -589,6 +595,8 @@ def cross_field_errors(cfg: Config) -> list[str]:
         )
     if cfg.algo.polarity in ("both", "weighted") and (cfg.algo.reserve_ratio or cfg.algo.reserve_min):
         errors.append("algo.reserve_ratio / algo.reserve_min only apply with algo.polarity = 'positive' or 'negative'")
+    if actor.routing_replay != "off" and cfg.rollout.engine == "vllm":
+        errors.append("actor.routing_replay needs an engine that reports routed experts (embedded, sglang), not vllm")
     return errors
 
 

@@ -272,8 +272,16 @@ class EmbeddedEngine:
     def _generate_chunk(
         self, prompts: list[list[int]], chunk: list[int], params: SamplingParams
     ) -> list[list[Completion]]:
+        with _RoutedExperts.recording(self._model, params.return_routed_experts) as routes:
+            return self._sample_chunk(prompts, chunk, params, routes)
+
+    def _sample_chunk(
+        self, prompts: list[list[int]], chunk: list[int], params: SamplingParams, routes: _RoutedExperts | None
+    ) -> list[list[Completion]]:
         n, max_new = params.n, params.max_new_tokens
         logits, rows, cache = self._prefill([prompts[i] for i in chunk], n)
+        if routes is not None:
+            routes.prefilled([len(prompts[i]) for i in chunk], len(chunk) * n, max_new)
         if params.seed is not None:
             flat = (np.asarray(chunk, dtype=np.int64)[:, None] * n + np.arange(n)).reshape(-1)
             rows.keys = _row_keys(params.seed, flat)
@@ -309,7 +317,14 @@ class EmbeddedEngine:
                 tok = tok[keep]
                 cache.batch_select_indices(keep.nonzero().flatten())
             logits = self._decode_step(tok, rows, cache)
-        return self._completions(prompts, chunk, n, tokens, logps, lengths, finish, matched)
+            if routes is not None:
+                routes.decoded(rows.live, step)
+        comps = self._completions(prompts, chunk, n, tokens, logps, lengths, finish, matched)
+        if routes is not None:
+            for b, group in enumerate(comps):
+                for j, c in enumerate(group):
+                    c.routed_experts = routes.of(b * n + j, len(c.token_ids))
+        return comps
 
     def _prefill(self, prompts: list[list[int]], n: int) -> tuple[torch.Tensor, _Rows, Cache]:
         """One forward over the left-padded prompts; the cache comes back shared (`SharedPrefixCache`) or repeated
@@ -560,6 +575,63 @@ class EmbeddedEngine:
             self._closed = True
             self._model = None  # type: ignore[assignment]
             self._saved_buffers = {}
+
+
+class _RoutedExperts:
+    """SGLang's `return_routed_experts` for a transformers mixture of experts: a forward hook on every MoE layer's
+    router (Qwen3-MoE's `mlp.gate` returns logits, weights and top-k indices) keeps each forward's indices, laid out
+    per sample as [prompt + response - 1, layers * top_k] int32."""
+
+    def __init__(self, gates: list[torch.nn.Module]) -> None:
+        self._seen: list[torch.Tensor] = []
+        self._handles = [g.register_forward_hook(self._keep) for g in gates]
+        self._prompts: list[torch.Tensor] = []
+        self._rows = 0
+        self._decode: torch.Tensor | None = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def recording(cls, model: torch.nn.Module, enabled: bool) -> Iterator[_RoutedExperts | None]:
+        if not enabled:
+            yield None
+            return
+        layers = getattr(getattr(model, "model", None), "layers", [])
+        gates = [layer.mlp.gate for layer in layers if hasattr(getattr(layer, "mlp", None), "experts")]
+        if not gates:
+            raise ValueError("return_routed_experts needs a mixture-of-experts model; this one has no routed layers")
+        recorder = cls(gates)
+        try:
+            yield recorder
+        finally:
+            for h in recorder._handles:
+                h.remove()
+
+    def _keep(self, module: torch.nn.Module, args: tuple, out: tuple) -> None:
+        self._seen.append(out[2].detach().to("cpu", torch.int16))  # [tokens, top_k], one per layer
+
+    def _layers(self) -> torch.Tensor:
+        """This forward's indices, [tokens, layers, top_k]."""
+        seen, self._seen = self._seen, []
+        return torch.stack(seen, dim=1)
+
+    def prefilled(self, prompt_lengths: list[int], rows: int, max_new: int) -> None:
+        """After the prefill of left-padded prompts: each prompt's own positions."""
+        per_token = self._layers()  # [P * longest, L, k]
+        longest = per_token.shape[0] // len(prompt_lengths)
+        per_prompt = per_token.reshape(len(prompt_lengths), longest, *per_token.shape[1:])
+        self._prompts = [per_prompt[b, longest - n :] for b, n in enumerate(prompt_lengths)]
+        self._rows = rows // len(prompt_lengths)  # samples per prompt
+        self._decode = torch.zeros(rows, max_new, *per_token.shape[1:], dtype=torch.int16)
+
+    def decoded(self, live: torch.Tensor, step: int) -> None:
+        """After the decode step that ran response token `step` of the `live` rows."""
+        self._decode[live, step] = self._layers()
+
+    def of(self, row: int, response_len: int) -> torch.Tensor:
+        """[prompt + response - 1, layers * top_k] int32 of sample `row` (prompt-major rows)."""
+        prompt = self._prompts[row // self._rows]
+        routed = torch.cat([prompt, self._decode[row, : max(response_len - 1, 0)]])
+        return routed.reshape(routed.shape[0], -1).to(torch.int32)
 
 
 def _cache_keyword(model: torch.nn.Module) -> str:

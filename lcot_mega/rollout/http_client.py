@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lcot_mega.rollout.protocol import Completion, SamplingParams
+from lcot_mega.rollout.protocol import Completion, SamplingParams, decode_routed_experts
 from lcot_mega.types import SampleStatus
 
 _FINISH = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED, "abort": SampleStatus.ABORTED}
@@ -60,6 +60,10 @@ def completion_from_sglang(result: dict[str, Any]) -> Completion:
     reason = meta.get("finish_reason") or {"type": "abort"}
     entries = meta.get("output_token_logprobs") or []
     ids = list(result.get("output_ids") or [t for _, t, _ in entries])
+    prompt_tokens = int(meta.get("prompt_tokens", 0))
+    routed = meta.get("routed_experts")
+    if routed is not None:  # SGLang: every token the engine ran, the last sampled one excepted
+        routed = decode_routed_experts(routed, prompt_tokens + len(ids) - 1)
     return Completion(
         token_ids=ids,
         logprobs=[float(lp) for lp, _, _ in entries],
@@ -67,8 +71,9 @@ def completion_from_sglang(result: dict[str, Any]) -> Completion:
         matched_stop=reason.get("matched"),
         text=result.get("text") or "",
         weight_version=parse_weight_version(meta.get("weight_version")),
-        prompt_tokens=int(meta.get("prompt_tokens", 0)),
+        prompt_tokens=prompt_tokens,
         completion_tokens=int(meta.get("completion_tokens", len(ids))),
+        routed_experts=routed,
     )
 
 
@@ -164,6 +169,8 @@ class SGLangHTTPEngine:
             "return_logprob": True,
             "logprob_start_len": -1,
         }
+        if params.return_routed_experts:
+            body["return_routed_experts"] = True
         results = self._request("POST", "/generate", body)
         if isinstance(results, dict):
             results = [results]

@@ -8,6 +8,7 @@ for everything in flight. The driver talks to engines only through this protocol
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -45,6 +46,10 @@ class SamplingParams:
     """Do not stop on the model's EOS ids (explicit `stop`/`stop_token_ids` still apply)."""
     seed: int | None = None
     """Base seed of per-sample random streams (SGLang `sampling_seed`); None draws from the engine's RNG."""
+    return_routed_experts: bool = False
+    """A mixture of experts: report the experts each token was routed to (`Completion.routed_experts`). SGLang takes
+    it beside `sampling_params`, not inside (`return_routed_experts`, with the server's
+    `--enable-return-routed-experts`)."""
 
     def __post_init__(self) -> None:
         # Lists from YAML/JSON become tuples, so the dataclass stays hashable and immutable.
@@ -102,10 +107,16 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = field(default=-1)
     """Defaults to len(token_ids)."""
+    routed_experts: torch.Tensor | None = None
+    """With `SamplingParams.return_routed_experts`: the top-k experts of every MoE layer for each token the engine
+    ran, [prompt_tokens + len(token_ids) - 1, layers * top_k] int32 (token-major, then layer, then slot: SGLang's
+    `meta_info["routed_experts"]`; the last sampled token never went through the model)."""
 
     def __post_init__(self) -> None:
         if len(self.logprobs) != len(self.token_ids):
             raise ValueError(f"{len(self.logprobs)} logprobs for {len(self.token_ids)} tokens")
+        if self.routed_experts is not None and self.routed_experts.dim() != 2:
+            raise ValueError(f"routed_experts must be [tokens, layers * top_k], got {tuple(self.routed_experts.shape)}")
         if self.completion_tokens < 0:
             self.completion_tokens = len(self.token_ids)
 
@@ -168,6 +179,20 @@ def check_memory_tags(tags: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(tags)
 
 
+def encode_routed_experts(routed: torch.Tensor) -> str:
+    """`Completion.routed_experts` as SGLang sends it in `meta_info["routed_experts"]`: the int32 values, flattened
+    token-major, base64-encoded (no shape: the reader knows the tokens)."""
+    return base64.b64encode(routed.to(torch.int32).contiguous().numpy().tobytes()).decode("ascii")
+
+
+def decode_routed_experts(text: str, tokens: int) -> torch.Tensor:
+    """The inverse of `encode_routed_experts` for a response whose engine ran `tokens` tokens: [tokens, layers * k]."""
+    flat = torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.int32)
+    if tokens <= 0 or flat.numel() % tokens:
+        raise ValueError(f"routed_experts holds {flat.numel()} values: not a whole number for each of {tokens} tokens")
+    return flat.reshape(tokens, -1)
+
+
 def to_samples(prompt: Prompt, completions: Sequence[Completion]) -> list[Sample]:
     """The stage contract for one prompt's completions (the samples of one `Group`)."""
     return [
@@ -178,6 +203,7 @@ def to_samples(prompt: Prompt, completions: Sequence[Completion]) -> list[Sample
             rollout_logprobs=list(c.logprobs),
             status=c.finish,
             weight_version=c.weight_version,
+            routed_experts=c.routed_experts,
         )
         for c in completions
     ]

@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from lcot_mega.rollout.protocol import Completion, RolloutEngine, SamplingParams
+from lcot_mega.rollout.protocol import Completion, RolloutEngine, SamplingParams, encode_routed_experts
 from lcot_mega.types import SampleStatus
 
 log = logging.getLogger(__name__)
@@ -217,6 +217,8 @@ def completion_to_sglang(c: Completion, *, return_logprob: bool) -> dict[str, An
     }
     if return_logprob:
         meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
+    if c.routed_experts is not None:
+        meta["routed_experts"] = encode_routed_experts(c.routed_experts)
     return {"text": c.text, "output_ids": list(c.token_ids), "meta_info": meta}
 
 
@@ -321,8 +323,11 @@ class RolloutServer:
         start = body.get("logprob_start_len", -1)
         if start not in (-1, None):
             raise HTTPError(400, "logprob_start_len must be -1 when generating (input log-probs: max_new_tokens=0)")
+        routed = body.get("return_routed_experts", False)
+        if not isinstance(routed, bool):
+            raise HTTPError(400, f"return_routed_experts must be a bool, got {routed!r}")
         try:
-            params = SamplingParams(**kwargs)
+            params = SamplingParams(**kwargs, return_routed_experts=routed)
         except (TypeError, ValueError) as e:
             raise HTTPError(400, f"sampling_params: {e}") from e
         rids = _rids(body, len(prompts))

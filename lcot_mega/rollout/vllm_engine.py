@@ -166,6 +166,8 @@ class VLLMEngine:
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         prompts = [list(map(int, p)) for p in prompt_ids]
         self._check_prompts(prompts)
+        if params.return_routed_experts:
+            raise ValueError("the vLLM engine does not report routed experts: routing replay needs SGLang or embedded")
         with self._lock:
             self._check_ready()
             self._abort.clear()

@@ -59,6 +59,7 @@ def sampling_params(cfg: Config, seed: int) -> SamplingParams:
         stop=tuple(r.stop),
         ignore_eos=r.ignore_eos,
         seed=seed,
+        return_routed_experts=cfg.actor.routing_replay == "rollout",
     )
 
 

@@ -73,6 +73,7 @@ def to_train_batch(batch: Batch, temperature: float) -> TrainBatch:
         return torch.tensor(s.rollout_logprobs, dtype=torch.float32)
 
     offline = [s.offline for s in samples]
+    routing = [s.routed_experts for s in samples]  # a mixture of experts' engine routing (actor.routing_replay)
     return TrainBatch(
         prompt_ids=[list(s.prompt_ids) for s in samples],
         response_ids=[list(s.response_ids) for s in samples],
@@ -80,4 +81,5 @@ def to_train_batch(batch: Batch, temperature: float) -> TrainBatch:
         rollout_logprobs=[rollout_logprobs(s) for s in samples],
         temperature=temperature,
         offline=offline if any(offline) else None,
+        routing=routing if any(r is not None for r in routing) else None,
     )
