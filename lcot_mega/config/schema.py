@@ -500,6 +500,16 @@ class GuardsConfig:
     off_policy_masked: MonitorConfig = _monitor("warn", max=0.2)
     """rollout/is_masked_frac: share of tokens an off-policy correction masked out (algo.off_policy): the behaviour
     policy has drifted too far from the trained one."""
+    expert_load: MonitorConfig = _monitor("warn", max_ratio=1.5, window=10)
+    """moe/expert_load_max (mixture of experts): the busiest expert's share of tokens over the mean, worst layer.
+    Expert collapse (the router sending ever more tokens to a few experts) shows as a jump against its recent
+    median; a set `max` bounds it absolutely (E / k is every token on the same k experts)."""
+    router_entropy: MonitorConfig = _monitor("warn", min_ratio=0.5, window=10)
+    """moe/router_entropy (mixture of experts): the router's mean entropy falling to half its recent median, the
+    other face of collapse (the routing turns one-hot)."""
+    replay_mismatch: MonitorConfig = _monitor("warn", max=0.2)
+    """moe/replay_mismatch (actor.routing_replay: rollout): share of replayed tokens whose own top-k differs from the
+    engine's. A few percent is precision (a bf16 engine); a fifth means engine and actor run different weights."""
     max_rollbacks: int = opt(3, ge=0)
     """Rollbacks allowed in one run; the next one halts instead."""
     rollback_lr_factor: float = opt(0.5, gt=0.0, le=1.0)

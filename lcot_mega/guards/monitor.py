@@ -36,6 +36,9 @@ MONITOR_KEYS: dict[str, str] = {
     "reward": "reward/mean",
     "staleness": "rollout/staleness_mean",
     "off_policy_masked": "rollout/is_masked_frac",
+    "expert_load": "moe/expert_load_max",
+    "router_entropy": "moe/router_entropy",
+    "replay_mismatch": "moe/replay_mismatch",
 }
 """`guards.<name>` config field -> the metric key (docs/METRICS.md) that monitor watches."""
 

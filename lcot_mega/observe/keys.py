@@ -97,6 +97,12 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "actor/micro_batches",
     "actor/skipped",
     "actor/gate_skipped",
+    # mixture of experts (lcot_mega/actor/routing.py)
+    "moe/expert_load_max",
+    "moe/router_entropy",
+    "moe/router_entropy_max",
+    "moe/replayed_fraction",
+    "moe/replay_mismatch",
     # stability guards (lcot_mega/guards, driver)
     "guard/action",
     "guard/reason",

@@ -245,3 +245,23 @@ def test_async_monitors_watch_staleness_and_the_share_of_masked_tokens():
     assert verdict.action is Action.WARN and verdict.metrics()["guard/reason"] == "off_policy_masked 0.25 > 0.2"
     strict = Guard(only(staleness=MonitorConfig(action="skip_step", max=0.5)))
     assert strict.check(3, {"rollout/staleness_mean": 1.0}).action is Action.SKIP
+
+
+def test_moe_monitors_watch_expert_load_router_entropy_and_replay_mismatch():
+    """Defaults: expert load warns at 1.5x its median of 10, router entropy at half of it, replay mismatch above 0.2;
+    a dense model's steps (no moe/ keys) are not judged."""
+    guard = Guard(GuardsConfig())
+    healthy = {"moe/expert_load_max": 2.0, "moe/router_entropy": 3.0, "moe/replay_mismatch": 0.01}
+    for step in range(10):
+        assert guard.check(step, healthy).action is Action.OK
+        guard.accept(healthy)
+    collapsing = {"moe/expert_load_max": 3.1, "moe/router_entropy": 1.4, "moe/replay_mismatch": 0.25}
+    reasons = [b.describe() for b in guard.check(10, collapsing).breaches]
+    assert reasons == [
+        "expert_load 3.1 > 1.5 x median 2",
+        "router_entropy 1.4 < 0.5 x median 3",
+        "replay_mismatch 0.25 > 0.2",
+    ]
+    assert guard.check(11, {"actor/entropy": 1.0}).action is Action.OK
+    strict = Guard(only(expert_load=MonitorConfig(action="skip_step", max=4.0)))
+    assert strict.check(12, {"moe/expert_load_max": 4.5}).action is Action.SKIP
