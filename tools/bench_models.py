@@ -49,6 +49,22 @@ RANDOM_MODELS = {
         num_key_value_heads=2,
         max_position_embeddings=1024,
     ),
+    # the tiny shape as a Qwen3-MoE: 8 experts of FFN 64 per layer, top-2 (about the tiny model's active FFN)
+    "tiny-moe": dict(
+        model_type="qwen3_moe",
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        norm_topk_prob=True,
+    ),
 }
 
 
@@ -58,13 +74,19 @@ def prepare_model(name: str) -> Path:
         from lcot_mega.bridge.gguf_import import materialize_from_gguf, smollm2_gguf_path
 
         return materialize_from_gguf(smollm2_gguf_path(), MODELS_DIR / "SmolLM2-135M-Instruct")
-    out = MODELS_DIR / f"random-llama-{name}"
+    shape = dict(RANDOM_MODELS[name])
+    model_type = shape.pop("model_type", "llama")
+    out = (
+        MODELS_DIR / f"random-{model_type.replace('_', '')}-{name}"
+        if model_type != "llama"
+        else MODELS_DIR / f"random-llama-{name}"
+    )
     if (out / "config.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(LlamaConfig(**RANDOM_MODELS[name])).save_pretrained(out)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **shape)).save_pretrained(out)
     return out
 
 

@@ -1,6 +1,9 @@
 """Inject every fault kind into real `lcot-mega train` runs of the tiny model and count what survived.
 
-python tools/fault_drills.py [--out DIR]
+python tools/fault_drills.py [--out DIR] [--family llama|qwen3_moe|qwen2_moe|...] [--set KEY=VALUE ...]
+
+`--family` picks the tiny model (a mixture of experts: `qwen3_moe`, `qwen2_moe`); `--set` adds overrides to every
+run (e.g. `actor.routing_replay=rollout`).
 
 A drill survives when the run, after the fault (and the same command again where the fault ends the process),
 completes every step. A checkpoint is lost when the fault leaves a committed one unloadable (checked right after
@@ -19,12 +22,14 @@ from pathlib import Path
 
 from lcot_mega.checkpoint.store import CheckpointStore, CheckpointStoreError, verify_checkpoint_dir
 from lcot_mega.observe import read_metrics
-from lcot_mega.utils.tiny_model import make_tiny_model_dir
+from lcot_mega.utils.tiny_model import FAMILIES, MOE_FAMILIES, make_tiny_model_dir
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 STEPS = 6
 BASE = (f"trainer.steps={STEPS}", "trainer.save_every=1", "trainer.eval_every=0", "eval.at_start=false")
 SERVED = ("rollout.served=true", "rollout.max_new_tokens=32", "rollout.request_timeout_s=10")
+EXTRA: list[str] = []
+"""`--set` overrides, given to every run."""
 
 
 @dataclass
@@ -49,7 +54,7 @@ DRILLS = [
 
 
 def _run(run: Path, model: Path, overrides: tuple[str, ...]) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "lcot_mega.cli", "train", str(TINY), f"model.path={model}", *BASE, *overrides]
+    args = [sys.executable, "-m", "lcot_mega.cli", "train", str(TINY), f"model.path={model}", *BASE, *EXTRA, *overrides]
     return subprocess.run([*args, "--run-dir", str(run)], capture_output=True, text=True, timeout=600)
 
 
@@ -93,9 +98,12 @@ def run_drill(drill: Drill, model: Path, work: Path) -> tuple[str, bool, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temp dir)")
+    parser.add_argument("--family", default="llama", choices=(*FAMILIES, *MOE_FAMILIES), help="the tiny model")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     args = parser.parse_args()
+    EXTRA.extend(args.set)
     work = Path(args.out or tempfile.mkdtemp(prefix="lcot-drills-"))
-    model = make_tiny_model_dir(work / "tiny-llama")
+    model = make_tiny_model_dir(work / f"tiny-{args.family}", args.family)
     rows, survived, lost = [], 0, 0
     for drill in DRILLS:
         outcome, ok, n_lost = run_drill(drill, model, work)

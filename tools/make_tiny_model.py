@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 
-from lcot_mega.utils.tiny_model import FAMILIES, make_tiny_model_dir
+from lcot_mega.utils.tiny_model import FAMILIES, MOE_FAMILIES, make_tiny_model_dir
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/models/tiny-llama", help="HF directory to write")
-    parser.add_argument("--family", default="llama", choices=(*FAMILIES, "qwen3_moe"))
+    parser.add_argument("--family", default="llama", choices=(*FAMILIES, *MOE_FAMILIES))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"wrote {make_tiny_model_dir(args.out, args.family, args.seed)}")

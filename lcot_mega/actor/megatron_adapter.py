@@ -291,6 +291,9 @@ def moe_kwargs(arch: ArchSpec, cfg: ActorConfig) -> dict[str, Any]:
             raise ActorSetupError(f"actor.expert_parallel {cfg.expert_parallel} needs a mixture-of-experts model")
         if cfg.routing_replay != "off":
             raise ActorSetupError(f"actor.routing_replay {cfg.routing_replay} needs a mixture-of-experts model")
+        for key in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            if getattr(cfg, key) > 0:
+                raise ActorSetupError(f"actor.{key} {getattr(cfg, key)} needs a mixture-of-experts model")
         return {}
     if arch.num_experts % cfg.expert_parallel:
         raise ActorSetupError(
@@ -311,6 +314,9 @@ def moe_kwargs(arch: ArchSpec, cfg: ActorConfig) -> dict[str, Any]:
         moe_token_dispatcher_type="alltoall",
         moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_z_loss_coeff=cfg.moe_z_loss_coeff or None,
+        moe_shared_expert_intermediate_size=arch.shared_expert_ffn_hidden_size or None,
+        moe_shared_expert_gate=bool(arch.shared_expert_ffn_hidden_size),
         moe_permute_fusion=False,
         moe_router_fusion=False,
         expert_model_parallel_size=cfg.expert_parallel,

@@ -187,17 +187,58 @@ def set_targets(chunk: torch.nn.Module, targets: RouteTargets | None) -> None:
 
 
 def start_counting(chunks: Sequence[torch.nn.Module]) -> None:
+    """Zero every tap's counts and megatron-core's per-layer aux-loss tracker; count from the next forward on."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    clear_aux_losses_tracker()
     for tap in taps(chunks):
         tap.reset()
         tap.counting = True
 
 
-def moe_metrics(chunks: Sequence[torch.nn.Module], num_layers: int, num_experts: int) -> dict[str, float]:
+_AUX_LOSSES = {"load_balancing_loss": "moe/aux_loss", "z_loss": "moe/z_loss"}
+"""megatron-core's tracker names (values without their coefficients) -> our metric keys."""
+
+
+def _aux_losses(micro_batches: int, num_layers: int) -> dict[str, float]:
+    """The aux and z losses megatron-core tracked since `start_counting` (per layer, summed over micro-batches),
+    as means over layers, micro-batches and the ranks that hold each layer (collective)."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    from lcot_mega.actor import megatron_adapter as ma
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    table = torch.zeros(len(_AUX_LOSSES), num_layers, dtype=torch.float64)
+    present = torch.zeros(len(_AUX_LOSSES), dtype=torch.float64)
+    for i, name in enumerate(_AUX_LOSSES):
+        if name in tracker:
+            table[i] = tracker[name]["values"][:num_layers].detach().double().cpu()
+            present[i] = 1.0
+    flat = torch.cat([table.reshape(-1), present])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        moved = flat.to(ma.compute_device())
+        dist.all_reduce(moved)
+        flat = moved.cpu()
+    table, present = flat[: table.numel()].reshape(table.shape), flat[table.numel() :]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    ranks_per_layer = world / ma.current_layout().pp_size
+    return {
+        key: float(table[i].sum() / (num_layers * micro_batches * ranks_per_layer))
+        for i, key in enumerate(_AUX_LOSSES.values())
+        if present[i] > 0
+    }
+
+
+def moe_metrics(
+    chunks: Sequence[torch.nn.Module], num_layers: int, num_experts: int, micro_batches: int = 1
+) -> dict[str, float]:
     """The counts since `start_counting`, summed over every rank (collective; each rank's tokens and layers are its
     own), as metrics: `moe/expert_load_max` (the busiest expert's tokens over the mean, worst layer: 1 is balanced,
     E / k is every token on the same k experts), `moe/router_entropy` (nats, mean over layers and tokens; log E is
     uniform), `moe/replayed_fraction` and `moe/replay_mismatch` (of replayed tokens, those whose own top-k set
-    differs from the engine's; 0 when none was replayed)."""
+    differs from the engine's; 0 when none was replayed), and, when their coefficients are on, `moe/aux_loss` and
+    `moe/z_loss` (megatron-core's load-balancing and z losses without their coefficients, mean per layer and
+    micro-batch; `micro_batches` is how many each rank ran)."""
     table = torch.zeros(num_layers, 4 + num_experts, dtype=torch.float64)
     for tap in taps(chunks):
         table[tap.layer] += tap.counts
@@ -209,10 +250,11 @@ def moe_metrics(chunks: Sequence[torch.nn.Module], num_layers: int, num_experts:
         moved = table.to(ma.compute_device())
         dist.all_reduce(moved)
         table = moved.cpu()
+    aux = _aux_losses(micro_batches, num_layers)
     tokens, replayed, differs, entropy, load = table[:, 0], table[:, 1], table[:, 2], table[:, 3], table[:, 4:]
     seen = tokens > 0
     if not bool(seen.any()):
-        return {}
+        return aux
     mean_load = load[seen].sum(-1) / num_experts
     out = {
         "moe/expert_load_max": float((load[seen].max(-1).values / mean_load).max()),
@@ -221,4 +263,4 @@ def moe_metrics(chunks: Sequence[torch.nn.Module], num_layers: int, num_experts:
     }
     out["moe/replayed_fraction"] = float(replayed.sum() / tokens.sum())
     out["moe/replay_mismatch"] = float(differs.sum() / replayed.sum()) if float(replayed.sum()) > 0 else 0.0
-    return out
+    return out | aux

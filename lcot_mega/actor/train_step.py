@@ -369,7 +369,7 @@ def train_step(
 
     metrics = reduce_stats(stats, loss_fn.keys)
     if config.num_moe_experts:  # collective: every rank's MoE layers and tokens
-        metrics.update(routing.moe_metrics(chunks, config.num_layers, config.num_moe_experts))
+        metrics.update(routing.moe_metrics(chunks, config.num_layers, config.num_moe_experts, len(micro_batches)))
     metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["actor/micro_batches"] = float(len(micro_batches))
     update_ok = passed = gate_passes(found_inf, batch.update_bounds, metrics)

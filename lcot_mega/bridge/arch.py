@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
 
 
 class UnsupportedModelError(ValueError):
@@ -47,6 +47,9 @@ class ArchSpec:
     norm_topk_prob: bool = True
     """Routing weights: softmax over all experts, top-k, renormalized over the k (True, as Qwen3-30B-A3B's config
     sets it; the same as a softmax over the k chosen logits) or not (False)."""
+    shared_expert_ffn_hidden_size: int = 0
+    """Qwen2-MoE: hidden size of the shared expert every token also goes through, its output scaled by a sigmoid
+    gate (`shared_expert_gate`); 0 for none."""
 
     @property
     def heads_per_group(self) -> int:
@@ -104,7 +107,7 @@ def arch_from_hf_config(cfg: Any) -> ArchSpec:
         rope_theta=theta,
         max_position_embeddings=int(_get(cfg, "max_position_embeddings", 4096)),
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(_get(cfg, "attention_bias", False)),
+        qkv_bias=model_type in ("qwen2", "qwen2_moe") or bool(_get(cfg, "attention_bias", False)),
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
         rope_scaling_factor=scaling,
         **moe,
@@ -112,15 +115,15 @@ def arch_from_hf_config(cfg: Any) -> ArchSpec:
 
 
 def _moe_fields(cfg: Any, model_type: str) -> dict[str, Any]:
-    """The mixture-of-experts fields of a Qwen3-MoE config ({} for a dense model)."""
-    if model_type != "qwen3_moe":
+    """The mixture-of-experts fields of a Qwen3-MoE or Qwen2-MoE config ({} for a dense model)."""
+    if model_type not in ("qwen3_moe", "qwen2_moe"):
         return {}
     layers = int(_get(cfg, "num_hidden_layers"))
     step, dense = int(_get(cfg, "decoder_sparse_step", 1)), list(_get(cfg, "mlp_only_layers", []))
     if step != 1 or dense:
         sparse = [i for i in range(layers) if i not in dense and (i + 1) % step == 0]
         raise UnsupportedModelError(
-            f"qwen3_moe with dense layers (decoder_sparse_step {step}, mlp_only_layers {dense}: sparse layers"
+            f"{model_type} with dense layers (decoder_sparse_step {step}, mlp_only_layers {dense}: sparse layers"
             f" {sparse}) is not supported yet: only every layer a mixture of experts"
         )
     return dict(
@@ -128,4 +131,5 @@ def _moe_fields(cfg: Any, model_type: str) -> dict[str, Any]:
         experts_per_token=int(_get(cfg, "num_experts_per_tok")),
         moe_ffn_hidden_size=int(_get(cfg, "moe_intermediate_size")),
         norm_topk_prob=bool(_get(cfg, "norm_topk_prob", False)),
+        shared_expert_ffn_hidden_size=int(_get(cfg, "shared_expert_intermediate_size", 0)),
     )

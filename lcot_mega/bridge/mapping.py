@@ -47,6 +47,12 @@ _LAYER_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "mlp.linear_fc1.weight": (GATE_UP, ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
     "mlp.linear_fc2.weight": (ROW, ("mlp.down_proj.weight",)),
     "mlp.router.weight": (REPLICATED, ("mlp.gate.weight",)),
+    "mlp.shared_experts.linear_fc1.weight": (
+        GATE_UP,
+        ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"),
+    ),
+    "mlp.shared_experts.linear_fc2.weight": (ROW, ("mlp.shared_expert.down_proj.weight",)),
+    "mlp.shared_experts.gate_weight": (REPLICATED, ("mlp.shared_expert_gate.weight",)),
 }
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
 """An expert's MLP in a MoE layer (megatron-core's SequentialMLP), by its *global* expert index
@@ -197,6 +203,8 @@ def hf_tensor_names(arch: ArchSpec) -> list[str]:
     if arch.num_experts:
         per_expert = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
         mlp = ["mlp.gate.weight"] + [f"mlp.experts.{e}.{p}" for e in range(arch.num_experts) for p in per_expert]
+        if arch.shared_expert_ffn_hidden_size:
+            mlp += [f"mlp.shared_expert.{p}" for p in per_expert] + ["mlp.shared_expert_gate.weight"]
     layer = ["input_layernorm.weight", *attn, "self_attn.o_proj.weight", "post_attention_layernorm.weight", *mlp]
     names = ["model.embed_tokens.weight"]
     names += [f"model.layers.{i}.{s}" for i in range(arch.num_layers) for s in layer]

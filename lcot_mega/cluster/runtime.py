@@ -144,6 +144,8 @@ def server_command(cfg: Config, model_path: str | Path | None = None) -> Callabl
         extra = ["--dtype", cfg.model.dtype, "--base-gpu-id", str((i * tp) % gpus)]
         if cfg.model.trust_remote_code:
             extra.append("--trust-remote-code")
+        if cfg.actor.routing_replay == "rollout":  # the server-level switch of return_routed_experts
+            extra.append("--enable-return-routed-experts")
         return sglang_command(
             model_path, port, tp_size=tp, mem_fraction_static=SGLANG_GPU_SHARE / per_gpu,
             random_seed=cfg.trainer.seed + i, enable_memory_saver=True, extra_args=extra,

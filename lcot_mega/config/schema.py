@@ -273,6 +273,9 @@ class ActorConfig:
     moe_aux_loss_coeff: float = opt(0.0, ge=0.0)
     """Mixture of experts: weight of megatron-core's load-balancing loss (Switch-style, per layer) in the
     actor's loss; 0 trains the router by the policy loss alone."""
+    moe_z_loss_coeff: float = opt(0.0, ge=0.0)
+    """Mixture of experts: weight of the router z-loss (ST-MoE, Zoph et al. 2022: the mean over tokens of
+    logsumexp(router logits)^2), which keeps the router's logits small; 0 = off."""
     routing_replay: str = opt("off", choices=("off", "rollout"))
     """Mixture of experts: rollout replays the experts the rollout engine routed each token to (R3: the engine
     returns them, SGLang's `return_routed_experts`) in the actor's forward for old log-probs and training, so that

@@ -103,6 +103,8 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "moe/router_entropy_max",
     "moe/replayed_fraction",
     "moe/replay_mismatch",
+    "moe/aux_loss",
+    "moe/z_loss",
     # stability guards (lcot_mega/guards, driver)
     "guard/action",
     "guard/reason",

@@ -52,9 +52,14 @@ TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, 
 """The experts of the tiny `qwen3_moe` model: 4 per layer, top-2, renormalized as Qwen3-30B-A3B's config does."""
 
 
+TINY_SHARED_EXPERT = dict(TINY_MOE, norm_topk_prob=False, shared_expert_intermediate_size=48)
+"""The tiny `qwen2_moe` model: the same experts, not renormalized (Qwen2-MoE's default), plus a gated shared expert."""
+MOE_FAMILIES = {"qwen3_moe": TINY_MOE, "qwen2_moe": TINY_SHARED_EXPERT}
+
+
 def make_tiny_model_dir(out_dir: str | Path, model_type: str = "llama", seed: int = 0) -> Path:
     """A tiny random model with the character tokenizer: a complete model directory for smoke runs."""
-    moe = TINY_MOE if model_type == "qwen3_moe" else {}
+    moe = MOE_FAMILIES.get(model_type, {})
     out = make_tiny_hf(out_dir, model_type, seed=seed, **SHARP_LONG, **moe)
     save_char_tokenizer(out)
     return out

@@ -153,7 +153,7 @@ def test_resume_at_another_layout_continues_the_uninterrupted_run(tmp_path):
 
     saved = str(run / f"step_{SAVED_AT:09d}")
     expected_info = {"step": SAVED_AT, "extra": {"consumed_batches": SAVED_AT}, "path": saved}
-    layout_tp2 = {"world_size": 2, "tp": 2, "pp": 1, "dp": 1, "cp": 1, "vpp": None}
+    layout_tp2 = {"world_size": 2, "tp": 2, "pp": 1, "dp": 1, "cp": 1, "ep": 1, "vpp": None}
     for rank in range(2):
         info, rand = tp2[rank]["same_layout"]
         assert info == {**expected_info, "layout": layout_tp2, "rng_restored": True}
@@ -194,7 +194,7 @@ def test_a_run_saved_at_cp2_resumes_at_cp1_as_it_would_have_continued(tmp_path):
     assert cp2[0]["after"] == cp2[1]["after"]
     other_hf_dir = str(make_tiny_hf(tmp_path / "narrow", "llama", hidden_size=32, intermediate_size=56))
     cp1 = run_gloo(_tp1_resume, 1, hf_dir, other_hf_dir, str(tmp_path), cp2[0]["saved"])[0]
-    layout = {"world_size": 2, "tp": 1, "pp": 1, "dp": 1, "cp": 2, "vpp": None}
+    layout = {"world_size": 2, "tp": 1, "pp": 1, "dp": 1, "cp": 2, "ep": 1, "vpp": None}
     assert cp1["info"] == {
         "step": SAVED_AT,
         "extra": {},

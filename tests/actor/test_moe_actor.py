@@ -287,3 +287,90 @@ def _dense_with_replay(rank: int, world: int, hf_dir: str) -> str:
     except ActorSetupError as e:
         return str(e)
     return "no error"
+
+
+def _router_step(rank: int, world: int, hf_dir: str, aux: float, z: float) -> dict:
+    """One step with zero advantages (the policy loss has no gradient): only the aux / z losses move the routers."""
+    from transformers import AutoConfig
+
+    from lcot_mega.actor.actor import MegatronActor
+    from lcot_mega.actor.train_step import TrainBatch
+    from lcot_mega.bridge.arch import arch_from_hf_config
+    from lcot_mega.config import ActorConfig, AlgoConfig
+
+    torch.set_num_threads(1)
+    arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
+    cfg = ActorConfig(pack_sequences=True, lr=1e-3, moe_aux_loss_coeff=aux, moe_z_loss_coeff=z)
+    actor = MegatronActor(arch, cfg, AlgoConfig(), hf_dir)
+    layers = actor.chunks[0].module.decoder.layers
+    before = [layer.mlp.router.weight.detach().clone() for layer in layers]
+    metrics = actor.train_step(TrainBatch([p for p, _ in SEQUENCES], [r for _, r in SEQUENCES], [0.0, 0.0, 0.0]))
+    moved = [layer.mlp.router.weight.detach() - b for layer, b in zip(layers, before, strict=True)]
+    return {"metrics": metrics, "moved": moved}
+
+
+def _router_reference(hf_dir: str) -> tuple[list[torch.Tensor], float, float]:
+    """transformers over the same tokens: d(z-loss)/dW of every router (a later layer's z-loss reaches the earlier
+    routers through the hidden states), and the z and Switch load-balancing losses without coefficients, means over
+    layers: ST-MoE's mean_t logsumexp^2, and E * sum_i f_i P_i with f_i = tokens routed to i / (T k), P_i = mean
+    router probability of i."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    logits: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    for j, layer in enumerate(model.model.layers):
+        layer.mlp.gate.register_forward_hook(lambda m, a, out, j=j: logits[j].append(out[0]))
+    for prompt, response in SEQUENCES:
+        model(torch.tensor([prompt + response]))
+    k, experts = model.config.num_experts_per_tok, model.config.num_experts
+    per_layer = [torch.cat(chunks) for chunks in logits]  # [T, E] each
+    z_losses = [torch.logsumexp(x, -1).square().mean() for x in per_layer]
+    sum(z_losses).backward()
+    aux_losses = []
+    for x in per_layer:
+        probs = torch.softmax(x.detach(), -1)
+        f = torch.bincount(probs.topk(k, -1).indices.reshape(-1), minlength=experts) / (x.shape[0] * k)
+        aux_losses.append(float(experts * (f * probs.mean(0)).sum()))
+    grads = [layer.mlp.gate.weight.grad for layer in model.model.layers]
+    return grads, float(sum(z_losses)) / len(z_losses), sum(aux_losses) / len(aux_losses)
+
+
+def test_router_z_loss_and_aux_loss_act_and_are_reported(moe_dir):
+    grads, z_ref, aux_ref = _router_reference(moe_dir)
+    (z_only,) = run_gloo(_router_step, 1, moe_dir, 0.0, 1e-2)
+    assert z_only["metrics"]["moe/z_loss"] == pytest.approx(z_ref, rel=1e-4)
+    for moved, grad in zip(z_only["moved"], grads, strict=True):
+        clear = grad.abs() > 1e-6  # Adam's first step moves each weight by lr against its gradient's sign
+        assert clear.float().mean() > 0.9
+        assert torch.equal(torch.sign(moved[clear]), -torch.sign(grad[clear]))
+    (aux_only,) = run_gloo(_router_step, 1, moe_dir, 1e-2, 0.0)
+    assert aux_only["metrics"]["moe/aux_loss"] == pytest.approx(aux_ref, rel=1e-4)
+    assert "moe/z_loss" not in aux_only["metrics"]
+    assert all(m.abs().max() > 1e-4 for m in aux_only["moved"])
+    (neither,) = run_gloo(_router_step, 1, moe_dir, 0.0, 0.0)
+    assert all(m.abs().max() == 0 for m in neither["moved"])  # the two tests above cannot pass by chance
+
+
+def test_qwen2_moe_with_a_gated_shared_expert(tmp_path):
+    """Qwen2-MoE: every token also goes through a shared expert scaled by a sigmoid gate (megatron-core's
+    SharedExpertMLP with its gate). Log-probs equal transformers' at EP1 and EP2, the export is bit-exact at both,
+    and one Adam step gives the same model at EP1 and EP2."""
+    from transformers import AutoModelForCausalLM
+
+    from lcot_mega.utils.tiny_model import TINY_SHARED_EXPERT
+
+    hf_dir = str(make_tiny_hf(tmp_path, "qwen2_moe", initializer_range=0.2, **TINY_SHARED_EXPERT))
+    want = _reference(hf_dir)
+    (ep1,) = run_gloo(_actor_run, 1, hf_dir, 1)
+    for out in [ep1, *run_gloo(_actor_run, 2, hf_dir, 2)]:
+        assert out["export"] is True
+        for got, ref in zip(out["logprobs"], want, strict=True):
+            assert torch.allclose(got.double(), ref, atol=1e-4), (got.double() - ref).abs().max()
+        for got, ref in zip(out["after"], ep1["after"], strict=True):
+            assert torch.allclose(got, ref, atol=2e-5), (got - ref).abs().max()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    for layer in model.model.layers:  # the same model with the shared expert silenced
+        layer.mlp.shared_expert.down_proj.weight.data.zero_()
+    model.save_pretrained(tmp_path / "silenced")
+    silenced = _reference(str(tmp_path / "silenced"))
+    assert max((a - b).abs().max() for a, b in zip(silenced, want, strict=True)) > 1e-3  # it matters

@@ -93,3 +93,14 @@ def test_request_body_validates_against_sglang_schema():
     io_struct = pytest.importorskip("sglang.srt.managers.io_struct")
     params = SamplingParams(max_new_tokens=8, return_routed_experts=True)
     io_struct.GenerateReqInput(input_ids=[[1, 2]], sampling_params=params.to_sglang(), return_routed_experts=True)
+
+
+def test_sglang_servers_are_started_able_to_return_routed_experts_when_replay_is_on():
+    from lcot_mega.cluster.runtime import server_command
+    from lcot_mega.config import Config
+
+    cfg = Config()
+    cfg.rollout.engine, cfg.model.path = "sglang", "/models/qwen3-30b-a3b"
+    assert "--enable-return-routed-experts" not in server_command(cfg)(0, 30000)
+    cfg.actor.routing_replay = "rollout"
+    assert "--enable-return-routed-experts" in server_command(cfg)(0, 30000)

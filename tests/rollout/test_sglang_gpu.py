@@ -97,3 +97,40 @@ def test_flush_cache_keeps_the_server_serving(client):
     assert client.health()
     (c,) = client.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
     assert len(c.token_ids) == 4
+
+
+def test_sglang_returns_routed_experts_that_the_actor_format_reads(tmp_path_factory):
+    """A tiny Qwen3-MoE served with `--enable-return-routed-experts`: every sample carries [prompt + response - 1,
+    layers x top_k] expert ids in range, the first prompt tokens' routing equal to transformers' own top-k (routing
+    the prompt does not depend on sampling; bf16 may flip near-ties, so most, not all, must agree)."""
+    from transformers import AutoModelForCausalLM
+
+    moe = dict(GPU_TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True)
+    model_dir = make_tiny_hf(tmp_path_factory.mktemp("sglang-moe"), "qwen3_moe", **moe)
+    save_char_tokenizer(model_dir)
+
+    def command(i: int, port: int) -> list[str]:
+        extra = ["--dtype", "bfloat16", "--disable-cuda-graph", "--enable-return-routed-experts"]
+        return sglang_command(model_dir, port, mem_fraction_static=0.3, random_seed=0, extra_args=extra)
+
+    params = SamplingParams(max_new_tokens=16, n=2, seed=3, return_routed_experts=True)
+    with ServerSupervisor(command, 1, tmp_path_factory.mktemp("sglang-moe-logs"), health_deadline_s=600) as sup:
+        groups = sup.client(0, timeout_s=120).generate(PROMPTS, params)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seen: list[torch.Tensor] = []
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(lambda m, a, out: seen.append(out[2]))
+    agree = total = 0
+    for prompt, group in zip(PROMPTS, groups, strict=True):
+        seen.clear()
+        with torch.no_grad():
+            model(torch.tensor([prompt]))
+        own = torch.stack(seen, dim=1).sort(-1).values  # [prompt, layers, top_k]
+        for c in group:
+            routed = c.routed_experts
+            assert routed.shape == (len(prompt) + len(c.token_ids) - 1, 4 * 2)
+            assert int(routed.min()) >= 0 and int(routed.max()) < 8
+            engine = routed[: len(prompt)].reshape(len(prompt), 4, 2).sort(-1).values
+            agree += int((engine == own.to(engine.dtype)).all(-1).sum())
+            total += len(prompt) * 4
+    assert agree / total > 0.8
