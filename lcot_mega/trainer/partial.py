@@ -38,6 +38,8 @@ from lcot_mega.trainer.serialize import group_from_json, group_to_json, prompt_f
 from lcot_mega.types import Batch, Group, Prompt, Sample, SampleStatus
 
 if TYPE_CHECKING:
+    import torch
+
     from lcot_mega.trainer.inject import OfflineInjector
 
 METRIC_KEYS = (
@@ -71,12 +73,17 @@ class OpenResponse:
     text: str = ""
     """The engine's text, for a response sampled in one call; a continued one is decoded whole at the end."""
     continued: bool = False
+    routed: torch.Tensor | None = None
+    """A mixture of experts' routed experts (`Completion.routed_experts`) of the latest window, which re-ran the
+    prompt and every earlier token: it covers the whole response so far. Not kept in the JSON state (a response
+    resumed from a checkpoint trains with the actor's own routing)."""
 
     def extend(self, c: Completion, limit: int) -> None:
         """Append a window's completion; the response ends on a stop, at `limit` tokens, or when aborted."""
         self.ids += c.token_ids
         self.logprobs += c.logprobs
         self.versions += [c.weight_version] * len(c.token_ids)
+        self.routed = c.routed_experts
         self.matched, self.text = c.matched_stop, c.text
         if c.finish is SampleStatus.TRUNCATED:  # the window's budget, or the response's
             self.status = SampleStatus.TRUNCATED if len(self.ids) >= limit else None
@@ -85,6 +92,8 @@ class OpenResponse:
 
     def cut(self, n: int, stop: str) -> None:
         """Keep the first `n` tokens: a stop string ends there."""
+        if self.routed is not None:  # one row per token the engine ran: drop the cut tokens' rows
+            self.routed = self.routed[: self.routed.shape[0] - max(len(self.ids) - n, 0)]
         del self.ids[n:], self.logprobs[n:], self.versions[n:]
         self.status, self.matched = SampleStatus.COMPLETED, stop
 
@@ -186,6 +195,7 @@ class PartialRollout:
                     s.status,
                     min(s.versions, default=0),
                     token_versions=list(s.versions) if mixed else None,
+                    routed_experts=s.routed,
                 )
             )
         return Group(o.prompt, samples)

@@ -73,3 +73,19 @@ def test_pickled_weights_are_refused(tmp_path):
         safetensors_index(tmp_path)
     with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         safetensors_index(tmp_path / "empty")
+
+
+def test_expert_names_are_global_for_both_of_megatrons_expert_modules():
+    """SequentialMLP names a rank's experts `local_experts.{j}.linear_fc1.weight`, Transformer Engine's grouped GEMM
+    `linear_fc1.weight{j}`; both become the global index (this rank holds experts 4..7) in SequentialMLP's form,
+    which the mapping reads."""
+    from lcot_mega.bridge.hf_load import global_expert_name
+
+    local = [4, 5, 6, 7]
+    assert global_expert_name("decoder.layers.3.mlp.experts.local_experts.1.linear_fc2.weight", local) == (
+        "decoder.layers.3.mlp.experts.local_experts.5.linear_fc2.weight"
+    )
+    assert global_expert_name("decoder.layers.3.mlp.experts.linear_fc1.weight2", local) == (
+        "decoder.layers.3.mlp.experts.local_experts.6.linear_fc1.weight"
+    )
+    assert global_expert_name("decoder.layers.3.mlp.router.weight", local) == "decoder.layers.3.mlp.router.weight"

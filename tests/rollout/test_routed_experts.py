@@ -104,3 +104,26 @@ def test_sglang_servers_are_started_able_to_return_routed_experts_when_replay_is
     assert "--enable-return-routed-experts" not in server_command(cfg)(0, 30000)
     cfg.actor.routing_replay = "rollout"
     assert "--enable-return-routed-experts" in server_command(cfg)(0, 30000)
+
+
+def test_a_response_continued_across_windows_carries_the_routing_of_all_its_tokens(moe_dir):
+    """Partial rollout: each window re-runs the prompt and the tokens so far, so the latest window's routed experts
+    cover the whole response; a stop string's cut drops the rows of the cut tokens."""
+    from lcot_mega.config import Config
+    from lcot_mega.trainer.partial import OpenGroup, OpenResponse, PartialRollout
+    from lcot_mega.types import Prompt
+
+    engine = EmbeddedEngine(moe_dir)
+    prompt = [1, 5, 9]
+    response = OpenResponse([], [], [])
+    for window in range(3):
+        params = SamplingParams(max_new_tokens=3, seed=window, ignore_eos=True, return_routed_experts=True)
+        (completion,) = engine.generate([prompt + response.ids], params)[0]
+        response.extend(completion, limit=100)
+    ids = prompt + response.ids
+    assert len(response.ids) == 9 and torch.equal(response.routed.long(), _own_routing(moe_dir, ids)[:-1])
+    response.cut(5, "x")
+    assert torch.equal(response.routed.long(), _own_routing(moe_dir, ids)[: len(prompt) + 5 - 1])
+    group = OpenGroup(Prompt("p", "", "", tuple(prompt)), 1, samples=[response])
+    (sample,) = PartialRollout(Config(), decode=lambda ids: "").finish(group).samples
+    assert sample.routed_experts is response.routed  # the trained sample replays it
