@@ -139,7 +139,6 @@ def setup_errors(cfg: ActorConfig, world_size: int) -> list[str]:
     errors = []
     if cfg.routing_replay != "off":  # each needs the replayed experts cut or re-fed as its tokens are: not built
         unsupported = {
-            "actor.recompute=full": cfg.recompute == "full",
             f"actor.context_parallel={cfg.context_parallel}": cfg.context_parallel > 1,
             f"actor.tensor_parallel={cfg.tensor_parallel}": cfg.tensor_parallel > 1,
         }

@@ -81,6 +81,8 @@ class RouterTap:
         self.layer, self.num_experts, self.pre_softmax = layer, num_experts, pre_softmax
         self.targets: RouteTargets | None = None
         self.counting = False
+        """Within a training step (`start_counting` .. `moe_metrics`): count, and pair recomputes with forwards."""
+        self._pending: list[RouteTargets | None] = []
         self.reset()
 
     def reset(self) -> None:
@@ -96,7 +98,7 @@ class RouterTap:
         default_compute_topk: Callable | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         values, own = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
-        t = self.targets
+        t, recomputing = self._targets_now()
         usable = t is not None and t.valid.numel() == scores.shape[0]  # context parallelism cuts tokens: no plan
         replay = usable and t.experts is not None
         if replay:
@@ -104,9 +106,23 @@ class RouterTap:
             values, indices = scores.gather(1, chosen), chosen
         else:
             indices = own
-        if self.counting:
+        if self.counting and not recomputing:
             self._count(scores, own, indices, t if usable else None, replay)
         return values, indices
+
+    def _targets_now(self) -> tuple[RouteTargets | None, bool]:
+        """(the targets of the forward now running, whether it is a recompute). Under activation recompute
+        (actor.recompute full) a training step's first forward of a layer runs without autograd (inside megatron's
+        CheckpointFunction) and is run again, with it, in the backward, micro-batch by micro-batch in the order of
+        the forwards: the first forward queues its targets, the recompute takes them back in that order."""
+        if not self.counting:  # log-prob passes: no backward
+            return self.targets, False
+        if not torch.is_grad_enabled():
+            self._pending.append(self.targets)
+            return self.targets, False
+        if self._pending:
+            return self._pending.pop(0), True
+        return self.targets, False
 
     @torch.no_grad()
     def _count(
@@ -193,6 +209,7 @@ def start_counting(chunks: Sequence[torch.nn.Module]) -> None:
     clear_aux_losses_tracker()
     for tap in taps(chunks):
         tap.reset()
+        tap._pending.clear()
         tap.counting = True
 
 
@@ -244,6 +261,7 @@ def moe_metrics(
         table[tap.layer] += tap.counts
         tap.counting = False
         tap.targets = None
+        tap._pending.clear()
     if dist.is_initialized() and dist.get_world_size() > 1:
         from lcot_mega.actor import megatron_adapter as ma
 

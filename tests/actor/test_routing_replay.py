@@ -136,3 +136,36 @@ def test_route_targets_lay_tokens_out_as_the_routers_see_them():
     packed = route_targets((1, 9), [0, 1, 2], lengths, torch.tensor([0, 4, 6, 9]), routes, num_layers=1, top_k=2)
     assert packed.valid.all() and packed.replay.tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 0]
     assert packed.experts[6:8, 0].tolist() == [[100, 101], [102, 103]]
+
+
+def _step_with_replay(rank: int, world: int, hf_dir: str, recompute: str, routes: list) -> dict:
+    """One step at PP2 with one sequence per micro-batch: the 1F1B schedule runs a later micro-batch's forward
+    before an earlier one's backward, so a recompute that took the latest targets would route wrongly."""
+    from transformers import AutoConfig
+
+    from lcot_mega.actor.actor import MegatronActor
+    from lcot_mega.actor.train_step import TrainBatch
+    from lcot_mega.bridge.arch import arch_from_hf_config
+    from lcot_mega.config import ActorConfig, AlgoConfig
+
+    torch.set_num_threads(1)
+    arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
+    cfg = ActorConfig(recompute=recompute, lr=1e-2, pipeline_parallel=2, micro_batch_tokens=10)
+    actor = MegatronActor(arch, cfg, AlgoConfig(), hf_dir)
+    batch = TrainBatch([p for p, _ in SEQUENCES], [r for _, r in SEQUENCES], [1.0, -1.0, 0.5], routing=routes)
+    metrics = actor.train_step(batch)
+    assert metrics["actor/micro_batches"] == 3
+    return {"metrics": metrics, "after": actor.compute_logprobs(SEQUENCES, routing=routes)}
+
+
+def test_replay_under_full_activation_recompute_trains_like_without(moe_dir):
+    """With actor.recompute=full each layer runs again in the backward; the recompute takes back the experts its
+    micro-batch's forward replayed (not the last micro-batch's, nor its own top-k): the same gradients, the same
+    step, the same counts as without recompute."""
+    routes = _forced_routes(seed=7)
+    plain = run_gloo(_step_with_replay, 2, moe_dir, "none", routes)[1]  # the last stage reports
+    recomputed = run_gloo(_step_with_replay, 2, moe_dir, "full", routes)[1]
+    for key in ("actor/grad_norm", "moe/replay_mismatch", "moe/expert_load_max", "moe/router_entropy"):
+        assert recomputed["metrics"][key] == pytest.approx(plain["metrics"][key], rel=1e-5), key
+    for got, want in zip(recomputed["after"], plain["after"], strict=True):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
