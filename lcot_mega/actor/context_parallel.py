@@ -134,7 +134,10 @@ class SequenceSplit:
         cut = [
             split_sequence(t, self.size, self.rank) for t in (mb.input_ids, mb.position_ids, mb.labels, mb.loss_mask)
         ]
-        return replace(mb, input_ids=cut[0], position_ids=cut[1], labels=cut[2], loss_mask=cut[3])
+        routing = mb.routing  # a mixture of experts' replayed experts: cut as the input is
+        if routing is not None:
+            routing = routing.cut(lambda t: split_sequence(t, self.size, self.rank, dim=0), mb.input_ids.shape[0])
+        return replace(mb, input_ids=cut[0], position_ids=cut[1], labels=cut[2], loss_mask=cut[3], routing=routing)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """[n, s / cp] per-token values of `local(mb)` -> [n, s] of `mb` (`gather_token_values`)."""

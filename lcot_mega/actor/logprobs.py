@@ -172,8 +172,8 @@ def run_schedule(
         mb = next(data_iterator)
         packed = None if mb.packed is None else packed_seq_params(mb.packed)
         local = head.split.local(mb)  # this context-parallel rank's tokens (all of them without CP)
-        if mb.routing is not None:  # a mixture of experts: this micro-batch's replayed experts, its real tokens
-            routing.set_targets(model, mb.routing)
+        if local.routing is not None:  # a mixture of experts: this micro-batch's replayed experts, its real tokens
+            routing.set_targets(model, local.routing)
         # [b, s, V/tp] logits or [b, s, h] hidden states on the last stage ([1, T, ...] packed), else activations;
         # s / cp positions under context parallelism
         output = model(local.input_ids, local.position_ids, None, packed_seq_params=packed)

@@ -36,6 +36,17 @@ class RouteTargets:
     replay: torch.Tensor | None = None
     """[N] bool: the token's routing is replayed (the engine routed it)."""
 
+    def cut(self, positions: Callable[[torch.Tensor], torch.Tensor], rows: int) -> RouteTargets:
+        """The targets of some positions of each row (context parallelism): `positions` takes a [s, rows, ...]
+        tensor to its [s', rows, ...] part, as the model input is cut."""
+
+        def part(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return _flat(positions(t.reshape(-1, rows, *t.shape[1:])))
+
+        return RouteTargets(part(self.valid), part(self.experts), part(self.replay))
+
     def to(self, device: torch.device | str) -> RouteTargets:
         move = [None if t is None else t.to(device) for t in (self.experts, self.replay)]
         return RouteTargets(self.valid.to(device), *move)
@@ -99,7 +110,7 @@ class RouterTap:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         values, own = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
         t, recomputing = self._targets_now()
-        usable = t is not None and t.valid.numel() == scores.shape[0]  # context parallelism cuts tokens: no plan
+        usable = t is not None and t.valid.numel() == scores.shape[0]  # targets for other tokens: none used
         replay = usable and t.experts is not None
         if replay:
             chosen = torch.where(t.replay[:, None], t.experts[:, self.layer].to(own.device), own)

@@ -280,8 +280,7 @@ class ActorConfig:
     """Mixture of experts: rollout replays the experts the rollout engine routed each token to (R3: the engine
     returns them, SGLang's `return_routed_experts`) in the actor's forward for old log-probs and training, so that
     train and rollout run the same experts; off lets the actor route. Metrics under moe/ (replay mismatch, expert
-    load, router entropy). Refused for dense models, vLLM engines, and (not built yet) with tensor or context
-    parallelism."""
+    load, router entropy). Refused for dense models, vLLM engines, and (not built yet) with tensor parallelism."""
     context_parallel: int = opt(1, ge=1)
     """Megatron context-parallel size: each sequence is cut into 2 x this many chunks and every rank of a CP group
     holds two of them (load-balanced for causal attention), so activation memory per rank falls with it.

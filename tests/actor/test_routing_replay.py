@@ -80,7 +80,7 @@ def _hf_forced(hf_dir: str, routes: list[torch.Tensor | None]) -> tuple[list[tor
     return logprobs, metrics
 
 
-def _actor_replay(rank: int, world: int, hf_dir: str, ep: int, packed: bool, routes: list) -> dict:
+def _actor_replay(rank: int, world: int, hf_dir: str, ep: int, packed: bool, routes: list, cp: int = 1) -> dict:
     from transformers import AutoConfig
 
     from lcot_mega.actor.actor import MegatronActor
@@ -90,7 +90,7 @@ def _actor_replay(rank: int, world: int, hf_dir: str, ep: int, packed: bool, rou
 
     torch.set_num_threads(1)
     arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
-    cfg = ActorConfig(expert_parallel=ep, pack_sequences=packed)
+    cfg = ActorConfig(expert_parallel=ep, pack_sequences=packed, context_parallel=cp)
     actor = MegatronActor(arch, cfg, AlgoConfig(), hf_dir)
     out = {
         "replayed": actor.compute_logprobs(SEQUENCES, routing=routes),
@@ -107,12 +107,17 @@ def moe_dir(request, tmp_path_factory):
     return str(make_tiny_hf(tmp_path_factory.mktemp("replay"), "qwen3_moe", **shape))
 
 
-@pytest.mark.parametrize(("ep", "packed"), [(1, False), (2, False), (1, True)], ids=["ep1", "ep2", "packed"])
-def test_replayed_routing_gives_transformers_forced_logprobs(moe_dir, ep, packed):
+@pytest.mark.parametrize(
+    ("ep", "packed", "cp"),
+    [(1, False, 1), (2, False, 1), (1, True, 1), (1, False, 2)],
+    ids=["ep1", "ep2", "packed", "cp2"],
+)
+def test_replayed_routing_gives_transformers_forced_logprobs(moe_dir, ep, packed, cp):
+    """cp2: each of two ranks runs half of every sequence; the replayed experts are cut the same way."""
     routes = _forced_routes(seed=ep + 2 * packed)
     want, counted = _hf_forced(moe_dir, routes)
     own, _ = _hf_forced(moe_dir, [None] * len(SEQUENCES))
-    for out in run_gloo(_actor_replay, ep, moe_dir, ep, packed, routes):
+    for out in run_gloo(_actor_replay, max(ep, cp), moe_dir, ep, packed, routes, cp):
         for got, ref in zip(out["replayed"], want, strict=True):
             assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
         # the forced experts matter: without replay the log-probs are transformers' own routing's
