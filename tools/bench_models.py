@@ -22,6 +22,15 @@ _SMOLLM2_BODY = dict(
     rms_norm_eps=1e-5,
     rope_theta=100000.0,
 )
+_TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
 RANDOM_MODELS = {
     # SmolLM2-135M's shape: 9 query heads over 3 KV heads, so TP=2 cannot split it
     "random135m": dict(_SMOLLM2_BODY, hidden_size=576, num_attention_heads=9, num_key_value_heads=3),
@@ -40,30 +49,18 @@ RANDOM_MODELS = {
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
     ),
-    "tiny": dict(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    ),
-    # the tiny shape as a Qwen3-MoE: 8 experts of FFN 64 per layer, top-2 (about the tiny model's active FFN)
+    "tiny": _TINY,
+    # the tiny shape as a Qwen3-MoE: 8 experts of FFN 64 per layer, top-2 (about the tiny model's active FFN); the
+    # larger init gives the router decisive logits, as a trained one has
     "tiny-moe": dict(
+        _TINY,
         model_type="qwen3_moe",
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
-        max_position_embeddings=1024,
         num_experts=8,
         num_experts_per_tok=2,
         moe_intermediate_size=64,
         norm_topk_prob=True,
+        initializer_range=0.1,
     ),
 }
 
@@ -76,11 +73,7 @@ def prepare_model(name: str) -> Path:
         return materialize_from_gguf(smollm2_gguf_path(), MODELS_DIR / "SmolLM2-135M-Instruct")
     shape = dict(RANDOM_MODELS[name])
     model_type = shape.pop("model_type", "llama")
-    out = (
-        MODELS_DIR / f"random-{model_type.replace('_', '')}-{name}"
-        if model_type != "llama"
-        else MODELS_DIR / f"random-llama-{name}"
-    )
+    out = MODELS_DIR / f"random-{model_type.replace('_', '')}-{name}"
     if (out / "config.json").exists():
         return out
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -1,10 +1,10 @@
 """Routing replay (R3): the train-vs-rollout log-prob gap of a mixture of experts with and without replay.
 
-A small random Qwen3-MoE (hidden 64, 4 layers, 8 experts, top-2; `make_tiny_hf`, no download) samples responses
-in an embedded engine that runs in bf16 or fp32 (`--engine-dtypes`), reporting the experts it routed each token to
-(`return_routed_experts`). The fp32 Megatron actor (one gloo rank) then scores the same sequences twice: routing
-them itself (`actor.routing_replay: off`) and replaying the engine's experts (`rollout`). Per response token, the
-gap is |actor log-prob - engine log-prob| (temperature 1, no truncation, so the engine's log-prob is the model's).
+The random `tiny-moe` Qwen3-MoE of bench_models.py (hidden 64, 4 layers, 8 experts, top-2; no download) samples
+responses in an embedded engine that runs in bf16 or fp32 (`--engine-dtypes`), reporting the experts it routed each
+token to (`return_routed_experts`). The fp32 Megatron actor (one gloo rank) then scores the same sequences twice:
+routing them itself (`actor.routing_replay: off`) and replaying the engine's experts (`rollout`). Per response
+token, the gap is |actor log-prob - engine log-prob| (temperature 1, no truncation: the engine's is the model's).
 Also: the share of (token, layer) routing decisions in which the actor's own top-2 set differs from the engine's
 (`moe/replay_mismatch`), and the seconds of one log-prob pass each way (median of `--repeats`). One row per engine
 dtype and mode, pooled over `--seeds` prompt sets.
@@ -18,24 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-SHAPE = dict(
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_experts=8,
-    num_experts_per_tok=2,
-    moe_intermediate_size=64,
-    norm_topk_prob=True,
-    initializer_range=0.1,
-)
 
 
 def _sample(model_dir: str, dtype: str, seed: int, args: argparse.Namespace) -> list[tuple]:
@@ -104,12 +90,12 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    from lcot_mega.utils.distributed import run_local
-    from lcot_mega.utils.tiny_model import make_tiny_hf
+    from bench_models import prepare_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = str(make_tiny_hf(Path(tmp) / "moe", "qwen3_moe", **SHAPE))
-        (rows,) = run_local(_worker, 1, model_dir, args, threads=torch.get_num_threads(), timeout_s=3600)
+    from lcot_mega.utils.distributed import run_local
+
+    model_dir = str(prepare_model("tiny-moe"))
+    (rows,) = run_local(_worker, 1, model_dir, args, threads=torch.get_num_threads(), timeout_s=3600)
     base = {r["engine"]: r["seconds"] for r in rows if r["replay"] == "off"}
     print(
         f"{'engine':>9} {'replay':>8} {'tokens':>7} {'gap mean':>9} {'gap p99':>8} {'gap max':>8} {'>0.1':>6}"
