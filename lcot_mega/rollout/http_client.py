@@ -121,6 +121,8 @@ class SGLangHTTPEngine:
                 raise TimeoutError(f"{where}: {e}") from None
             except TimeoutError:  # the server may still be working on it: never resend
                 raise TimeoutError(f"{where}: no answer in {wait}s") from None
+            except http.client.IncompleteRead as e:  # it died while answering: it may have acted, never resend
+                raise ConnectionError(f"{where}: the answer broke off ({e!r})") from e
             except (OSError, http.client.RemoteDisconnected) as e:  # refused, reset, unreachable: nothing was answered
                 if attempt == self.retries:
                     raise ConnectionError(f"{where}: {e!r} (after {self.retries + 1} attempts)") from e

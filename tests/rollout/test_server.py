@@ -347,6 +347,34 @@ def test_client_retries_connection_errors_then_reports_them():
     assert time.monotonic() - t0 < 5 and not c.health()
 
 
+def test_an_answer_cut_off_by_a_dying_server_is_a_connection_error_and_not_resent():
+    """A server killed while answering leaves a body shorter than its Content-Length (IncompleteRead): health is
+    False, and a request fails as a connection error at once (it may have acted: it is not sent again)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port, requests = listener.getsockname()[1], []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            requests.append(conn.recv(65536))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 65\r\n\r\n{")
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        client = SGLangHTTPEngine(f"http://127.0.0.1:{port}", retries=3, backoff_s=0.01, timeout_s=5)
+        assert client.health() is False
+        requests.clear()
+        with pytest.raises(ConnectionError, match="the answer broke off"):
+            client.flush_cache()
+        assert len(requests) == 1
+    finally:
+        listener.close()
+
+
 def test_a_generate_outlasting_the_timeout_on_a_live_server_is_waited_for_until_aborted(engine, server):
     """`timeout_s` bounds silence, not work: the server answers /health, so the client keeps waiting; abort ends it."""
     c = SGLangHTTPEngine(server.url, timeout_s=0.3, retries=3)
