@@ -37,7 +37,8 @@ TokenSequence = tuple[Sequence[int], Sequence[int]]
 class PackedRows:
     """Where the sequences of a packed micro-batch lie in its one input row."""
 
-    cu_seqlens: torch.Tensor  # [n + 1] int32: sequence i is input positions cu_seqlens[i] .. cu_seqlens[i + 1] - 1
+    cu_seqlens: torch.Tensor  # [n + 1] int32 (+1 with a pad segment at the end): sequence i is input positions
+    # cu_seqlens[i] .. cu_seqlens[i + 1] - 1
     token_index: torch.Tensor  # [n, s] int64: input position of (row, position) of the padded layout (0 at padding)
     max_seqlen: int
 
@@ -178,18 +179,24 @@ def collate(
     return MicroBatch(input_ids, position_ids, labels, loss_mask, tuple(indices))
 
 
-def pack(mb: MicroBatch, lengths: Sequence[int]) -> MicroBatch:
+def pack(mb: MicroBatch, lengths: Sequence[int], length_multiple: int = 1) -> MicroBatch:
     """The packed form of a collated micro-batch whose real rows hold sequences of `lengths` tokens: the
-    sequences end to end in one input row. An empty micro-batch stays as it is."""
+    sequences end to end in one input row, which `length_multiple` rounds up with one more segment of pad tokens
+    (sequence parallelism cuts the row into equal parts). An empty micro-batch stays as it is."""
     if mb.num_rows == 0:
         return mb
-    input_ids = torch.cat([mb.input_ids[row, :n] for row, n in enumerate(lengths)]).unsqueeze(0)  # [1, T]
-    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)  # [1, T]
-    cu = torch.tensor([0, *lengths]).cumsum(0)  # [n + 1]
+    pad = -sum(lengths) % length_multiple
+    segments = [*lengths, pad] if pad else list(lengths)
+    rows = [mb.input_ids[row, :n] for row, n in enumerate(lengths)]
+    input_ids = torch.cat([*rows, mb.input_ids.new_zeros(pad)]).unsqueeze(0)  # [1, T]
+    position_ids = torch.cat([torch.arange(n) for n in segments]).unsqueeze(0)  # [1, T]
+    cu = torch.tensor([0, *segments]).cumsum(0)  # [segments + 1]
     s = mb.loss_mask.shape[1]
     position = torch.arange(s)  # [s]
-    token_index = torch.where(position < torch.tensor(lengths).unsqueeze(1), cu[:-1].unsqueeze(1) + position, 0)
-    rows = PackedRows(cu.to(torch.int32), token_index, max(lengths))
+    token_index = torch.where(
+        position < torch.tensor(lengths).unsqueeze(1), cu[: len(lengths)].unsqueeze(1) + position, 0
+    )
+    rows = PackedRows(cu.to(torch.int32), token_index, max(segments))
     return MicroBatch(input_ids, position_ids, mb.rows(mb.labels), mb.rows(mb.loss_mask), mb.indices, rows)
 
 
@@ -209,10 +216,8 @@ def make_micro_batches(
     `uniform_shape` pads them all to the largest row count and length among them (the token budget then
     holds for none but the largest): for pipeline schedules that cannot exchange shapes per micro-batch.
     `packed`: each micro-batch's sequences end to end in one row, the budget counting real tokens.
-    `length_multiple`: padded lengths are rounded up to a multiple of it (not with `packed`).
+    `length_multiple`: padded lengths (with `packed`, the packed rows) are rounded up to a multiple of it.
     """
-    if packed and length_multiple > 1:
-        raise ValueError("packed micro-batches have no padded length to round up (context parallelism needs one)")
     if packed and uniform_shape:
         raise ValueError("packed micro-batches have no uniform shape (the interleaved pipeline schedule needs one)")
     lengths = sequence_lengths(sequences)
@@ -221,7 +226,7 @@ def make_micro_batches(
     if uniform_shape:
         shape = (max(len(idx) for idx in plan), max([lengths[i] for idx in plan for i in idx] + [1]))
     batches = [collate(sequences, idx, pad_id, shape, length_multiple) for idx in plan]
-    return [pack(mb, [lengths[i] for i in mb.indices]) for mb in batches] if packed else batches
+    return [pack(mb, [lengths[i] for i in mb.indices], length_multiple) for mb in batches] if packed else batches
 
 
 def to_token_layout(

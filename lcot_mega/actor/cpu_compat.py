@@ -17,8 +17,12 @@ to run TP/PP/DP with DDP, the distributed optimizer and dist-checkpointing on CP
   `torch.default_generator.manual_seed` directly: `torch.manual_seed` would call back into
   `torch.cuda.manual_seed_all` and recurse.
 
+- Sequence parallelism: its collectives (all_gather_into_tensor, reduce_scatter_tensor) run on gloo as they are;
+  the one gloo lacks, an all-gather of unequal parts (the all-to-all MoE dispatcher's, with TP and EP), is done
+  padded. Its norms are `megatron_adapter.LocalRMSNorm`.
+
 Applied only when no GPU is present (`enable()` is a no-op on a CUDA machine) and at most once per
-process. Sequence parallelism stays unsupported (it needs TE or apex LayerNorm).
+process.
 """
 
 from __future__ import annotations
@@ -188,6 +192,28 @@ def _patch_megatron_moe() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = to_cpu
 
 
+def _patch_uneven_all_gather() -> None:
+    """gloo's allgather takes equal parts only; megatron's `_gather_along_first_dim` with `output_split_sizes` (the
+    all-to-all MoE dispatcher's gather over the expert tensor-parallel group, when EP > 1) gets every part padded to
+    the largest, one `all_gather_into_tensor`, and the padding cut away."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    original = mappings._gather_along_first_dim
+
+    def gather(input_: torch.Tensor, group: Any, output_split_sizes: Any = None, use_global_buffer: bool = False):
+        if output_split_sizes is None or group.size() == 1 or dist.get_backend(group) != "gloo":
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = input_.new_empty((longest * group.size(), *input_.shape[1:]))
+        dist.all_gather_into_tensor(out, padded, group=group)
+        return torch.cat([part[:n] for part, n in zip(out.split(longest), output_split_sizes, strict=True)])
+
+    mappings._gather_along_first_dim = gather
+
+
 def enable() -> bool:
     """Make megatron-core usable on this CPU-only process; returns True when the shim is active.
 
@@ -202,6 +228,7 @@ def enable() -> bool:
             _patch_megatron_rng()
             _patch_function_backwards()
             _patch_megatron_moe()
+            _patch_uneven_all_gather()
             _mode = _CudaToCpuMode()
             _mode.__enter__()  # stays pushed for the life of the process
     return True

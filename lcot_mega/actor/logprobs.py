@@ -19,6 +19,7 @@ exact zeros.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -173,7 +174,7 @@ def run_schedule(
         packed = None if mb.packed is None else packed_seq_params(mb.packed)
         local = head.split.local(mb)  # this context-parallel rank's tokens (all of them without CP)
         if local.routing is not None:  # a mixture of experts: this micro-batch's replayed experts, its real tokens
-            routing.set_targets(model, local.routing)
+            routing.set_targets(model, routing.sequence_parallel_part(model, local.routing, local.input_ids.shape[0]))
         # [b, s, V/tp] logits or [b, s, h] hidden states on the last stage ([1, T, ...] packed), else activations;
         # s / cp positions under context parallelism
         output = model(local.input_ids, local.position_ids, None, packed_seq_params=packed)
@@ -240,13 +241,17 @@ def is_reporting_rank() -> bool:
 
 
 def micro_batches_for_this_rank(
-    sequences: Sequence[TokenSequence], max_tokens: int, packed: bool = False
+    sequences: Sequence[TokenSequence], max_tokens: int, packed: bool = False, sequence_parallel: bool = False
 ) -> list[MicroBatch]:
     """This data-parallel rank's micro-batches; under virtual pipelining their count is a multiple of the
     pipeline size and they share one shape (`megatron_adapter.transformer_config` says why). `packed`: see
-    `batching.pack`."""
+    `batching.pack`. Lengths are rounded up so that context parallelism cuts each row into 2 x CP equal chunks and
+    sequence parallelism each context-parallel part into TP equal slices."""
     layout = ma.current_layout()
     interleaved = layout.vpp_size is not None
+    multiple = 2 * layout.cp_size if layout.cp_size > 1 else 1  # equal chunks (`context_parallel`)
+    if sequence_parallel:
+        multiple = math.lcm(multiple, layout.cp_size * layout.tp_size)
     micro_batches = make_micro_batches(
         sequences,
         layout.dp_rank,
@@ -255,7 +260,7 @@ def micro_batches_for_this_rank(
         count_multiple=layout.pp_size if interleaved else 1,
         uniform_shape=interleaved,
         packed=packed,
-        length_multiple=2 * layout.cp_size if layout.cp_size > 1 else 1,  # equal chunks (`context_parallel`)
+        length_multiple=multiple,
     )
     device = ma.compute_device()
     return [mb.to(device) for mb in micro_batches]
@@ -288,7 +293,8 @@ def compute_logprobs(
     `TokenStatsHead`; `packed`: see `batching.pack`; `routes`: a mixture of experts' routing to replay, per sequence
     (`routing`).
     """
-    micro_batches = micro_batches_for_this_rank(sequences, max_tokens, packed)
+    sp = ma.unwrap(chunks[0]).config.sequence_parallel
+    micro_batches = micro_batches_for_this_rank(sequences, max_tokens, packed, sp)
     micro_batches = routing.with_targets(chunks, micro_batches, sequences, routes)
     head = TokenStatsHead(chunks, vocab_size, chunk_tokens)
 

@@ -109,11 +109,9 @@ def actor_config_errors(cfg: ActorConfig) -> list[str]:
         errors.append("actor.offload_activations and actor.recompute exclude each other (megatron-core)")
     if cfg.offload_activations and cfg.pipeline_parallel > 1:
         errors.append("actor.offload_activations does not support actor.pipeline_parallel > 1 (megatron-core)")
-    te_only = [key for key, on in (("fp8", cfg.fp8 is not None), ("sequence_parallel", cfg.sequence_parallel)) if on]
-    if cfg.attention != "auto" and te_only:
+    if cfg.attention != "auto" and cfg.fp8 is not None:
         errors.append(
-            f"{', '.join('actor.' + k for k in te_only)} need Transformer Engine's layer spec, which"
-            f" actor.attention = {cfg.attention!r}"
+            f"actor.fp8 needs Transformer Engine's layer spec, which actor.attention = {cfg.attention!r}"
             " turns off: set actor.attention=auto"
         )
     return errors
@@ -137,8 +135,6 @@ def context_parallel_errors(cfg: ActorConfig) -> list[str]:
 def setup_errors(cfg: ActorConfig, world_size: int) -> list[str]:
     """What prevents `cfg` from running on this machine with `world_size` ranks (empty: it can run)."""
     errors = []
-    if cfg.routing_replay != "off" and cfg.tensor_parallel > 1:  # the replayed experts would need cutting as SP does
-        errors.append(f"actor.routing_replay with actor.tensor_parallel={cfg.tensor_parallel} is not built yet")
     model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel * cfg.context_parallel
     if world_size % model_parallel:
         errors.append(
@@ -152,8 +148,6 @@ def setup_errors(cfg: ActorConfig, world_size: int) -> list[str]:
         )
     if cfg.fp8 is not None and not te_available():
         errors.append(f"actor.fp8 = {cfg.fp8!r} needs Transformer Engine on a GPU; set actor.fp8=null here")
-    if cfg.sequence_parallel and not te_available():
-        errors.append("actor.sequence_parallel needs Transformer Engine (or apex) on a GPU; set it to false here")
     if cfg.offload_activations and not te_available():
         errors.append(
             "actor.offload_activations needs Transformer Engine on a GPU (megatron-core's CPU offloading);"
@@ -294,10 +288,9 @@ def moe_kwargs(arch: ArchSpec, cfg: ActorConfig) -> dict[str, Any]:
         raise ActorSetupError(
             f"{arch.num_experts} experts cannot be split over actor.expert_parallel {cfg.expert_parallel}"
         )
-    if cfg.tensor_parallel > 1 and not te_available():
+    if cfg.tensor_parallel > 1 and not cfg.sequence_parallel:
         raise ActorSetupError(
-            "a mixture of experts with actor.tensor_parallel > 1 needs sequence parallelism, which needs Transformer"
-            " Engine on a GPU; use actor.expert_parallel instead here"
+            "a mixture of experts with actor.tensor_parallel > 1 needs actor.sequence_parallel=true (megatron-core)"
         )
     return dict(
         num_moe_experts=arch.num_experts,
@@ -353,12 +346,37 @@ def layer_spec(arch: ArchSpec, cfg: ActorConfig):
     spec = specs.get_gpt_layer_local_spec(
         num_experts=experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm, normalization="RMSNorm"
     )
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = LocalRMSNorm
+    if arch.qk_norm:
+        layer.self_attention.submodules.q_layernorm = layer.self_attention.submodules.k_layernorm = LocalRMSNorm
     if backend == "sdpa":
         from lcot_mega.actor.sdpa_attention import SDPAttention
 
         attention = spec.submodules.self_attention
         attention.submodules = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
     return spec
+
+
+class LocalRMSNorm(torch.nn.RMSNorm):
+    """The local spec's RMSNorm (megatron's `WrappedTorchNorm` builds the same `torch.nn.RMSNorm`, parameter for
+    parameter) without its refusal of sequence parallelism: under it each tensor-parallel rank normalizes its own
+    slice of the sequence, so the weight's gradient is partial, and marking it `sequence_parallel` makes megatron's
+    `finalize_model_grads` all-reduce it over the TP group (left unmarked, TP2 + SP drifts from TP1 by 1e-2 in one
+    step)."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def _block_spec(spec: Any, config: Any, vp_stage: int | None) -> Any:
+    """The decoder block of `spec` layers with a `LocalRMSNorm` as its final norm (megatron's default there is
+    `WrappedTorchNorm` without Transformer Engine), as megatron's own `get_gpt_decoder_block_spec` assembles it."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=LocalRMSNorm)
 
 
 def build_model(arch: ArchSpec, cfg: ActorConfig) -> list[torch.nn.Module]:
@@ -374,7 +392,7 @@ def build_model(arch: ArchSpec, cfg: ActorConfig) -> list[torch.nn.Module]:
         vp = vp_stage if cfg.virtual_pipeline else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=spec if attention_backend(cfg) == "te" else _block_spec(spec, config, vp),
             vocab_size=vocab,
             max_sequence_length=arch.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),

@@ -198,6 +198,18 @@ def with_targets(
     return out
 
 
+def sequence_parallel_part(chunk: torch.nn.Module, targets: RouteTargets, rows: int) -> RouteTargets:
+    """`targets` of the tokens this rank's routers see: under sequence parallelism the embedding hands each
+    tensor-parallel rank a contiguous 1 / TP of the (context-parallel rank's) sequence; all of them otherwise."""
+    from lcot_mega.actor import megatron_adapter as ma
+
+    if not ma.unwrap(chunk).config.sequence_parallel:
+        return targets
+    group = ma.tensor_parallel_group()
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    return targets.cut(lambda t: t.chunk(size, dim=0)[rank], rows)
+
+
 def taps(chunks: Sequence[torch.nn.Module]) -> list[RouterTap]:
     return [
         r.router_replay

@@ -338,7 +338,10 @@ def train_step(
     """
     if algo.kl_coef > 0 and batch.ref_logprobs is None and batch.objective == "policy":
         raise ValueError("algo.kl_coef > 0 needs TrainBatch.ref_logprobs (MegatronActor computes them)")
-    micro_batches = micro_batches_for_this_rank(batch.sequences, actor_cfg.micro_batch_tokens, actor_cfg.pack_sequences)
+    sp = ma.unwrap(chunks[0]).config.sequence_parallel
+    micro_batches = micro_batches_for_this_rank(
+        batch.sequences, actor_cfg.micro_batch_tokens, actor_cfg.pack_sequences, sp
+    )
     micro_batches = routing.with_targets(chunks, micro_batches, batch.sequences, batch.routing)
     denominator = global_denominator(micro_batches, algo)
     # Loss scaling. Micro-batch m of DP rank r has numerator N_rm (policy + KL - entropy terms summed over its

@@ -296,13 +296,15 @@ class ActorConfig:
     fp8_recipe: str = opt("delayed", choices=("delayed", "tensorwise", "blockwise", "mxfp8"))
     """FP8 scaling recipe (what the installed Transformer Engine supports)."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs Transformer Engine or apex: GPU only)."""
+    """Megatron sequence parallelism (needs actor.tensor_parallel > 1): outside attention and the MLPs each
+    tensor-parallel rank holds 1 / TP of the sequence's activations (norms, dropout, residuals). Needed for a
+    mixture of experts at TP > 1. Transformer Engine's layers on GPU, the local spec's elsewhere (CPU/gloo too)."""
     attention: str = opt("auto", choices=("auto", "sdpa", "local"))
     """Core attention. auto: Transformer Engine's layer spec when TE imports on a GPU, else sdpa. sdpa: megatron's
     local layer spec with attention through torch's scaled_dot_product_attention (flash kernels, memory linear in
     the sequence length; no packed sequences yet). local: the local spec's own DotProductAttention, which stores
     [b, heads, s, s] probabilities (a reference for comparisons). sdpa and local use the local spec even on GPU,
-    so they refuse fp8 and sequence_parallel (TE settings)."""
+    so they refuse fp8 (a TE setting)."""
     lr: float = opt(1e-6, gt=0.0)
     """Peak learning rate (the study: 1e-6, constant)."""
     lr_schedule: str = opt("constant", choices=("constant", "linear", "cosine"))

@@ -80,7 +80,9 @@ def _hf_forced(hf_dir: str, routes: list[torch.Tensor | None]) -> tuple[list[tor
     return logprobs, metrics
 
 
-def _actor_replay(rank: int, world: int, hf_dir: str, ep: int, packed: bool, routes: list, cp: int = 1) -> dict:
+def _actor_replay(
+    rank: int, world: int, hf_dir: str, ep: int, packed: bool, routes: list, cp: int = 1, tp: int = 1
+) -> dict:
     from transformers import AutoConfig
 
     from lcot_mega.actor.actor import MegatronActor
@@ -90,7 +92,9 @@ def _actor_replay(rank: int, world: int, hf_dir: str, ep: int, packed: bool, rou
 
     torch.set_num_threads(1)
     arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
-    cfg = ActorConfig(expert_parallel=ep, pack_sequences=packed, context_parallel=cp)
+    cfg = ActorConfig(
+        expert_parallel=ep, pack_sequences=packed, context_parallel=cp, tensor_parallel=tp, sequence_parallel=tp > 1
+    )
     actor = MegatronActor(arch, cfg, AlgoConfig(), hf_dir)
     out = {
         "replayed": actor.compute_logprobs(SEQUENCES, routing=routes),
@@ -108,16 +112,17 @@ def moe_dir(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    ("ep", "packed", "cp"),
-    [(1, False, 1), (2, False, 1), (1, True, 1), (1, False, 2)],
-    ids=["ep1", "ep2", "packed", "cp2"],
+    ("ep", "packed", "cp", "tp"),
+    [(1, False, 1, 1), (2, False, 1, 1), (1, True, 1, 1), (1, False, 2, 1), (1, False, 1, 2), (1, True, 1, 2)],
+    ids=["ep1", "ep2", "packed", "cp2", "tp2-sp", "tp2-sp-packed"],
 )
-def test_replayed_routing_gives_transformers_forced_logprobs(moe_dir, ep, packed, cp):
-    """cp2: each of two ranks runs half of every sequence; the replayed experts are cut the same way."""
+def test_replayed_routing_gives_transformers_forced_logprobs(moe_dir, ep, packed, cp, tp):
+    """cp2: each of two ranks runs half of every sequence; tp2-sp: sequence parallelism hands each router half of
+    the (padded or packed) tokens. The replayed experts are cut the same way."""
     routes = _forced_routes(seed=ep + 2 * packed)
     want, counted = _hf_forced(moe_dir, routes)
     own, _ = _hf_forced(moe_dir, [None] * len(SEQUENCES))
-    for out in run_gloo(_actor_replay, max(ep, cp), moe_dir, ep, packed, routes, cp):
+    for out in run_gloo(_actor_replay, max(ep, cp) * tp, moe_dir, ep, packed, routes, cp, tp):
         for got, ref in zip(out["replayed"], want, strict=True):
             assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
         # the forced experts matter: without replay the log-probs are transformers' own routing's

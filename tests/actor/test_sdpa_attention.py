@@ -181,7 +181,7 @@ def test_the_attention_key_is_validated_and_refuses_te_settings():
     if not torch.cuda.is_available():
         assert attention_backend(ActorConfig()) == "sdpa"  # the default without Transformer Engine
     errors = "\n".join(setup_errors(ActorConfig(attention="sdpa", fp8="e4m3"), 1))
-    assert "actor.fp8 need Transformer Engine's layer spec" in errors and "set actor.attention=auto" in errors
+    assert "actor.fp8 needs Transformer Engine's layer spec" in errors and "set actor.attention=auto" in errors
 
 
 # ------------------------------------------------------------------------------------------------ whole actor
