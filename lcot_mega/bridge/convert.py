@@ -83,9 +83,10 @@ def _hf_to_mcore_worker(
     init_process_group(rank, world, port)
     say = _say if rank == 0 else (lambda msg: None)
     try:
-        cfg = ActorConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep)
-        layout = ma.init_parallel(cfg, seed=0)
         arch = arch_from_hf_config(AutoConfig.from_pretrained(hf_dir))
+        moe_tp = tp > 1 and bool(arch.num_experts)  # megatron-core runs a mixture of experts at TP > 1 with SP only
+        cfg = ActorConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, sequence_parallel=moe_tp)
+        layout = ma.init_parallel(cfg, seed=0)
         chunks = ma.build_model(arch, cfg)
         say(f"hf-to-mcore: [2/3] reading HF weights from {hf_dir} into TP={tp} PP={pp} EP={ep}")
         load_hf_weights(chunks, hf_dir, arch, layout.tp_rank, layout.tp_size)

@@ -117,18 +117,20 @@ def test_tp2_pp2_round_trip_untied(tmp_path):
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, initializer_range=0.2)
 
 
-def test_moe_round_trip_at_ep2_is_bit_exact(tmp_path):
-    """Qwen3-MoE HF -> Megatron at EP=2 (each of two ranks writes half of every layer's experts) -> HF at EP=1
-    (dist-checkpointing reshards the experts on load): every tensor back bit for bit, and the same logits."""
+@pytest.mark.parametrize(("tp", "ep"), [(1, 2), (2, 1)], ids=["ep2", "tp2"])
+def test_moe_round_trip_at_ep2_or_tp2_is_bit_exact(tmp_path, tp, ep):
+    """Qwen3-MoE HF -> Megatron at EP=2 (each of two ranks writes half of every layer's experts) or TP=2 (each
+    expert split over the ranks) -> HF at EP=1 TP=1 (dist-checkpointing reshards on load): every tensor back bit
+    for bit, and the same logits."""
     from safetensors.torch import load_file
 
     hf = make_tiny_hf(tmp_path / "hf", "qwen3_moe", **MOE)
-    ckpt = convert.hf_to_mcore(hf, tmp_path / "ckpt", ep=2, progress=lambda m: None)
+    ckpt = convert.hf_to_mcore(hf, tmp_path / "ckpt", tp=tp, ep=ep, progress=lambda m: None)
     meta = json.loads((Path(ckpt) / "meta.json").read_text())
-    assert meta["layout"]["ep"] == 2 and meta["model"]["num_moe_experts"] == 4
+    assert (meta["layout"]["ep"], meta["layout"]["tp"]) == (ep, tp) and meta["model"]["num_moe_experts"] == 4
     messages: list[str] = []
     out = convert.mcore_to_hf(ckpt, tmp_path / "out", progress=messages.append)
-    assert any("EP=2" in m for m in messages)
+    assert any(f"TP={tp}" in m for m in messages)
     want, got = load_file(f"{hf}/model.safetensors"), load_file(f"{out}/model.safetensors")
     assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
     assert torch.equal(hf_logits(out, INPUT_IDS % 96), hf_logits(hf, INPUT_IDS % 96))
