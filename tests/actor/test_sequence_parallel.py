@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.distributed_harness import run_gloo
-from helpers.tiny_models import hf_logits, make_tiny_hf
+from helpers.tiny_models import make_tiny_hf, response_logprobs
 
 pytest.importorskip("megatron.core")
 
@@ -33,11 +33,7 @@ def _step(rank: int, world: int, hf_dir: str, tp: int, settings: dict) -> dict:
 
 
 def _reference(hf_dir: str) -> list[torch.Tensor]:
-    out = []
-    for prompt, response in SEQUENCES:
-        logp = torch.log_softmax(hf_logits(hf_dir, torch.tensor([prompt + response]))[0, :-1].double(), -1)
-        out.append(logp[len(prompt) - 1 :].gather(-1, torch.tensor(response)[:, None])[:, 0])
-    return out
+    return response_logprobs(hf_dir, SEQUENCES)
 
 
 def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor], atol: float) -> None:

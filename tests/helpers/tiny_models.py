@@ -12,6 +12,19 @@ from lcot_mega.utils.tiny_model import (  # noqa: F401
     save_char_tokenizer,
 )
 
+
+def response_logprobs(hf_dir, sequences) -> list:
+    """transformers' log-probs (float64) of each (prompt, response)'s response tokens: the reference the actor's are
+    compared with."""
+    import torch
+
+    out = []
+    for prompt, response in sequences:
+        logp = torch.log_softmax(hf_logits(hf_dir, torch.tensor([prompt + response]))[0, :-1].double(), -1)
+        out.append(logp[len(prompt) - 1 :].gather(-1, torch.tensor(response)[:, None])[:, 0])
+    return out
+
+
 GPU_TINY = dict(  # the tiny model's shape for the GPU tests (SGLang, vLLM kernels)
     hidden_size=256,
     intermediate_size=512,
