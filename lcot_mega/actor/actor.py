@@ -41,7 +41,7 @@ class MegatronActor:
         self.arch, self.cfg, self.algo = arch, cfg, algo
         self.layout = ma.init_parallel(cfg, seed)
         chunks = ma.build_model(arch, cfg)
-        load_hf_weights(chunks, hf_dir, arch, self.layout.tp_rank, self.layout.tp_size)
+        load_hf_weights(chunks, hf_dir, arch, *self._tensor_parallel())
         if cfg.freeze_embeddings:
             ma.freeze_embeddings(chunks)
         self.chunks = ma.wrap_ddp(chunks)
@@ -50,9 +50,14 @@ class MegatronActor:
         self.lr_scale = 1.0
         self.ref_chunks = self._build_reference(hf_dir) if algo.kl_coef > 0 else None
 
+    def _tensor_parallel(self) -> tuple[int, int, tuple[int, int]]:
+        """(TP rank, TP size, (expert TP rank, expert TP size)): the slices of the HF tensors this rank loads."""
+        layout = self.layout
+        return layout.tp_rank, layout.tp_size, (layout.etp_rank, layout.etp_size)
+
     def _build_reference(self, hf_dir: str | Path) -> list[torch.nn.Module]:
         chunks = ma.build_model(self.arch, self.cfg)
-        load_hf_weights(chunks, hf_dir, self.arch, self.layout.tp_rank, self.layout.tp_size)
+        load_hf_weights(chunks, hf_dir, self.arch, *self._tensor_parallel())
         for chunk in chunks:
             chunk.requires_grad_(False)
             chunk.eval()

@@ -67,6 +67,9 @@ class ModelLayout:
     cp_size: int = 1
     ep_size: int = 1
     """Expert parallelism: how many ranks share each MoE layer's experts (ranks of the data-parallel group)."""
+    etp_rank: int = 0
+    etp_size: int = 1
+    """Expert tensor parallelism: how many ranks split each expert (actor.expert_tensor_parallel, default the TP)."""
 
 
 def te_available() -> bool:
@@ -141,10 +144,12 @@ def setup_errors(cfg: ActorConfig, world_size: int) -> list[str]:
             f"world size {world_size} is not divisible by actor.tensor_parallel * actor.pipeline_parallel"
             f" * actor.context_parallel = {cfg.tensor_parallel} * {cfg.pipeline_parallel} * {cfg.context_parallel}"
         )
-    elif (world_size // (cfg.tensor_parallel * cfg.pipeline_parallel)) % cfg.expert_parallel:
+    elif world_size % (
+        cfg.expert_parallel * (etp := cfg.expert_tensor_parallel or cfg.tensor_parallel) * cfg.pipeline_parallel
+    ):
         errors.append(
-            f"actor.expert_parallel {cfg.expert_parallel} does not divide the {world_size} ranks' data-parallel"
-            f" groups (world size / (tensor_parallel * pipeline_parallel))"
+            f"actor.expert_parallel {cfg.expert_parallel} x expert tensor parallel {etp} x actor.pipeline_parallel"
+            f" {cfg.pipeline_parallel} does not divide the {world_size} ranks (every rank holds experts)"
         )
     if cfg.fp8 is not None and not te_available():
         errors.append(f"actor.fp8 = {cfg.fp8!r} needs Transformer Engine on a GPU; set actor.fp8=null here")
@@ -174,6 +179,7 @@ def init_parallel(cfg: ActorConfig, seed: int) -> ModelLayout:
             virtual_pipeline_model_parallel_size=cfg.virtual_pipeline,
             context_parallel_size=cfg.context_parallel,
             expert_model_parallel_size=cfg.expert_parallel,
+            expert_tensor_parallel_size=cfg.expert_tensor_parallel,
         )
     model_parallel_cuda_manual_seed(seed)
     return current_layout()
@@ -193,6 +199,8 @@ def current_layout() -> ModelLayout:
         cp_rank=ps.get_context_parallel_rank(),
         cp_size=ps.get_context_parallel_world_size(),
         ep_size=ps.get_expert_model_parallel_world_size(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        etp_size=ps.get_expert_tensor_parallel_world_size(),
     )
 
 
@@ -283,6 +291,8 @@ def moe_kwargs(arch: ArchSpec, cfg: ActorConfig) -> dict[str, Any]:
         for key in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
             if getattr(cfg, key) > 0:
                 raise ActorSetupError(f"actor.{key} {getattr(cfg, key)} needs a mixture-of-experts model")
+        if cfg.expert_tensor_parallel is not None:
+            raise ActorSetupError("actor.expert_tensor_parallel needs a mixture-of-experts model")
         return {}
     if arch.num_experts % cfg.expert_parallel:
         raise ActorSetupError(
@@ -308,6 +318,7 @@ def moe_kwargs(arch: ArchSpec, cfg: ActorConfig) -> dict[str, Any]:
         moe_permute_fusion=False,
         moe_router_fusion=False,
         expert_model_parallel_size=cfg.expert_parallel,
+        expert_tensor_parallel_size=cfg.expert_tensor_parallel,
     )
 
 

@@ -89,7 +89,7 @@ def _hf_to_mcore_worker(
         layout = ma.init_parallel(cfg, seed=0)
         chunks = ma.build_model(arch, cfg)
         say(f"hf-to-mcore: [2/3] reading HF weights from {hf_dir} into TP={tp} PP={pp} EP={ep}")
-        load_hf_weights(chunks, hf_dir, arch, layout.tp_rank, layout.tp_size)
+        load_hf_weights(chunks, hf_dir, arch, layout.tp_rank, layout.tp_size, (layout.etp_rank, layout.etp_size))
         say(f"hf-to-mcore: [3/3] writing the dist checkpoint {out_dir}")
         megatron_ckpt.save(chunks, out_dir, 0, extra={"converted_from": hf_dir}, hf_dir=hf_dir)
     finally:

@@ -94,15 +94,12 @@ class _Experts:
     tp_group: Any
 
 
-def _expert_groups() -> _Experts | None:
-    """This rank's expert-parallel groups, or None without expert parallelism (every expert on every rank)."""
+def _expert_groups() -> _Experts:
+    """This rank's expert-parallel group (maybe of one: every expert here) and expert tensor-parallel group."""
     from lcot_mega.actor import megatron_adapter as ma
 
     group = ma.expert_parallel_group()
-    size = dist.get_world_size(group)
-    if size == 1:
-        return None
-    return _Experts(group, size, dist.get_rank(group), ma.expert_tensor_parallel_group())
+    return _Experts(group, dist.get_world_size(group), dist.get_rank(group), ma.expert_tensor_parallel_group())
 
 
 _GLOBAL_EXPERT = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)\.")
@@ -114,6 +111,8 @@ def _every_rank_expert(
     """(name, tensor) of the expert at `param`'s local position on every expert-parallel rank, in rank order: rank r
     holds experts [r*n, (r+1)*n) (megatron-core's `local_expert_indices`), so a name's global index moves by n."""
     local = param.detach().contiguous()
+    if experts.size == 1:
+        return [(name, local)]
     per_rank = [torch.empty_like(local) for _ in range(experts.size)]
     dist.all_gather(per_rank, local, group=experts.group)
     match = _GLOBAL_EXPERT.search(name)
@@ -336,8 +335,8 @@ def gather_hf_state(
     me = places[dist.get_rank()]
     device = _comm_device()
     group = _tp_group()
-    expert_parallel = any(len(p.ep_ranks) > 1 for p in places)  # every rank of an EP group gathers its experts
-    shards = _shared_shards(chunks, group) if shared and not expert_parallel else None
+    # experts are gathered over their own groups (expert-parallel, expert tensor-parallel), not read in place
+    shards = _shared_shards(chunks, group) if shared and not arch.num_experts else None
     every_rank_writes = None  # dst's targets, writable by every rank of its TP group
     if shards is not None and me.rank in places[dst].tp_ranks:
         from lcot_mega.weight_sync.shared_shards import peer_targets

@@ -95,9 +95,15 @@ class _Reader:
 
 @torch.no_grad()
 def load_hf_weights(
-    chunks: list[torch.nn.Module], hf_dir: str | Path, arch: ArchSpec, tp_rank: int, tp_size: int
+    chunks: list[torch.nn.Module],
+    hf_dir: str | Path,
+    arch: ArchSpec,
+    tp_rank: int,
+    tp_size: int,
+    expert_tp: tuple[int, int] | None = None,
 ) -> int:
-    """Copy this rank's slices of the HF weights into `chunks`; returns the number of parameters filled."""
+    """Copy this rank's slices of the HF weights into `chunks`; returns the number of parameters filled.
+    `expert_tp`: (rank, size) of the group that splits each expert, where it is not the tensor-parallel group."""
     index = safetensors_index(hf_dir)
     filled = 0
     with ExitStack() as stack:
@@ -106,15 +112,16 @@ def load_hf_weights(
             for name, param, layer in named_params_with_layers(chunk):
                 rule = rule_for(name, layer, arch)
                 dim = 1 if rule.layout == ROW else 0
+                rank, size = expert_tp if expert_tp is not None and _LOCAL_EXPERT.search(name) else (tp_rank, tp_size)
                 pieces = []
                 for i, hf_name in enumerate(rule.hf_names):
                     shape = reader.read(hf_name, slice(0, 0), 0)[1]
-                    piece, _ = reader.read(hf_name, hf_slice(rule, i, shape, tp_rank, tp_size, arch), dim)
+                    piece, _ = reader.read(hf_name, hf_slice(rule, i, shape, rank, size, arch), dim)
                     pieces.append(piece)
                 local = fuse(rule, pieces, arch, local_rows=param.shape[0])
                 if tuple(local.shape) != tuple(param.shape):
                     raise CheckpointError(
-                        f"{name}: HF tensors {rule.hf_names} give shape {tuple(local.shape)} on TP rank {tp_rank},"
+                        f"{name}: HF tensors {rule.hf_names} give shape {tuple(local.shape)} on TP rank {rank},"
                         f" the model expects {tuple(param.shape)}"
                     )
                 param.copy_(local.to(param.dtype))

@@ -270,6 +270,10 @@ class ActorConfig:
     """Megatron expert-parallel size for mixture-of-experts models (Qwen3-MoE): each rank of an expert-parallel
     group holds num_experts / this many experts of every layer, and tokens travel to them by all-to-all. Must
     divide the data-parallel ranks (world / (tensor_parallel * pipeline_parallel)); refused for dense models."""
+    expert_tensor_parallel: int | None = opt(None, ge=1)
+    """Mixture of experts: ranks that split each expert (megatron-core's expert_tensor_parallel_size); None = the
+    tensor-parallel size. 1 with TP > 1 keeps experts whole and lets the TP ranks hold different experts instead
+    (expert_parallel x expert_tensor_parallel x pipeline_parallel must divide the ranks). Refused for dense models."""
     moe_aux_loss_coeff: float = opt(0.0, ge=0.0)
     """Mixture of experts: weight of megatron-core's load-balancing loss (Switch-style, per layer) in the
     actor's loss; 0 trains the router by the policy loss alone."""

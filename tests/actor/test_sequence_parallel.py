@@ -16,11 +16,13 @@ MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, initi
 
 
 def _step(rank: int, world: int, hf_dir: str, tp: int, settings: dict) -> dict:
+    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     from lcot_mega.actor.actor import MegatronActor
     from lcot_mega.actor.train_step import TrainBatch
     from lcot_mega.bridge.arch import arch_from_hf_config
+    from lcot_mega.bridge.hf_export import iter_hf_tensors
     from lcot_mega.config import ActorConfig, AlgoConfig
 
     torch.set_num_threads(1)
@@ -28,8 +30,11 @@ def _step(rank: int, world: int, hf_dir: str, tp: int, settings: dict) -> dict:
     cfg = ActorConfig(tensor_parallel=tp, sequence_parallel=tp > 1, lr=1e-2, **settings)
     actor = MegatronActor(arch, cfg, AlgoConfig(), hf_dir)
     before = actor.compute_logprobs(SEQUENCES)
+    exported = dict(iter_hf_tensors(actor.chunks, arch))
+    saved = load_file(f"{hf_dir}/model.safetensors")
+    export = sorted(exported) == sorted(saved) and all(torch.equal(exported[n], saved[n]) for n in saved)
     metrics = actor.train_step(TrainBatch([p for p, _ in SEQUENCES], [r for _, r in SEQUENCES], [1.0, -1.0, 0.5]))
-    return {"before": before, "after": actor.compute_logprobs(SEQUENCES), "metrics": metrics}
+    return {"before": before, "after": actor.compute_logprobs(SEQUENCES), "metrics": metrics, "export": export}
 
 
 def _reference(hf_dir: str) -> list[torch.Tensor]:
@@ -54,9 +59,23 @@ def test_tp2_with_sequence_parallelism_equals_transformers_and_one_rank(tmp_path
     moved = max((a - b).abs().max() for a, b in zip(single["after"], single["before"], strict=True))
     assert moved > 1e-2  # the step changed the model: the equality below is not of two untouched models
     for out in run_gloo(_step, 2, hf_dir, 2, settings):
+        assert out["export"] is True  # the HF tensors back, bit for bit
         _assert_close(out["before"], want, 1e-4)
         _assert_close(out["after"], single["after"], 2e-5)
         assert out["metrics"]["actor/grad_norm"] == pytest.approx(single["metrics"]["actor/grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_experts_whole_on_each_tp_rank_with_expert_tensor_parallel_1(tmp_path, ep):
+    """actor.expert_tensor_parallel=1 at TP2: attention split over two ranks, experts not split; with EP2 the same
+    two ranks hold different experts instead (megatron's parallel folding), with EP1 each holds all of them. The
+    experts load, export and train whole."""
+    hf_dir = str(make_tiny_hf(tmp_path, "qwen3_moe", **MOE))
+    (single,) = run_gloo(_step, 1, hf_dir, 1, {})
+    for out in run_gloo(_step, 2, hf_dir, 2, {"expert_tensor_parallel": 1, "expert_parallel": ep}):
+        assert out["export"] is True
+        _assert_close(out["before"], _reference(hf_dir), 1e-4)
+        _assert_close(out["after"], single["after"], 2e-5)
 
 
 @pytest.mark.slow
