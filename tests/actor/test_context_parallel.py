@@ -63,8 +63,12 @@ def test_padded_length_and_micro_batches_padded_to_a_multiple_of_2cp():
     assert mb.loss_mask.tolist() == [[False, False, True, True, False, False, False, False]]
     batches = make_micro_batches([([1], [2, 3]), ([4, 5, 6], [7, 8, 9, 1])], 0, 1, 100, length_multiple=6)
     assert [b.input_ids.shape[1] for b in batches] == [12]
-    with pytest.raises(ValueError, match="packed"):
-        make_micro_batches([([1], [2])], 0, 1, 100, packed=True, length_multiple=4)
+    # packed (sequence parallelism): the row is rounded up by one more segment of pad tokens
+    (packed,) = make_micro_batches([([1], [2]), ([3, 4], [5])], 0, 1, 100, packed=True, length_multiple=4)
+    assert packed.input_ids.tolist() == [[3, 4, 5, 1, 2, 0, 0, 0]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert packed.packed.cu_seqlens.tolist() == [0, 3, 5, 8] and packed.packed.max_seqlen == 3
+    assert packed.packed.token_index.tolist() == [[0, 1, 2, 0], [3, 4, 0, 0]]  # the real tokens where they were
 
 
 def test_local_micro_batch_holds_this_ranks_positions():

@@ -259,10 +259,9 @@ def test_routing_replay_settings_that_cannot_work_are_refused(tmp_path):
     from lcot_mega.config import ActorConfig, Config
     from lcot_mega.config.schema import cross_field_errors
 
-    errors = setup_errors(ActorConfig(routing_replay="rollout", recompute="full", context_parallel=2), 2)
-    assert errors == []  # both are built (tests/actor/test_routing_replay.py)
-    errors = setup_errors(ActorConfig(routing_replay="rollout", tensor_parallel=2), 2)
-    assert errors == ["actor.routing_replay with actor.tensor_parallel=2 is not built yet"]
+    layouts = [dict(recompute="full", context_parallel=2), dict(tensor_parallel=2, sequence_parallel=True)]
+    for layout in layouts:  # all built (tests/actor/test_routing_replay.py)
+        assert setup_errors(ActorConfig(routing_replay="rollout", **layout), 2) == []
     cfg = Config()
     cfg.actor.routing_replay, cfg.rollout.engine = "rollout", "vllm"
     assert any("routed experts (embedded, sglang), not vllm" in e for e in cross_field_errors(cfg))
