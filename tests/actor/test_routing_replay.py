@@ -113,8 +113,14 @@ def moe_dir(request, tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("ep", "packed", "cp", "tp"),
-    [(1, False, 1, 1), (2, False, 1, 1), (1, True, 1, 1), (1, False, 2, 1), (1, False, 1, 2), (1, True, 1, 2)],
-    ids=["ep1", "ep2", "packed", "cp2", "tp2-sp", "tp2-sp-packed"],
+    [
+        pytest.param(1, False, 1, 1, id="ep1"),
+        pytest.param(2, False, 1, 1, id="ep2"),
+        pytest.param(1, True, 1, 1, id="packed", marks=pytest.mark.slow),  # tp2-sp-packed covers packing too
+        pytest.param(1, False, 2, 1, id="cp2"),
+        pytest.param(1, False, 1, 2, id="tp2-sp"),
+        pytest.param(1, True, 1, 2, id="tp2-sp-packed"),
+    ],
 )
 def test_replayed_routing_gives_transformers_forced_logprobs(moe_dir, ep, packed, cp, tp):
     """cp2: each of two ranks runs half of every sequence; tp2-sp: sequence parallelism hands each router half of
