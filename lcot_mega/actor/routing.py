@@ -139,7 +139,7 @@ class RouterTap:
     def _count(
         self, scores: torch.Tensor, own: torch.Tensor, used: torch.Tensor, t: RouteTargets | None, replay: bool
     ) -> None:
-        valid = t.valid.to(scores.device) if t is not None else torch.ones(scores.shape[0], dtype=torch.bool)
+        valid = t.valid.to(scores.device) if t is not None else scores.new_ones(scores.shape[0], dtype=torch.bool)
         probs = scores.float() if self.pre_softmax else torch.softmax(scores.float(), dim=-1)
         entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # [N]
         load = torch.bincount(used[valid].reshape(-1), minlength=self.num_experts)
