@@ -13,14 +13,15 @@ EVAL_PROBLEMS=${EVAL_PROBLEMS:-50}
 source examples/study/common.sh
 ensure_model
 COLD=runs/cold_start/sft/hf
-if [ ! -f "$COLD/config.json" ]; then
-    python examples/study/cold_start_data.py --out runs/cold_start/train.jsonl --n 300
-    lcot-mega sft configs/cold_start_sft.yaml --run-dir runs/cold_start/sft
-fi
 seeds=("$@")
 if [ ${#seeds[@]} -eq 0 ]; then seeds=(1 2 3); fi
 read -r -a settings <<< "${SETTINGS:-cold_start zero_rl_long}"
 read -r -a modes <<< "${MODES:-both positive negative weighted}"
+# the cold-start model only when a cold-start arm runs (the zero-RL arm starts from the instruct model alone)
+if [[ " ${settings[*]} " == *" cold_start "* && ! -f "$COLD/config.json" ]]; then
+    python examples/study/cold_start_data.py --out runs/cold_start/train.jsonl --n 300
+    lcot-mega sft configs/cold_start_sft.yaml --run-dir runs/cold_start/sft
+fi
 
 # What distinguishes the settings: the starting model (first) and the reward (the rest, for training and eval). Cold
 # start: the study's, </think> required and the last \boxed{} after it; zero-RL: the instruct model never writes

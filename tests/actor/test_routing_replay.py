@@ -111,16 +111,27 @@ def moe_dir(request, tmp_path_factory):
     return str(make_tiny_hf(tmp_path_factory.mktemp("replay"), "qwen3_moe", **shape))
 
 
+SLOW = pytest.mark.slow
+
+
+# The routing normalization changes what the replay forces (the probabilities of the given experts), not the layout
+# path: both routings run at EP1 by default, the layouts with one of them (the rest in the slow tier).
 @pytest.mark.parametrize(
-    ("ep", "packed", "cp", "tp"),
+    ("moe_dir", "ep", "packed", "cp", "tp"),
     [
-        pytest.param(1, False, 1, 1, id="ep1"),
-        pytest.param(2, False, 1, 1, id="ep2"),
-        pytest.param(1, True, 1, 1, id="packed", marks=pytest.mark.slow),  # tp2-sp-packed covers packing too
-        pytest.param(1, False, 2, 1, id="cp2"),
-        pytest.param(1, False, 1, 2, id="tp2-sp"),
-        pytest.param(1, True, 1, 2, id="tp2-sp-packed"),
+        pytest.param(True, 1, False, 1, 1, id="norm_topk-ep1"),
+        pytest.param(False, 1, False, 1, 1, id="no_norm_topk-ep1"),
+        pytest.param(True, 2, False, 1, 1, id="norm_topk-ep2"),
+        pytest.param(False, 2, False, 1, 1, id="no_norm_topk-ep2", marks=SLOW),
+        pytest.param(True, 1, True, 1, 1, id="packed", marks=SLOW),  # tp2-sp-packed covers packing too
+        pytest.param(True, 1, False, 2, 1, id="norm_topk-cp2"),
+        pytest.param(False, 1, False, 2, 1, id="no_norm_topk-cp2", marks=SLOW),
+        pytest.param(True, 1, False, 1, 2, id="norm_topk-tp2-sp"),
+        pytest.param(False, 1, False, 1, 2, id="no_norm_topk-tp2-sp", marks=SLOW),
+        pytest.param(True, 1, True, 1, 2, id="norm_topk-tp2-sp-packed"),
+        pytest.param(False, 1, True, 1, 2, id="no_norm_topk-tp2-sp-packed", marks=SLOW),
     ],
+    indirect=["moe_dir"],
 )
 def test_replayed_routing_gives_transformers_forced_logprobs(moe_dir, ep, packed, cp, tp):
     """cp2: each of two ranks runs half of every sequence; tp2-sp: sequence parallelism hands each router half of
@@ -174,6 +185,9 @@ def _step_with_replay(rank: int, world: int, hf_dir: str, recompute: str, routes
     return {"metrics": metrics, "after": actor.compute_logprobs(SEQUENCES, routing=routes)}
 
 
+@pytest.mark.parametrize(
+    "moe_dir", [pytest.param(True, id="norm_topk"), pytest.param(False, id="no_norm_topk", marks=SLOW)], indirect=True
+)
 def test_replay_under_full_activation_recompute_trains_like_without(moe_dir):
     """With actor.recompute=full each layer runs again in the backward; the recompute takes back the experts its
     micro-batch's forward replayed (not the last micro-batch's, nor its own top-k): the same gradients, the same

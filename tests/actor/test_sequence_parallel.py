@@ -51,7 +51,7 @@ def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor], atol: float
     [
         pytest.param("qwen3", {}, id="dense"),
         pytest.param("qwen3", {"pack_sequences": True}, id="dense-packed", marks=pytest.mark.slow),  # as moe-packed
-        pytest.param("qwen3_moe", {}, id="moe"),
+        pytest.param("qwen3_moe", {}, id="moe", marks=pytest.mark.slow),  # moe-packed covers it and packing
         pytest.param("qwen3_moe", {"pack_sequences": True}, id="moe-packed"),
     ],
 )
@@ -69,7 +69,7 @@ def test_tp2_with_sequence_parallelism_equals_transformers_and_one_rank(tmp_path
         assert out["metrics"]["actor/grad_norm"] == pytest.approx(single["metrics"]["actor/grad_norm"], rel=1e-5)
 
 
-@pytest.mark.parametrize("ep", [1, 2])
+@pytest.mark.parametrize("ep", [pytest.param(1, marks=pytest.mark.slow), 2])  # EP2 folds the two parallelisms
 def test_experts_whole_on_each_tp_rank_with_expert_tensor_parallel_1(tmp_path, ep):
     """actor.expert_tensor_parallel=1 at TP2: attention split over two ranks, experts not split; with EP2 the same
     two ranks hold different experts instead (megatron's parallel folding), with EP1 each holds all of them. The
