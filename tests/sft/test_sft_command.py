@@ -143,12 +143,10 @@ def test_a_bad_row_is_refused_with_its_line_before_the_actor_is_built(tmp_path, 
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize(
-    "layout", [("actor.tensor_parallel=2",), pytest.param((), marks=pytest.mark.slow)], ids=["tp2", "dp2"]
-)
+@pytest.mark.slow  # about 40 s each; the default tier has the SFT step at TP2/PP2/DP2 (test_sft_loss.py) and RL on Ray
+@pytest.mark.parametrize("layout", [("actor.tensor_parallel=2",), ()], ids=["tp2", "dp2"])
 def test_sft_on_two_ray_ranks_equals_one_rank(tmp_path, model, data, config, layout):
-    """cluster.mode=colocated: the same steps on two Ray ranks (tensor- or data-parallel, the latter in the slow
-    tier) as on one local rank."""
+    """cluster.mode=colocated: the same steps on two Ray ranks (tensor- or data-parallel) as on one local rank."""
     pytest.importorskip("ray")
     _ok(_sft(config, tmp_path / "one", model, data, "sft.epochs=1"))
     ranks = ("cluster.mode=colocated", "cluster.actor_ranks=2", "cluster.cpus_per_rank=1", *layout)

@@ -60,6 +60,7 @@ def in_process(model, tmp_path_factory) -> list[dict]:
     return _ok(_train(tmp_path_factory.mktemp("in-process") / "run", model))
 
 
+@pytest.mark.slow  # about 40 s; the delta test below trains a served engine exactly like the in-process one (bf16)
 def test_served_engine_trains_exactly_like_the_in_process_engine(tmp_path, model, in_process):
     proc = _train(tmp_path / "run", model, "rollout.served=true")
     served = _ok(proc)
@@ -136,6 +137,11 @@ def test_delta_syncs_to_a_served_engine_train_exactly_like_full_syncs_in_process
     served = _ok(proc)
     _same_run(served, in_process, skip=("sync/gb",))  # the bytes sent: fewer, which is the point
     assert "rollout server 0 restarted with weight version 1" in proc.stdout
+    assert "1 rollout server(s) at http://127.0.0.1:" in proc.stdout
+    log = (tmp_path / "served" / "logs" / "server-0.log").read_text()
+    assert log.startswith("===== server 0 launch 1 at ") and log.count("===== server 0 launch") == 2
+    port = proc.stdout.split("rollout server(s) at http://127.0.0.1:")[1].split(";")[0]
+    assert not _processes_with(f"--port\0{port}\0")  # the restarted server did not outlive the run
     sent = [r["sync/delta_sent_frac"] for r in served]
     assert sent[0] == 1.0 and sent[1] == 1.0  # the first sync has no baseline; step 2's follows the restart
     assert all(f < 0.7 for f in sent[2:]), sent
