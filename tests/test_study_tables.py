@@ -104,3 +104,18 @@ def test_cold_start_table_reads_its_own_runs_against_the_cold_start_model(tables
     assert "| negative | 1 | 50.0 | 100.0 | 50.0 |" in text and "| both |" not in text
     assert "| untrained model | - | 30.0 | 40.0 | 44.0 | - | - |" in text
     assert "no finished runs under" in tables.polarity(tmp_path, experiment="zero_rl_long", base_eval="base-eval-long")
+
+
+def test_settings_table_gives_each_mode_its_gain_over_its_own_starting_model(tables, tmp_path):
+    _run(tmp_path, "negative-seed1", 0.50, [0.1] * 5, 0.5, experiment="cold_start")
+    _run(tmp_path, "negative-seed2", 0.40, [0.3] * 5, 0.5, experiment="cold_start")
+    _run(tmp_path, "negative-seed1", 0.10, [1.0] * 5, 0.5, experiment="zero_rl_long")
+    for base_eval, acc in (("cold-start-eval", 0.40), ("base-eval-long", 0.20)):
+        (tmp_path / base_eval).mkdir()
+        start = {"avg@k": acc, "greedy": {"accuracy": acc / 2}}
+        (tmp_path / base_eval / "summary.json").write_text(json.dumps({"benchmarks": {"chain_sum": start}}))
+    lines = tables.settings(tmp_path).splitlines()
+    # cold start: gains +10 and 0 points (mean 5, sd 7.07, 12.706 * 7.07 / sqrt 2 = 63.5); greedy 50 and 40
+    # against 20: +30 and +20; entropy 0.1 and 0.3 -> 0.2 ± 1.27
+    assert "| cold start | negative | 1,2 | 5.0 ± 63.5 | 25.0 ± 63.5 | 20 ± 0 | 0.2 ± 1.27 |" in lines
+    assert "| zero-RL | negative | 1 | -10.0 | 0.0 | 20 | 1 |" in lines  # 10 - 20 avg; 10 - 10 greedy

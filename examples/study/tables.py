@@ -1,6 +1,7 @@
 """Turn the study runs' own metrics.jsonl and `lcot-mega eval` outputs into the tables of docs/REPRODUCTION.md.
 
-python examples/study/tables.py polarity|zero_adv|length|uncertain|cold_start|zero_rl_long|all [RUNS_ROOT=runs/study]
+python examples/study/tables.py EXPERIMENT|all [RUNS_ROOT=runs/study]   (EXPERIMENT: polarity zero_adv length uncertain
+    cold_start zero_rl_long settings)
 python examples/study/tables.py export [RUNS_ROOT=runs/study] DEST
 
 `export` copies what the tables read (config.yaml, metrics.jsonl, each evaluation's summary.json and problems.jsonl;
@@ -271,6 +272,38 @@ def uncertain(root: Path, small: int = 30) -> str:
     return table(head, rows) if rows else "no eval-uncertain results under " + str(root / "polarity")
 
 
+SETTINGS = {"cold start": ("cold_start", "cold-start-eval"), "zero-RL": ("zero_rl_long", "base-eval-long")}
+"""The two starting points of issue 18: label -> (runs directory, the starting model's evaluation)."""
+
+
+def settings(root: Path) -> str:
+    """Cold start vs zero-RL, the study's headline (negatives alone suffice from a long-CoT model; positives are
+    needed from an instruct model): each mode's gain over its own starting model, in points, per setting, with the
+    t-interval across seeds; the evaluation's response length and the last steps' entropy beside it."""
+    head = ["setting", "mode", "seeds"]
+    rows, names = [], []
+    for label, (experiment, base_eval) in SETTINGS.items():
+        groups, base = runs_of(root, experiment), eval_summary(root, base_eval)
+        names = names or _bench_names(groups)
+        for mode, runs in groups.items():
+            done = [r for r in runs if eval_summary(r)]
+            row = [label, mode, ",".join(r.name.rsplit("seed", 1)[1] for r in done) or "-"]
+            for i, n in enumerate(names):
+                start = base.get(n, {})
+                for key, sub in (("avg@k", None), ("greedy", "accuracy")):
+                    ref = start.get(key, math.nan) if sub is None else start.get(key, {}).get(sub, math.nan)
+                    row.append(pct_ci([_bench(r, i, key, sub) - ref for r in done]))
+                row.append(mean_ci([_bench(r, i, "response_len_mean") for r in done], ".0f"))
+            row.append(mean_ci([training_row(r)["entropy_last5"] for r in runs]))
+            rows.append(row)
+    for n in names:
+        head += [f"{n} avg@k gain (points)", f"{n} greedy gain (points)", f"{n} eval length"]
+    head.append("entropy last 5 steps")
+    if not rows:
+        return "no runs under " + ", ".join(str(root / e) for e, _ in SETTINGS.values())
+    return table(head, rows)
+
+
 EXPORTED = ("config.yaml", "metrics.jsonl", "done")
 EXPORTED_EVAL = ("summary.json", "problems.jsonl")
 
@@ -309,6 +342,7 @@ EXPERIMENTS = {
     # issue 18: the polarity modes from the cold-start model and, with the same long responses, from the instruct model
     "cold_start": partial(polarity, experiment="cold_start", base_eval="cold-start-eval"),
     "zero_rl_long": partial(polarity, experiment="zero_rl_long", base_eval="base-eval-long"),
+    "settings": settings,
 }
 
 
