@@ -232,6 +232,7 @@ def test_k0_is_the_synchronous_loop(tmp_path, model):
     assert not any(k.startswith("rollout/stale") or k == "perf/rollout_wait_s" for r in rows for k in r)
 
 
+@pytest.mark.slow  # about 30 s: a k1 run to its second step, then the resume; a message, not a result
 def test_resuming_a_k1_checkpoint_with_k0_says_what_it_drops(tmp_path, model):
     run = tmp_path / "run"
     proc = subprocess.Popen(_args(run, model, *ASYNC), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
