@@ -110,6 +110,9 @@ def test_settings_table_gives_each_mode_its_gain_over_its_own_starting_model(tab
     _run(tmp_path, "negative-seed1", 0.50, [0.1] * 5, 0.5, experiment="cold_start")
     _run(tmp_path, "negative-seed2", 0.40, [0.3] * 5, 0.5, experiment="cold_start")
     _run(tmp_path, "negative-seed1", 0.10, [1.0] * 5, 0.5, experiment="zero_rl_long")
+    training = tmp_path / "cold_start" / "negative-seed3"  # still training: no evaluation, counted nowhere
+    training.mkdir()
+    (training / "metrics.jsonl").write_text(json.dumps({"step": 1, "actor/entropy": 9.0}) + "\n")
     for base_eval, acc in (("cold-start-eval", 0.40), ("base-eval-long", 0.20)):
         (tmp_path / base_eval).mkdir()
         start = {"avg@k": acc, "greedy": {"accuracy": acc / 2}}

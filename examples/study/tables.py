@@ -294,7 +294,7 @@ def settings(root: Path) -> str:
                     ref = start.get(key, math.nan) if sub is None else start.get(key, {}).get(sub, math.nan)
                     row.append(pct_ci([_bench(r, i, key, sub) - ref for r in done]))
                 row.append(mean_ci([_bench(r, i, "response_len_mean") for r in done], ".0f"))
-            row.append(mean_ci([training_row(r)["entropy_last5"] for r in runs]))
+            row.append(mean_ci([training_row(r)["entropy_last5"] for r in done]))  # the runs evaluated
             rows.append(row)
     for n in names:
         head += [f"{n} avg@k gain (points)", f"{n} greedy gain (points)", f"{n} eval length"]
