@@ -117,12 +117,15 @@ def _collect(runs: list[Path], fn: Callable[[Path], float]) -> list[float]:
     return [fn(r) for r in runs]
 
 
+def _value(bench: dict, key: str, sub: str | None = None) -> float:
+    """bench[key] (or bench[key][sub]) of one benchmark's summary; NaN where it is missing."""
+    v = bench.get(key, math.nan)
+    return float(v.get(sub, math.nan) if isinstance(v, dict) and sub is not None else v)
+
+
 def _bench(run: Path, idx: int, key: str, sub: str | None = None) -> float:
     b = list(eval_summary(run).values())
-    if len(b) <= idx:
-        return math.nan
-    v = b[idx][key]
-    return float(v[sub] if sub is not None else v)
+    return _value(b[idx], key, sub) if len(b) > idx else math.nan
 
 
 def _bench_names(groups: dict[str, list[Path]]) -> list[str]:
@@ -291,8 +294,7 @@ def settings(root: Path) -> str:
             for i, n in enumerate(names):
                 start = base.get(n, {})
                 for key, sub in (("avg@k", None), ("greedy", "accuracy")):
-                    ref = start.get(key, math.nan) if sub is None else start.get(key, {}).get(sub, math.nan)
-                    row.append(pct_ci([_bench(r, i, key, sub) - ref for r in done]))
+                    row.append(pct_ci([_bench(r, i, key, sub) - _value(start, key, sub) for r in done]))
                 row.append(mean_ci([_bench(r, i, "response_len_mean") for r in done], ".0f"))
             row.append(mean_ci([training_row(r)["entropy_last5"] for r in done]))  # the runs evaluated
             rows.append(row)

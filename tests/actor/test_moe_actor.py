@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.distributed_harness import run_gloo
-from helpers.tiny_models import make_tiny_hf, response_logprobs
+from helpers.tiny_models import ONE_ROUTING_BY_DEFAULT, make_tiny_hf, response_logprobs
 
 pytest.importorskip("megatron.core")
 
@@ -42,15 +42,6 @@ def _actor_run(rank: int, world: int, hf_dir: str, ep: int) -> dict:
 @pytest.fixture(scope="module", params=[True, False], ids=["norm_topk", "no_norm_topk"])
 def moe_dir(request, tmp_path_factory):
     return str(make_tiny_hf(tmp_path_factory.mktemp("moe"), "qwen3_moe", norm_topk_prob=request.param, **MOE))
-
-
-# The routing normalization changes what the router computes, not the parallel path: tests whose cost is a layout
-# run with one routing by default and the other in the slow tier (the log-prob test above checks both by default).
-ONE_ROUTING_BY_DEFAULT = pytest.mark.parametrize(
-    "moe_dir",
-    [pytest.param(True, id="norm_topk"), pytest.param(False, id="no_norm_topk", marks=pytest.mark.slow)],
-    indirect=True,
-)
 
 
 def _reference(hf_dir: str) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from helpers.distributed_harness import run_gloo
-from helpers.tiny_models import make_tiny_hf
+from helpers.tiny_models import ONE_ROUTING_BY_DEFAULT, make_tiny_hf
 
 from lcot_mega.actor.routing import route_targets
 
@@ -185,9 +185,7 @@ def _step_with_replay(rank: int, world: int, hf_dir: str, recompute: str, routes
     return {"metrics": metrics, "after": actor.compute_logprobs(SEQUENCES, routing=routes)}
 
 
-@pytest.mark.parametrize(
-    "moe_dir", [pytest.param(True, id="norm_topk"), pytest.param(False, id="no_norm_topk", marks=SLOW)], indirect=True
-)
+@ONE_ROUTING_BY_DEFAULT
 def test_replay_under_full_activation_recompute_trains_like_without(moe_dir):
     """With actor.recompute=full each layer runs again in the backward; the recompute takes back the experts its
     micro-batch's forward replayed (not the last micro-batch's, nor its own top-k): the same gradients, the same

@@ -1,6 +1,8 @@
 """The tiny random models and character tokenizer of the tests (they live in the package: the smoke config uses
 them too)."""
 
+import pytest
+
 from lcot_mega.utils.tiny_model import (  # noqa: F401
     FAMILIES,
     SHARP_LONG,
@@ -34,3 +36,12 @@ GPU_TINY = dict(  # the tiny model's shape for the GPU tests (SGLang, vLLM kerne
     max_position_embeddings=2048,
     initializer_range=0.1,
 )
+
+
+ONE_ROUTING_BY_DEFAULT = pytest.mark.parametrize(
+    "moe_dir",
+    [pytest.param(True, id="norm_topk"), pytest.param(False, id="no_norm_topk", marks=pytest.mark.slow)],
+    indirect=True,
+)
+"""For a module's `moe_dir` fixture (param: norm_topk_prob). The routing normalization changes what the router
+computes, not the parallel path: tests whose cost is a layout run one routing by default, the other in slow."""
