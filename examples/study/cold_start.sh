@@ -4,7 +4,8 @@
 # same long responses, budget and eval sets, from the instruct model itself (zero-RL); then the tables of
 # docs/REPRODUCTION.md. The cold-start model is made first when it is missing (about 30 minutes on 2 cores).
 # usage: bash examples/study/cold_start.sh [SEED ...]        (default: 1 2 3)
-#   SETTINGS="cold_start zero_rl_long" and MODES="both positive negative weighted" choose a subset.
+#   SETTINGS="cold_start zero_rl_long" and MODES="both positive negative weighted inject" choose a subset; inject is
+#   "both" with offline solutions injected into all-wrong groups (algo.injection; not in the default MODES).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CONFIG=configs/study/cpu_cold_start.yaml
@@ -52,12 +53,21 @@ for setting in "${settings[@]}"; do
     evaluate "${over[0]#model.path=}" "$base" "${over[@]:1}"
     for seed in "${seeds[@]}"; do
         for mode in "${modes[@]}"; do
-            extra=()
-            if [ "$mode" = weighted ]; then extra=(algo.positive_weight=0.1); fi
+            extra=(algo.polarity="$mode")
+            if [ "$mode" = weighted ]; then extra+=(algo.positive_weight=0.1); fi
+            if [ "$mode" = inject ]; then
+                # both polarities, and the offline solutions injected into all-wrong groups: the run's own training
+                # problems with a trace each, so it differs from "both" at this seed by the injection alone
+                data=runs/study/injection-data/seed$seed/chain_sum.jsonl
+                if [ ! -f "$data" ]; then
+                    python examples/study/cold_start_data.py --for rl --run-config "$CONFIG" --run-seed "$seed" \
+                        --out "$data"
+                fi
+                extra=(algo.polarity=both algo.injection.enabled=true "data.train=[$data]")
+            fi
             run="runs/study/$setting/$mode-seed$seed"
             if [ ! -f "$run/done" ]; then
-                lcot-mega train "$CONFIG" "${over[@]}" algo.polarity="$mode" "${extra[@]}" trainer.seed="$seed" \
-                    --run-dir "$run"
+                lcot-mega train "$CONFIG" "${over[@]}" "${extra[@]}" trainer.seed="$seed" --run-dir "$run"
                 touch "$run/done"
             fi
             evaluate "$run" "$run/eval-final" "${over[@]:1}"

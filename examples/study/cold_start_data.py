@@ -15,6 +15,12 @@ With `--for rl` each row is a prompt-file row for `lcot-mega train` instead: `{"
 "solution": the trace, "source": task}` (data.prompt_template wraps the question): the offline solutions that
 `algo.injection` puts into hard groups. Use another `--seed` than the SFT data's.
 
+With `--for rl --run-config CONFIG --run-seed N [--set KEY=VALUE ...]` the rows are instead the very problems a
+`lcot-mega train CONFIG trainer.seed=N` run trains on (its reasoning-gym source, eval questions held out), in the
+same order and with the same uids, each with its trace: a file named after the source (e.g. chain_sum.jsonl) then
+replaces that source in data.train and the run sees the same prompts in the same order as without it, so a run
+with `algo.injection.enabled=true` differs from its control run by the injection alone.
+
 Tasks: chain_sum (2-4 terms of 2-3 digits, + and -) and products (two factors of 2-3 digits): 160-890 SmolLM2
 tokens a trace, 93% of them 200-800 (600 traces, seed 0). The RL config that trains on top grades with
 `reward.require_think_close: true`, as the study did.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,12 +216,7 @@ def rows(task: str, n: int, seed: int, error_rate: float, purpose: str = "sft") 
 
     rng = random.Random(f"{task}:{seed}")
     for item in reasoning_gym.create_dataset(task, size=n, seed=seed, **TASK_ARGS[task]):
-        trace = Trace(rng, slip=rng.random() < error_rate)
-        answer = TRACERS[task](trace, item["metadata"]["expression"])
-        if str(answer) != str(item["answer"]):
-            raise AssertionError(f"{task}: traced {answer}, reasoning-gym says {item['answer']} ({item['question']})")
-        body = "\n".join(trace.lines)
-        response = f"<think>\n{body}\n</think>\n\nThe final answer is \\boxed{{{answer}}}."
+        response = traced_response(rng, error_rate, task, item["metadata"]["expression"], str(item["answer"]))
         if purpose == "rl":
             yield {"prompt": item["question"], "answer": str(item["answer"]), "solution": response, "source": task}
             continue
@@ -224,6 +226,47 @@ def rows(task: str, n: int, seed: int, error_rate: float, purpose: str = "sft") 
             "answer": str(item["answer"]),
             "task": task,
         }
+
+
+def traced_response(rng: random.Random, error_rate: float, task: str, expression: str, answer: str) -> str:
+    """`<think>` trace `</think>` and the boxed answer, which must be reasoning-gym's `answer` (else an error)."""
+    trace = Trace(rng, slip=rng.random() < error_rate)
+    traced = TRACERS[task](trace, expression)
+    if str(traced) != answer:
+        raise AssertionError(f"{task}: traced {traced}, reasoning-gym says {answer} ({expression})")
+    body = "\n".join(trace.lines)
+    return f"<think>\n{body}\n</think>\n\nThe final answer is \\boxed{{{traced}}}."
+
+
+# The expression inside a reasoning-gym question of each traced task (the question is all a run's problem keeps).
+QUESTION_EXPRESSION = {
+    "chain_sum": re.compile(r"arithmetic problem: (.+?) =\s*$"),
+    "products": re.compile(r"multiplication: (.+?)\. Give"),
+}
+
+
+def run_rows(config: str, run_seed: int, overrides: list[str], error_rate: float) -> tuple[str, list[dict[str, str]]]:
+    """(source name, rows): the training problems of `lcot-mega train CONFIG trainer.seed=run_seed`, traced."""
+    from lcot_mega.config import load_config
+    from lcot_mega.data import load_problems
+
+    cfg = load_config(config, overrides)
+    if len(cfg.data.train) != 1 or not cfg.data.train[0].startswith("reasoning_gym:"):
+        raise SystemExit(f"--run-config needs one reasoning_gym: source in data.train, got {list(cfg.data.train)}")
+    problems = load_problems(cfg.data, run_seed)[0]
+    task = problems[0].source
+    if task not in TRACERS:
+        raise SystemExit(f"no tracer for task {task!r} (traced: {', '.join(TRACERS)})")
+    rng = random.Random(f"{task}:run{run_seed}")
+    out = []
+    for problem in problems:
+        match = QUESTION_EXPRESSION[task].search(problem.problem)
+        if match is None:
+            raise SystemExit(f"{problem.uid}: no {task} expression in {problem.problem!r}")
+        solution = traced_response(rng, error_rate, task, match.group(1), problem.answer)
+        local_uid = problem.uid.split("/", 1)[1]  # the file source prefixes its own name again
+        out.append({"uid": local_uid, "prompt": problem.problem, "answer": problem.answer, "solution": solution})
+    return task, out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,10 +283,20 @@ def main(argv: list[str] | None = None) -> int:
         default="sft",
         help="sft: (prompt, response) rows for lcot-mega sft; rl: prompt rows with a `solution` for algo.injection",
     )
+    p.add_argument("--run-config", help="rl: the training problems of this train config (see above)")
+    p.add_argument("--run-seed", type=int, default=1, help="rl with --run-config: the run's trainer.seed")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --run-config")
     args = p.parse_args(argv)
-    out = [r for task in args.tasks for r in rows(task, args.n, args.seed, args.error_rate, args.purpose)]
-    random.Random(args.seed).shuffle(out)
     path = Path(args.out)
+    if args.run_config:
+        if args.purpose != "rl":
+            p.error("--run-config writes prompt rows for injection: add --for rl")
+        task, out = run_rows(args.run_config, args.run_seed, args.set, args.error_rate)
+        if path.stem != task:
+            p.error(f"name the file {task}.jsonl (the source's name), so its problems keep the run's uids")
+    else:
+        out = [r for task in args.tasks for r in rows(task, args.n, args.seed, args.error_rate, args.purpose)]
+        random.Random(args.seed).shuffle(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in out))
     print(f"wrote {len(out)} examples to {path}")

@@ -5,7 +5,7 @@
 """
 
 from lcot_mega.data.benchmarks import BENCHMARKS, load_benchmark, register_benchmark
-from lcot_mega.data.build import build_data
+from lcot_mega.data.build import build_data, load_problems
 from lcot_mega.data.choices import shuffle_choices
 from lcot_mega.data.files import load_problem_file, read_rows, write_jsonl
 from lcot_mega.data.gym import GymSpec, generate_problems, generator_seed, parse_gym_spec
@@ -24,6 +24,7 @@ __all__ = [
     "generator_seed",
     "load_benchmark",
     "load_problem_file",
+    "load_problems",
     "normalize_problem",
     "parse_gym_spec",
     "read_rows",

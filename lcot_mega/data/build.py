@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +29,57 @@ def build_data(cfg: DataConfig, tokenizer: Any, seed: int) -> tuple[PromptStream
     check_template(cfg.prompt_template)
     reports: list[SourceReport] = []
     eval_sets: dict[str, list[Prompt]] = {}
+    train: list[Prompt] = []
+    solutions: dict[str, str] = {}
+    for source in _sources(cfg, seed):
+        prompts, report = _render(source, tokenizer, cfg)
+        reports.append(report)
+        if source.split == "eval":
+            eval_sets[source.name] = prompts
+            continue
+        train.extend(prompts)
+        solutions.update((p.uid, p.solution) for p in source.problems if p.solution)
+    for report in reports:
+        log.info(report.summary())
+    return PromptStream(train, seed=seed, shuffle=cfg.shuffle, solutions=solutions, report=reports), eval_sets
+
+
+def load_problems(cfg: DataConfig, seed: int) -> tuple[list[Problem], dict[str, list[Problem]]]:
+    """The problems a run with trainer.seed `seed` trains on, in source order, and its eval sets by source name,
+    before any template or tokenizer: what `build_data` renders (prompts too long for data.max_prompt_len are
+    still here). For tools that pair a run's own problems with something, e.g. offline solutions for injection."""
+    train: list[Problem] = []
+    eval_sets: dict[str, list[Problem]] = {}
+    for source in _sources(cfg, seed):
+        if source.split == "eval":
+            eval_sets[source.name] = source.problems
+        else:
+            train.extend(source.problems)
+    return train, eval_sets
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One entry of data.eval or data.train, loaded: its problems and how many were held out as eval questions."""
+
+    split: str
+    key: str
+    spec: str
+    name: str
+    problems: list[Problem]
+    held_out: int
+
+
+def _sources(cfg: DataConfig, seed: int) -> Iterator[_Source]:
+    """The eval sources, then the training sources less every eval question."""
     held_out: set[str] = set()
     for key, spec, name in _named(cfg.eval, "data.eval"):
         problems, _ = _load(spec, key, name, cfg, split="eval", seed=seed, exclude=())
         held_out.update(normalize_problem(p.problem) for p in problems)
-        eval_sets[name], report = _render(problems, tokenizer, cfg, key, "eval", name, spec, held_out=0)
-        reports.append(report)
-    train: list[Prompt] = []
-    solutions: dict[str, str] = {}
+        yield _Source("eval", key, spec, name, problems, 0)
     for key, spec, name in _named(cfg.train, "data.train"):
         problems, dropped = _load(spec, key, name, cfg, split="train", seed=seed, exclude=held_out)
-        prompts, report = _render(problems, tokenizer, cfg, key, "train", name, spec, held_out=dropped)
-        train.extend(prompts)
-        solutions.update((p.uid, p.solution) for p in problems if p.solution)
-        reports.append(report)
-    for report in reports:
-        log.info(report.summary())
-    return PromptStream(train, seed=seed, shuffle=cfg.shuffle, solutions=solutions, report=reports), eval_sets
+        yield _Source("train", key, spec, name, problems, dropped)
 
 
 def _named(specs: Sequence[str], field: str) -> list[tuple[str, str, str]]:
@@ -115,21 +150,20 @@ def gym_eval_problems(gym: GymSpec, name: str, size: int) -> tuple[list[Problem]
     )
 
 
-def _render(
-    problems: list[Problem], tokenizer: Any, cfg: DataConfig, key: str, split: str, name: str, spec: str, held_out: int
-) -> tuple[list[Prompt], SourceReport]:
+def _render(source: _Source, tokenizer: Any, cfg: DataConfig) -> tuple[list[Prompt], SourceReport]:
     prompts, too_long = render_prompts(
-        problems,
+        source.problems,
         tokenizer,
         template=cfg.prompt_template,
         apply_chat_template=cfg.apply_chat_template,
         max_prompt_len=cfg.max_prompt_len,
     )
-    report = SourceReport(split, name, spec, len(problems) + held_out, held_out, too_long, len(prompts))
+    total = len(source.problems) + source.held_out
+    report = SourceReport(source.split, source.name, source.spec, total, source.held_out, too_long, len(prompts))
     if not prompts:
         if too_long:
             why = f"all {too_long} prompts are longer than data.max_prompt_len = {cfg.max_prompt_len} tokens"
         else:
             why = "every question is also in an eval set (data.eval); widen the task or lower data.gym_eval_size"
-        raise ValueError(f"{key} = {spec!r}: no prompts left: {why}")
+        raise ValueError(f"{source.key} = {source.spec!r}: no prompts left: {why}")
     return prompts, report
