@@ -121,8 +121,15 @@ def test_bad_config_stops_before_any_work(tmp_path, model):
     assert not run.exists() or not any(run.iterdir())
 
 
+# colocated is the slow tier's (about 90 s): colocated training through Ray runs by default in
+# tests/cluster/test_two_node_ray.py and partial rollout in-process in tests/trainer/test_ahead.py
 @pytest.mark.parametrize(
-    "mode", [["cluster.mode=colocated"], ["cluster.mode=disaggregated", "cluster.num_engines=2"]], ids=lambda m: m[0]
+    "mode",
+    [
+        pytest.param(["cluster.mode=colocated"], marks=pytest.mark.slow),
+        ["cluster.mode=disaggregated", "cluster.num_engines=2"],
+    ],
+    ids=lambda m: m[0],
 )
 def test_one_step_through_ray(tmp_path, model, mode):
     pytest.importorskip("ray")
