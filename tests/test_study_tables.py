@@ -122,3 +122,41 @@ def test_settings_table_gives_each_mode_its_gain_over_its_own_starting_model(tab
     # against 20: +30 and +20; entropy 0.1 and 0.3 -> 0.2 ± 1.27
     assert "| cold start | negative | 1,2 | 5.0 ± 63.5 | 25.0 ± 63.5 | 20 ± 0 | 0.2 ± 1.27 |" in lines
     assert "| zero-RL | negative | 1 | -10.0 | 0.0 | 20 | 1 |" in lines  # 10 - 20 avg; 10 - 10 greedy
+
+
+def test_polarity_table_leaves_out_runs_still_training(tables, tmp_path):
+    _run(tmp_path, "both-seed1", 0.2, [1.0] * 6, 0.5, experiment="zero_rl_long")
+    training = tmp_path / "zero_rl_long" / "both-seed2"  # no evaluation yet: not a seed, not in the entropy
+    training.mkdir()
+    (training / "metrics.jsonl").write_text(json.dumps({"step": 1, "actor/entropy": 9.0}) + "\n")
+    text = tables.polarity(tmp_path, experiment="zero_rl_long", base_eval="base-eval-long")
+    assert "| both | 1 | 20.0 | 40.0 | 20.0 | 1 | 1 |" in text.splitlines()
+
+
+def _injected(root: Path, seed: int, acc: float, first: float, per_step: list[tuple[int, int, float, float]]) -> None:
+    """An inject run of zero-RL: per step (groups, replaced, token share, advantage share) and the final avg@k."""
+    _run(root, f"inject-seed{seed}", acc, [1.0] * len(per_step), 0.5, experiment="zero_rl_long")
+    keys = ("injection/groups", "injection/replaced", "injection/token_share", "injection/adv_share")
+    lines = [
+        {"step": s + 1, "reward/accuracy": first + s, **dict(zip(keys, v, strict=True))} for s, v in enumerate(per_step)
+    ]
+    (root / "zero_rl_long" / f"inject-seed{seed}" / "metrics.jsonl").write_text(
+        "".join(json.dumps(x) + "\n" for x in lines)
+    )
+
+
+def test_injection_table_pairs_each_inject_run_with_both_at_its_seed(tables, tmp_path):
+    for seed, acc, first in ((1, 0.2, 0.125), (2, 0.4, 0.25)):
+        _run(tmp_path, f"both-seed{seed}", acc, [1.0] * 2, 0.5, experiment="zero_rl_long")
+        metrics = tmp_path / "zero_rl_long" / f"both-seed{seed}" / "metrics.jsonl"
+        metrics.write_text(json.dumps({"step": 1, "reward/accuracy": first}) + "\n")
+    _injected(tmp_path, 1, 0.3, 0.125, [(2, 2, 0.5, 0.25), (1, 1, 0.3, 0.15)])
+    _injected(tmp_path, 2, 0.4, 0.25, [(0, 0, 0.0, 0.0), (3, 3, 0.6, 0.45)])
+    lines = tables.injection(tmp_path).splitlines()
+    # seed 1: 3 groups and samples over 2 steps, token share (50 + 30) / 2 = 40%, advantage share 20%; avg@k
+    # 30 - 20 = +10 points; seed 2: 0 points; mean 5, sd 7.07 -> 12.706 * 7.07 / sqrt 2 = 63.5
+    assert "| zero-RL | 1 | 3 | 3 | 0 | 40.0 | 20.0 | 12.5 / 12.5 | 10.0 |" in lines
+    assert "| zero-RL | 2 | 3 | 3 | 0 | 30.0 | 22.5 | 25.0 / 25.0 | 0.0 |" in lines
+    assert "| zero-RL | mean | - | - | - | - | - | - | 5.0 ± 63.5 |" in lines
+    assert "cold start" not in "".join(lines[2:])
+    assert "no evaluated inject-seed* runs" in tables.injection(tmp_path / "none")

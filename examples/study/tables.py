@@ -1,7 +1,7 @@
 """Turn the study runs' own metrics.jsonl and `lcot-mega eval` outputs into the tables of docs/REPRODUCTION.md.
 
 python examples/study/tables.py EXPERIMENT|all [RUNS_ROOT=runs/study]   (EXPERIMENT: polarity zero_adv length uncertain
-    cold_start zero_rl_long settings)
+    cold_start zero_rl_long settings injection)
 python examples/study/tables.py export [RUNS_ROOT=runs/study] DEST
 
 `export` copies what the tables read (config.yaml, metrics.jsonl, each evaluation's summary.json and problems.jsonl;
@@ -73,6 +73,12 @@ def runs_of(root: Path, experiment: str) -> dict[str, list[Path]]:
     return {v: [d for _, d in sorted(runs)] for v, runs in found.items()}
 
 
+def evaluated(groups: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    """The runs of each variant that have their final evaluation; variants with none are dropped."""
+    done = {v: [r for r in runs if eval_summary(r)] for v, runs in groups.items()}
+    return {v: runs for v, runs in done.items() if runs}
+
+
 def eval_summary(run: Path, name: str = "eval-final") -> dict:
     path = run / name / "summary.json"
     return json.loads(path.read_text())["benchmarks"] if path.is_file() else {}
@@ -138,13 +144,14 @@ def _bench_names(groups: dict[str, list[Path]]) -> list[str]:
 
 
 def polarity(root: Path, experiment: str = "polarity", base_eval: str = "base-eval") -> str:
-    """The polarity modes of `experiment` (one directory of runs) against the untrained model of `base_eval`."""
-    groups = runs_of(root, experiment)
+    """The polarity modes of `experiment` (one directory of runs) against the untrained model of `base_eval`; runs
+    still training (no evaluation yet) are left out of every column."""
+    groups = evaluated(runs_of(root, experiment))
     names = _bench_names(groups)
     if not names:
         return f"no finished runs under {root / experiment}"
     passes = [eval_summary(r).get(names[0], {}).get("pass@k", {}) for runs in groups.values() for r in runs]
-    k = max((int(j) for p in passes for j in p), default=1)  # a run still training has no evaluation yet
+    k = max((int(j) for p in passes for j in p), default=1)
     head = ["mode", "seeds"]
     for n in names:
         head += [f"{n} avg@{k} %", f"{n} pass@{k} %", f"{n} greedy %"]
@@ -286,11 +293,10 @@ def settings(root: Path) -> str:
     head = ["setting", "mode", "seeds"]
     rows, names = [], []
     for label, (experiment, base_eval) in SETTINGS.items():
-        groups, base = runs_of(root, experiment), eval_summary(root, base_eval)
+        groups, base = evaluated(runs_of(root, experiment)), eval_summary(root, base_eval)
         names = names or _bench_names(groups)
-        for mode, runs in groups.items():
-            done = [r for r in runs if eval_summary(r)]
-            row = [label, mode, ",".join(r.name.rsplit("seed", 1)[1] for r in done) or "-"]
+        for mode, done in groups.items():
+            row = [label, mode, ",".join(r.name.rsplit("seed", 1)[1] for r in done)]
             for i, n in enumerate(names):
                 start = base.get(n, {})
                 for key, sub in (("avg@k", None), ("greedy", "accuracy")):
@@ -304,6 +310,49 @@ def settings(root: Path) -> str:
     if not rows:
         return "no runs under " + ", ".join(str(root / e) for e, _ in SETTINGS.values())
     return table(head, rows)
+
+
+def injection(root: Path) -> str:
+    """Offline-solution injection (`algo.injection`, the study's remedy for hard problems) against "both" at the
+    same seed, per setting: what went in (groups, samples, their share of the update's tokens and of its advantage
+    mass, each step's mean) and the avg@k it gained, in points. The injection data are the run's own training
+    problems (cold_start_data.py --run-config), so the pair's first rollout is the same: its accuracy is shown."""
+    head = ["setting", "seed", "groups injected", "samples injected", "rejected", "token share %", "advantage share %"]
+    head.append("step-1 rollout accuracy %, inject / both")
+    rows, names = [], []
+    for label, (experiment, _) in SETTINGS.items():
+        groups = evaluated(runs_of(root, experiment))
+        names = names or _bench_names(groups)
+        both = {_seed(r): r for r in groups.get("both", [])}
+        pairs = [(r, both.get(_seed(r))) for r in groups.get("inject", [])]
+        for run, ref in pairs:
+            m = read_metrics(run / "metrics.jsonl")
+            row = [label, _seed(run)]
+            row += [f"{sum(v for _, v in series(m, 'injection/' + k)):.0f}" for k in ("groups", "replaced", "rejected")]
+            row += [pct_ci([_mean(m, "injection/token_share")]), pct_ci([_mean(m, "injection/adv_share")])]
+            row.append(" / ".join(pct_ci([_first_accuracy(r)]) for r in (run, ref)))
+            row += [pct_ci([_avg_gain(run, ref, i)]) for i in range(len(names))]
+            rows.append(row)
+        if len(pairs) > 1:
+            paired = [(r, b) for r, b in pairs if b]
+            row = [label, "mean", *["-"] * 6]
+            rows.append(row + [pct_ci([_avg_gain(r, b, i) for r, b in paired]) for i in range(len(names))])
+    if not rows:
+        return "no evaluated inject-seed* runs under " + ", ".join(str(root / e) for e, _ in SETTINGS.values())
+    return table(head + [f"{n} avg@k, inject minus both (points)" for n in names], rows)
+
+
+def _seed(run: Path) -> str:
+    return run.name.rsplit("seed", 1)[1]
+
+
+def _first_accuracy(run: Path | None) -> float:
+    """The first step's rollout accuracy (what the policy sampled, before any injection)."""
+    return dict(series(read_metrics(run / "metrics.jsonl"), "reward/accuracy")).get(1, math.nan) if run else math.nan
+
+
+def _avg_gain(run: Path, ref: Path | None, idx: int) -> float:
+    return _bench(run, idx, "avg@k") - _bench(ref, idx, "avg@k") if ref else math.nan
 
 
 EXPORTED = ("config.yaml", "metrics.jsonl", "done")
@@ -345,6 +394,7 @@ EXPERIMENTS = {
     "cold_start": partial(polarity, experiment="cold_start", base_eval="cold-start-eval"),
     "zero_rl_long": partial(polarity, experiment="zero_rl_long", base_eval="base-eval-long"),
     "settings": settings,
+    "injection": injection,
 }
 
 
