@@ -160,3 +160,24 @@ def test_injection_table_pairs_each_inject_run_with_both_at_its_seed(tables, tmp
     assert "| zero-RL | mean | - | - | - | - | - | - | 5.0 ± 63.5 |" in lines
     assert "cold start" not in "".join(lines[2:])
     assert "no evaluated inject-seed* runs" in tables.injection(tmp_path / "none")
+
+
+def _probed(out: Path, clean: float, probed: float) -> None:
+    out.mkdir(parents=True)
+    block = {"clean_avg@k": clean, "avg@k": probed, "drop": clean - probed}
+    (out / "summary.json").write_text(json.dumps({"benchmarks": {"chain_sum": {"avg@k": clean, "robustness": block}}}))
+
+
+def test_robustness_table_gives_each_mode_its_probe_drop_across_seeds_and_the_starting_models(tables, tmp_path):
+    _run(tmp_path, "negative-seed1", 0.5, [1.0] * 2, 0.5, experiment="cold_start")
+    _run(tmp_path, "negative-seed2", 0.5, [1.0] * 2, 0.5, experiment="cold_start")
+    _run(tmp_path, "both-seed1", 0.5, [1.0] * 2, 0.5, experiment="cold_start")  # not probed: no row
+    _probed(tmp_path / "cold_start" / "negative-seed1" / "eval-robust", 0.5, 0.4)
+    _probed(tmp_path / "cold_start" / "negative-seed2" / "eval-robust", 0.3, 0.3)
+    _probed(tmp_path / "cold-start-eval-robust", 0.4, 0.1)
+    lines = tables.robustness(tmp_path).splitlines()
+    # drops 10 and 0 points: mean 5, 12.706 * 7.07 / sqrt 2 = 63.5; clean 40 ± 127.1 (sd 14.14)
+    assert "| cold start | negative | 1,2 | 40.0 ± 127.1 | 35.0 ± 63.5 | 5.0 ± 63.5 |" in lines
+    assert "| cold start | starting model | - | 40.0 | 10.0 | 30.0 |" in lines
+    assert not [x for x in lines if "| both |" in x or "zero-RL" in x]
+    assert "no robustness evaluations" in tables.robustness(tmp_path / "none")

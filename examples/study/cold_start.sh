@@ -46,11 +46,27 @@ evaluate() {
     fi
 }
 
+# ROBUSTNESS=1: also the study's robustness probe on the in-domain set, into RUN/eval-robust (the starting model's
+# into <its evaluation>-robust): `lcot-mega eval --robustness`, the problem behind an ignore block of a misleading
+# instruction repeated PROBE_REPEATS times (the study's 100: ~900-token prompts, so a CPU pays mostly for prefill).
+PROBE_DATA="reasoning_gym:chain_sum?min_terms=2&max_terms=3&min_digits=1&max_digits=2"
+PROBE_REPEATS=${PROBE_REPEATS:-100}
+probe() {
+    local model=$1 out=$2
+    shift 2
+    if [ -n "${ROBUSTNESS:-}" ] && [ ! -f "$out/summary.json" ]; then
+        # shellcheck disable=SC2086  # EVAL_SEEDS is a list of seeds
+        lcot-mega eval "$model" --config "$CONFIG" --out "$out" --data "$PROBE_DATA" --k "$EVAL_K" --seeds $EVAL_SEEDS \
+            --robustness --probe-repeats "$PROBE_REPEATS" --overwrite data.gym_eval_size="$EVAL_PROBLEMS" "$@"
+    fi
+}
+
 for setting in "${settings[@]}"; do
     read -r -a over <<< "$(setting_overrides "$setting")"
     base=runs/study/base-eval-long
     if [ "$setting" = cold_start ]; then base=runs/study/cold-start-eval; fi
     evaluate "${over[0]#model.path=}" "$base" "${over[@]:1}"
+    probe "${over[0]#model.path=}" "$base-robust" "${over[@]:1}"
     for seed in "${seeds[@]}"; do
         for mode in "${modes[@]}"; do
             extra=(algo.polarity="$mode")
@@ -71,6 +87,7 @@ for setting in "${settings[@]}"; do
                 touch "$run/done"
             fi
             evaluate "$run" "$run/eval-final" "${over[@]:1}"
+            probe "$run" "$run/eval-robust" "${over[@]:1}"
             lcot-mega plot "$run" > /dev/null
         done
     done

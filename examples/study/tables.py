@@ -1,7 +1,7 @@
 """Turn the study runs' own metrics.jsonl and `lcot-mega eval` outputs into the tables of docs/REPRODUCTION.md.
 
 python examples/study/tables.py EXPERIMENT|all [RUNS_ROOT=runs/study]   (EXPERIMENT: polarity zero_adv length uncertain
-    cold_start zero_rl_long settings injection)
+    cold_start zero_rl_long settings injection robustness)
 python examples/study/tables.py export [RUNS_ROOT=runs/study] DEST
 
 `export` copies what the tables read (config.yaml, metrics.jsonl, each evaluation's summary.json and problems.jsonl;
@@ -342,6 +342,35 @@ def injection(root: Path) -> str:
     return table(head + [f"{n} avg@k, inject minus both (points)" for n in names], rows)
 
 
+def robustness(root: Path) -> str:
+    """The study's robustness probe (negatives are said to make a model more robust) per setting and mode: clean
+    and probed avg@k on the same problems and the drop, in points, across seeds; the starting model's beside it.
+    Reads RUN/eval-robust (cold_start.sh with ROBUSTNESS=1)."""
+    head = ["setting", "mode", "seeds", "clean avg@k %", "probed avg@k %", "drop (points)"]
+    rows = []
+    for label, (experiment, base_eval) in SETTINGS.items():
+        probed = {
+            mode: [(r, p) for r in runs if (p := _probe(r / "eval-robust"))]
+            for mode, runs in runs_of(root, experiment).items()
+        }
+        for mode, done in probed.items():
+            if done:
+                row = [label, mode, ",".join(_seed(r) for r, _ in done)]
+                rows.append(row + [pct_ci([p[key] for _, p in done]) for key in ("clean_avg@k", "avg@k", "drop")])
+        if start := _probe(root / f"{base_eval}-robust"):
+            rows.append([label, "starting model", "-"] + [pct_ci([start[k]]) for k in ("clean_avg@k", "avg@k", "drop")])
+    if not rows:
+        return "no robustness evaluations (RUN/eval-robust: cold_start.sh with ROBUSTNESS=1) under " + str(root)
+    return table(head, rows)
+
+
+def _probe(out: Path) -> dict | None:
+    """The robustness block of the one benchmark an eval-robust directory holds, or None."""
+    path = out / "summary.json"
+    benches = json.loads(path.read_text())["benchmarks"] if path.is_file() else {}
+    return next((b["robustness"] for b in benches.values() if "robustness" in b), None)
+
+
 def _seed(run: Path) -> str:
     return run.name.rsplit("seed", 1)[1]
 
@@ -395,6 +424,7 @@ EXPERIMENTS = {
     "zero_rl_long": partial(polarity, experiment="zero_rl_long", base_eval="base-eval-long"),
     "settings": settings,
     "injection": injection,
+    "robustness": robustness,
 }
 
 
