@@ -138,7 +138,7 @@ def _injected(root: Path, seed: int, acc: float, first: float, per_step: list[tu
     _run(root, f"inject-seed{seed}", acc, [1.0] * len(per_step), 0.5, experiment="zero_rl_long")
     keys = ("injection/groups", "injection/replaced", "injection/token_share", "injection/adv_share")
     lines = [
-        {"step": s + 1, "reward/accuracy": first + s, **dict(zip(keys, v, strict=True))} for s, v in enumerate(per_step)
+        {"step": s + 1, "reward/accuracy": first, **dict(zip(keys, v, strict=True))} for s, v in enumerate(per_step)
     ]
     (root / "zero_rl_long" / f"inject-seed{seed}" / "metrics.jsonl").write_text(
         "".join(json.dumps(x) + "\n" for x in lines)
@@ -149,14 +149,15 @@ def test_injection_table_pairs_each_inject_run_with_both_at_its_seed(tables, tmp
     for seed, acc, first in ((1, 0.2, 0.125), (2, 0.4, 0.25)):
         _run(tmp_path, f"both-seed{seed}", acc, [1.0] * 2, 0.5, experiment="zero_rl_long")
         metrics = tmp_path / "zero_rl_long" / f"both-seed{seed}" / "metrics.jsonl"
-        metrics.write_text(json.dumps({"step": 1, "reward/accuracy": first}) + "\n")
+        metrics.write_text("".join(json.dumps({"step": s, "reward/accuracy": first * s}) + "\n" for s in (1, 2)))
     _injected(tmp_path, 1, 0.3, 0.125, [(2, 2, 0.5, 0.25), (1, 1, 0.3, 0.15)])
     _injected(tmp_path, 2, 0.4, 0.25, [(0, 0, 0.0, 0.0), (3, 3, 0.6, 0.45)])
     lines = tables.injection(tmp_path).splitlines()
-    # seed 1: 3 groups and samples over 2 steps, token share (50 + 30) / 2 = 40%, advantage share 20%; avg@k
-    # 30 - 20 = +10 points; seed 2: 0 points; mean 5, sd 7.07 -> 12.706 * 7.07 / sqrt 2 = 63.5
-    assert "| zero-RL | 1 | 3 | 3 | 0 | 40.0 | 20.0 | 12.5 / 12.5 | 10.0 |" in lines
-    assert "| zero-RL | 2 | 3 | 3 | 0 | 30.0 | 22.5 | 25.0 / 25.0 | 0.0 |" in lines
+    # seed 1: 3 groups and samples over 2 steps, token share (50 + 30) / 2 = 40%, advantage share 20%; rollout
+    # accuracy 12.5 against (12.5 + 25) / 2 = 18.75 for both; avg@k 30 - 20 = +10 points; seed 2: 0 points; mean 5,
+    # sd 7.07 -> 12.706 * 7.07 / sqrt 2 = 63.5
+    assert "| zero-RL | 1 | 3 | 3 | 0 | 40.0 | 20.0 | 12.5 / 18.8 | 10.0 |" in lines
+    assert "| zero-RL | 2 | 3 | 3 | 0 | 30.0 | 22.5 | 25.0 / 37.5 | 0.0 |" in lines
     assert "| zero-RL | mean | - | - | - | - | - | - | 5.0 ± 63.5 |" in lines
     assert "cold start" not in "".join(lines[2:])
     assert "no evaluated inject-seed* runs" in tables.injection(tmp_path / "none")

@@ -315,10 +315,11 @@ def settings(root: Path) -> str:
 def injection(root: Path) -> str:
     """Offline-solution injection (`algo.injection`, the study's remedy for hard problems) against "both" at the
     same seed, per setting: what went in (groups, samples, their share of the update's tokens and of its advantage
-    mass, each step's mean) and the avg@k it gained, in points. The injection data are the run's own training
-    problems (cold_start_data.py --run-config), so the pair's first rollout is the same: its accuracy is shown."""
+    mass, each step's mean), the policy's own rollout accuracy over the run beside that of "both" (before any
+    injection: what it sampled), and the avg@k it gained, in points. The injection data are the run's own training
+    problems (cold_start_data.py --run-config), so both runs draw the same prompts."""
     head = ["setting", "seed", "groups injected", "samples injected", "rejected", "token share %", "advantage share %"]
-    head.append("step-1 rollout accuracy %, inject / both")
+    head.append("rollout accuracy %, inject / both")
     rows, names = [], []
     for label, (experiment, _) in SETTINGS.items():
         groups = evaluated(runs_of(root, experiment))
@@ -330,7 +331,7 @@ def injection(root: Path) -> str:
             row = [label, _seed(run)]
             row += [f"{sum(v for _, v in series(m, 'injection/' + k)):.0f}" for k in ("groups", "replaced", "rejected")]
             row += [pct_ci([_mean(m, "injection/token_share")]), pct_ci([_mean(m, "injection/adv_share")])]
-            row.append(" / ".join(pct_ci([_first_accuracy(r)]) for r in (run, ref)))
+            row.append(" / ".join(pct_ci([_rollout_accuracy(r)]) for r in (run, ref)))
             row += [pct_ci([_avg_gain(run, ref, i)]) for i in range(len(names))]
             rows.append(row)
         if len(pairs) > 1:
@@ -375,9 +376,9 @@ def _seed(run: Path) -> str:
     return run.name.rsplit("seed", 1)[1]
 
 
-def _first_accuracy(run: Path | None) -> float:
-    """The first step's rollout accuracy (what the policy sampled, before any injection)."""
-    return dict(series(read_metrics(run / "metrics.jsonl"), "reward/accuracy")).get(1, math.nan) if run else math.nan
+def _rollout_accuracy(run: Path | None) -> float:
+    """The mean over steps of the rollout's accuracy (what the policy sampled, before any injection)."""
+    return _mean(read_metrics(run / "metrics.jsonl"), "reward/accuracy") if run else math.nan
 
 
 def _avg_gain(run: Path, ref: Path | None, idx: int) -> float:
