@@ -73,7 +73,7 @@ for setting in "${settings[@]}"; do
             if [ "$mode" = weighted ]; then extra+=(algo.positive_weight=0.1); fi
             if [ "$mode" = inject ]; then
                 # both polarities, and the offline solutions injected into all-wrong groups: the run's own training
-                # problems with a trace each, so it differs from "both" at this seed by the injection alone
+                # problems with a trace each, so it draws the prompt stream of "both" at this seed
                 data=runs/study/injection-data/seed$seed/chain_sum.jsonl
                 if [ ! -f "$data" ]; then
                     python examples/study/cold_start_data.py --for rl --run-config "$CONFIG" --run-seed "$seed" \

@@ -18,8 +18,9 @@ With `--for rl` each row is a prompt-file row for `lcot-mega train` instead: `{"
 With `--for rl --run-config CONFIG --run-seed N [--set KEY=VALUE ...]` the rows are instead the very problems a
 `lcot-mega train CONFIG trainer.seed=N` run trains on (its reasoning-gym source, eval questions held out), in the
 same order and with the same uids, each with its trace: a file named after the source (e.g. chain_sum.jsonl) then
-replaces that source in data.train and the run sees the same prompts in the same order as without it, so a run
-with `algo.injection.enabled=true` differs from its control run by the injection alone.
+replaces that source in data.train and the run draws from the same prompt stream as without it, so a run with
+`algo.injection.enabled=true` differs from its control run by the injection and what follows from it (a group
+given a solution is informative, so dynamic sampling refills less and the two runs soon stand at other prompts).
 
 Tasks: chain_sum (2-4 terms of 2-3 digits, + and -) and products (two factors of 2-3 digits): 160-890 SmolLM2
 tokens a trace, 93% of them 200-800 (600 traces, seed 0). The RL config that trains on top grades with

@@ -317,7 +317,7 @@ def injection(root: Path) -> str:
     same seed, per setting: what went in (groups, samples, their share of the update's tokens and of its advantage
     mass, each step's mean), the policy's own rollout accuracy over the run beside that of "both" (before any
     injection: what it sampled), and the avg@k it gained, in points. The injection data are the run's own training
-    problems (cold_start_data.py --run-config), so both runs draw the same prompts."""
+    problems (cold_start_data.py --run-config), so both runs draw from the same prompt stream."""
     head = ["setting", "seed", "groups injected", "samples injected", "rejected", "token share %", "advantage share %"]
     head.append("rollout accuracy %, inject / both")
     rows, names = [], []
