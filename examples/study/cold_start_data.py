@@ -299,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         out = [r for task in args.tasks for r in rows(task, args.n, args.seed, args.error_rate, args.purpose)]
         random.Random(args.seed).shuffle(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    from lcot_mega.utils.atomic_file import atomic_write
+
+    # whole or not at all: cold_start.sh takes an existing file as done, so a kill mid-write must not leave half
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in out))
     print(f"wrote {len(out)} examples to {path}")
     return 0
 
