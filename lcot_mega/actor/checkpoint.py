@@ -301,6 +301,32 @@ def _writer_queue_dies_with_us() -> None:
     fa._results_queue = manager.Queue()
 
 
+_SAVING = False
+"""True while this process saves: a process forked then is one of megatron's writers (`_writers_die_with_us`)."""
+
+
+def _die_with_parent_if_saving() -> None:
+    if _SAVING:
+        _die_with_parent(os.getppid())
+
+
+@contextmanager
+def _writers_die_with_us() -> Iterator[None]:
+    """Processes forked during the save get PR_SET_PDEATHSIG: megatron's torch_dist writer forks workers
+    (`write_preloaded_data_multiproc`), and a trainer killed mid-save left them behind, blocked for good on a lock
+    of the dead parent, holding its run directory's files open (found in a kill-and-resume test, 2026-12-06)."""
+    global _SAVING
+    _SAVING = True
+    try:
+        yield
+    finally:
+        _SAVING = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_die_with_parent_if_saving)
+
+
 def _die_with_parent(parent_pid: int) -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
@@ -317,14 +343,16 @@ def _write_checkpoint(tmp: Path, chunks: Sequence[torch.nn.Module], optimizer: A
     _writer_queue_dies_with_us()
     for sub in (MODEL_DIR, RNG_DIR) + ((OPTIMIZER_DIR,) if optimizer is not None else ()):
         (tmp / sub).mkdir(exist_ok=True)  # every rank: dc.save needs the directory to exist first
-    dc.save(model_sharded_state_dict(chunks), str(tmp / MODEL_DIR))
+    with _writers_die_with_us():
+        dc.save(model_sharded_state_dict(chunks), str(tmp / MODEL_DIR))
     if optimizer is not None:
         _init_adam_state(optimizer)
         with saving_without_copies(optimizer):  # one data-parallel rank: no gathered copies of the state
             opt_sd = optimizer.sharded_state_dict(
                 model_sharded_state_dict(chunks), is_loading=False, metadata=OPTIMIZER_METADATA
             )
-        dc.save({"optimizer": opt_sd}, str(tmp / OPTIMIZER_DIR))
+        with _writers_die_with_us():
+            dc.save({"optimizer": opt_sd}, str(tmp / OPTIMIZER_DIR))
     (tmp / RNG_DIR / f"rank_{rank:05d}.json").write_text(json.dumps(rng))
     if rank == 0:
         (tmp / META).write_text(json.dumps(meta, indent=1))
