@@ -59,17 +59,21 @@ def test_the_same_seed_writes_the_same_file(tmp_path):
     assert _run(tmp_path, "--n", "5", "--seed", "2") != _run(tmp_path, "--n", "5", "--seed", "3")
 
 
-def test_a_runs_own_training_problems_carry_traces_and_keep_their_uids_and_order(tmp_path):
+@pytest.mark.parametrize(
+    "task, args",
+    [("chain_sum", "min_terms=2&max_terms=3&min_digits=1&max_digits=2"), ("products", "min_digits=1&max_digits=2")],
+)
+def test_a_runs_own_training_problems_carry_traces_and_keep_their_uids_and_order(tmp_path, task, args):
     """--run-config: the file, put in place of the gym source, gives load_problems the same problems in the same
     order with the same uids (so the run sees the same prompt stream), each with a solution graded correct."""
     from lcot_mega.config import load_config
     from lcot_mega.data import load_problems
     from lcot_mega.reward import Grader
 
-    spec = "reasoning_gym:chain_sum?min_terms=2&max_terms=3&min_digits=1&max_digits=2"
+    spec = f"reasoning_gym:{task}?{args}"
     config = tmp_path / "run.yaml"
     config.write_text(f"data:\n  train: ['{spec}']\n  eval: ['{spec}']\n  gym_train_size: 40\n  gym_eval_size: 30\n")
-    out = tmp_path / "chain_sum.jsonl"
+    out = tmp_path / f"{task}.jsonl"
     args = ["--out", str(out), "--for", "rl", "--run-config", str(config), "--run-seed", "2"]
     assert _module().main([*args, "--set", "data.gym_eval_size=20"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -82,7 +86,7 @@ def test_a_runs_own_training_problems_carry_traces_and_keep_their_uids_and_order
     assert [(p.uid, p.problem, p.answer, p.source) for p in from_file] == [
         (p.uid, p.problem, p.answer, p.source) for p in gym
     ]
-    assert gym[0].uid == "chain_sum/seed2/0" and gym != load_problems(load_config(config, overrides).data, 3)[0]
+    assert gym[0].uid.startswith(f"{task}/seed2/") and gym != load_problems(load_config(config, overrides).data, 3)[0]
     with Grader(num_workers=1, require_think_close=True) as grader:
         graded = grader.grade_batch([p.solution for p in from_file], [p.answer for p in from_file])
     assert all(g.correct for g in graded)

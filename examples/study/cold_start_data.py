@@ -255,6 +255,8 @@ def run_rows(config: str, run_seed: int, overrides: list[str], error_rate: float
     if len(cfg.data.train) != 1 or not cfg.data.train[0].startswith("reasoning_gym:"):
         raise SystemExit(f"--run-config needs one reasoning_gym: source in data.train, got {list(cfg.data.train)}")
     problems = load_problems(cfg.data, run_seed)[0]
+    if not problems:
+        raise SystemExit(f"{config}: no training problems left for seed {run_seed} (all held out as eval questions?)")
     task = problems[0].source
     if task not in TRACERS:
         raise SystemExit(f"no tracer for task {task!r} (traced: {', '.join(TRACERS)})")

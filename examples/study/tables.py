@@ -73,6 +73,15 @@ def runs_of(root: Path, experiment: str) -> dict[str, list[Path]]:
     return {v: [d for _, d in sorted(runs)] for v, runs in found.items()}
 
 
+def _seed(run: Path) -> str:
+    """The seed in a run directory's name (`<variant>-seed<N>`)."""
+    return run.name.rsplit("seed", 1)[1]
+
+
+def _by_seed(runs: list[Path]) -> dict[str, Path]:
+    return {_seed(r): r for r in runs}
+
+
 def evaluated(groups: dict[str, list[Path]]) -> dict[str, list[Path]]:
     """The runs of each variant that have their final evaluation; variants with none are dropped."""
     done = {v: [r for r in runs if eval_summary(r)] for v, runs in groups.items()}
@@ -158,7 +167,7 @@ def polarity(root: Path, experiment: str = "polarity", base_eval: str = "base-ev
     head += ["entropy first 5 steps", "entropy last 5 steps"]
     rows = []
     for mode, runs in groups.items():
-        row = [mode, ",".join(r.name.rsplit("seed", 1)[1] for r in runs)]
+        row = [mode, ",".join(_seed(r) for r in runs)]
         for i, _ in enumerate(names):
             row.append(pct_ci(_collect(runs, lambda r, i=i: _bench(r, i, "avg@k"))))
             row.append(pct_ci(_collect(runs, lambda r, i=i: _bench(r, i, "pass@k", str(k)))))
@@ -191,14 +200,14 @@ def polarity(root: Path, experiment: str = "polarity", base_eval: str = "base-ev
 def _paired_vs(groups: dict[str, list[Path]], names: list[str], ref: str) -> str:
     """Each mode minus `ref` at the same seed (same prompts, same sampling seeds, same eval problems), in points,
     with the t-interval of the per-seed differences: tighter than comparing two unpaired means."""
-    by_seed = {r.name.rsplit("seed", 1)[1]: r for r in groups.get(ref, [])}
+    by_seed = _by_seed(groups.get(ref, []))
     head = ["mode minus " + ref, "seeds"] + [f"{n} {m} (points)" for n in names for m in ("avg@k", "pass@max k")]
     rows = []
     for mode, runs in groups.items():
-        pairs = [(r, by_seed[r.name.rsplit("seed", 1)[1]]) for r in runs if r.name.rsplit("seed", 1)[1] in by_seed]
+        pairs = [(r, by_seed[_seed(r)]) for r in runs if _seed(r) in by_seed]
         if mode == ref or not pairs:
             continue
-        row = [mode, ",".join(r.name.rsplit("seed", 1)[1] for r, _ in pairs)]
+        row = [mode, ",".join(_seed(r) for r, _ in pairs)]
         for i, name in enumerate(names):
             ks = [int(j) for r, _ in pairs for j in eval_summary(r).get(name, {}).get("pass@k", {})]
             k = str(max(ks, default=1))
@@ -296,7 +305,7 @@ def settings(root: Path) -> str:
         groups, base = evaluated(runs_of(root, experiment)), eval_summary(root, base_eval)
         names = names or _bench_names(groups)
         for mode, done in groups.items():
-            row = [label, mode, ",".join(r.name.rsplit("seed", 1)[1] for r in done)]
+            row = [label, mode, ",".join(_seed(r) for r in done)]
             for i, n in enumerate(names):
                 start = base.get(n, {})
                 for key, sub in (("avg@k", None), ("greedy", "accuracy")):
@@ -324,7 +333,7 @@ def injection(root: Path) -> str:
     for label, (experiment, _) in SETTINGS.items():
         groups = evaluated(runs_of(root, experiment))
         names = names or _bench_names(groups)
-        both = {_seed(r): r for r in groups.get("both", [])}
+        both = _by_seed(groups.get("both", []))
         pairs = [(r, both.get(_seed(r))) for r in groups.get("inject", [])]
         for run, ref in pairs:
             m = read_metrics(run / "metrics.jsonl")
@@ -370,10 +379,6 @@ def _probe(out: Path) -> dict | None:
     path = out / "summary.json"
     benches = json.loads(path.read_text())["benchmarks"] if path.is_file() else {}
     return next((b["robustness"] for b in benches.values() if "robustness" in b), None)
-
-
-def _seed(run: Path) -> str:
-    return run.name.rsplit("seed", 1)[1]
 
 
 def _rollout_accuracy(run: Path | None) -> float:

@@ -302,7 +302,7 @@ def _writer_queue_dies_with_us() -> None:
 
 
 _SAVING = False
-"""True while this process saves: a process forked then is one of megatron's writers (`_writers_die_with_us`)."""
+"""True while this process saves: whatever it forks then (megatron's writers) dies with it (`_writers_die_with_us`)."""
 
 
 def _die_with_parent_if_saving() -> None:
