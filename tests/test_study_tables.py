@@ -122,6 +122,9 @@ def test_settings_table_gives_each_mode_its_gain_over_its_own_starting_model(tab
     # against 20: +30 and +20; entropy 0.1 and 0.3 -> 0.2 ± 1.27
     assert "| cold start | negative | 1,2 | 5.0 ± 63.5 | 25.0 ± 63.5 | 20 ± 0 | 0.2 ± 1.27 |" in lines
     assert "| zero-RL | negative | 1 | -10.0 | 0.0 | 20 | 1 |" in lines  # 10 - 20 avg; 10 - 10 greedy
+    gains = tables.settings_gains(tmp_path)  # what the figure draws: the same gains, per seed, as fractions
+    assert gains["cold start"]["negative"]["chain_sum"] == pytest.approx([0.10, 0.0])
+    assert gains["zero-RL"] == {"negative": {"chain_sum": pytest.approx([-0.10])}}
 
 
 def test_polarity_table_leaves_out_runs_still_training(tables, tmp_path):

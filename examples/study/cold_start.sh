@@ -92,4 +92,7 @@ for setting in "${settings[@]}"; do
         done
     done
     python examples/study/tables.py "$setting" runs/study
+    lcot-mega plot --compare runs/study/"$setting"/*-seed* --out runs/study/plots/"$setting" --title "$setting" > /dev/null
 done
+python examples/study/tables.py settings runs/study
+python examples/study/figures.py settings runs/study  # docs/study/settings.png

@@ -307,9 +307,8 @@ def settings(root: Path) -> str:
         for mode, done in groups.items():
             row = [label, mode, ",".join(_seed(r) for r in done)]
             for i, n in enumerate(names):
-                start = base.get(n, {})
                 for key, sub in (("avg@k", None), ("greedy", "accuracy")):
-                    row.append(pct_ci([_bench(r, i, key, sub) - _value(start, key, sub) for r in done]))
+                    row.append(pct_ci(_gains(done, i, base.get(n, {}), key, sub)))
                 row.append(mean_ci([_bench(r, i, "response_len_mean") for r in done], ".0f"))
             row.append(mean_ci([training_row(r)["entropy_last5"] for r in done]))  # the runs evaluated
             rows.append(row)
@@ -319,6 +318,25 @@ def settings(root: Path) -> str:
     if not rows:
         return "no runs under " + ", ".join(str(root / e) for e, _ in SETTINGS.values())
     return table(head, rows)
+
+
+def _gains(runs: list[Path], idx: int, start: dict, key: str, sub: str | None = None) -> list[float]:
+    """Each run's eval number on benchmark idx minus the starting model's (fractions, not points)."""
+    return [_bench(r, idx, key, sub) - _value(start, key, sub) for r in runs]
+
+
+def settings_gains(root: Path) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """setting label -> mode -> benchmark -> each evaluated seed's avg@k gain over the setting's starting model
+    (fractions), in seed order: what docs/study/settings.png draws (examples/study/figures.py)."""
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for label, (experiment, base_eval) in SETTINGS.items():
+        groups, base = evaluated(runs_of(root, experiment)), eval_summary(root, base_eval)
+        names = _bench_names(groups)
+        out[label] = {
+            mode: {n: _gains(done, i, base.get(n, {}), "avg@k") for i, n in enumerate(names)}
+            for mode, done in groups.items()
+        }
+    return out
 
 
 def injection(root: Path) -> str:
