@@ -3,18 +3,15 @@ machine description. The benchmarks themselves are not run here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+from helpers.scripts import load_script
 
-_SPEC = importlib.util.spec_from_file_location("bench_all", Path(__file__).parents[1] / "tools" / "bench_all.py")
-bench_all = importlib.util.module_from_spec(_SPEC)
-sys.modules["bench_all"] = bench_all  # dataclasses look their module up there
-_SPEC.loader.exec_module(bench_all)
+bench_all = load_script("tools/bench_all.py")
 
 
 def _kept(pos: int, neg: int, zero: int) -> dict[str, float]:

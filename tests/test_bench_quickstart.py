@@ -3,22 +3,19 @@ records from a hand-written metrics.jsonl, the report and the PERFORMANCE.md sec
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+from helpers.scripts import load_script
 
 from lcot_mega.config import load_config
 
 TOOLS = Path(__file__).parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))  # the tool imports bench_all as a sibling, as when it runs as a script
-_SPEC = importlib.util.spec_from_file_location("bench_quickstart", TOOLS / "bench_quickstart.py")
-bq = importlib.util.module_from_spec(_SPEC)
-sys.modules["bench_quickstart"] = bq  # dataclasses look their module up there
-_SPEC.loader.exec_module(bq)
+bq = load_script("tools/bench_quickstart.py")
 
 
 def test_three_seeds_give_the_hand_worked_mean_and_t_interval() -> None:

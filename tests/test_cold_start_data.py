@@ -3,24 +3,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.scripts import load_script
 
 pytest.importorskip("reasoning_gym")
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "study" / "cold_start_data.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("cold_start_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/study/cold_start_data.py")
 
 
 def _run(tmp_path: Path, *args: str) -> list[dict]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.scripts import load_script
 from helpers.tiny_models import make_tiny_hf
 
 from lcot_mega.cli import main as cli_main
@@ -18,9 +19,7 @@ from lcot_mega.config import load_config
 from lcot_mega.trainer.preflight import preflight_errors
 
 ROOT = Path(__file__).resolve().parents[1]
-_SPEC = importlib.util.spec_from_file_location("gpu_e2e", ROOT / "tools" / "gpu_e2e.py")
-gpu_e2e = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(gpu_e2e)
+gpu_e2e = load_script("tools/gpu_e2e.py")
 
 
 @pytest.mark.parametrize("engine", ["sglang", "vllm"])

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers.scripts import ROOT, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "study" / "figures.py"
+SCRIPT = ROOT / "examples" / "study" / "figures.py"
 
 
 @pytest.fixture(scope="module")
 def figures():
-    spec = importlib.util.spec_from_file_location("study_figures", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/study/figures.py", "study_figures")
 
 
 def _evaluated(path: Path, accs: dict[str, float]) -> None:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "study" / "tables.py"
+from helpers.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def tables():
-    spec = importlib.util.spec_from_file_location("study_tables", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/study/tables.py", "study_tables")
 
 
 def _run(root: Path, name: str, acc: float, entropy: list[float], zero: float, experiment: str = "polarity") -> None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers.scripts import load_script
 
-_SPEC = importlib.util.spec_from_file_location("sync_model", Path(__file__).parents[1] / "tools" / "sync_model.py")
-sync_model = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(sync_model)
+sync_model = load_script("tools/sync_model.py")
 
 
 def _bench_json(tmp_path: Path) -> Path:

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
+from helpers.scripts import load_script
 
 from lcot_mega.data import load_problem_file
 
-_SPEC = importlib.util.spec_from_file_location(
-    "prepare_data", Path(__file__).resolve().parents[2] / "tools/prepare_data.py"
-)
-prep = importlib.util.module_from_spec(_SPEC)
-sys.modules["prepare_data"] = prep  # dataclasses look their module up while the file runs
-_SPEC.loader.exec_module(prep)
+prep = load_script("tools/prepare_data.py")
 
 HEADER = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2"]
 HEADER += ["Incorrect Answer 3", "Explanation", "Record ID", "High-level domain"]
