@@ -11,7 +11,6 @@ import pytest
 from helpers.scripts import load_script
 
 pytest.importorskip("reasoning_gym")
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "study" / "cold_start_data.py"
 
 
 def _module():

@@ -31,14 +31,6 @@ def _tables() -> ModuleType:
     return module
 
 
-def half_width(values: Sequence[float]) -> float:
-    """The 95% t-interval's half width of the mean (0 with fewer than two values), as in tables.mean_ci."""
-    if len(values) < 2:
-        return 0.0
-    t = _tables().T975.get(len(values) - 1, 1.96)
-    return t * statistics.stdev(values) / math.sqrt(len(values))
-
-
 def settings_figure(root: Path, out: Path) -> Path:
     """Write the cold start vs zero-RL gain chart to out (PNG) and return it."""
     import matplotlib
@@ -46,11 +38,12 @@ def settings_figure(root: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gains = _tables().settings_gains(root)
+    tables = _tables()
+    gains = tables.settings_gains(root)
     labels = [label for label, modes in gains.items() if modes]
     if not labels:
         raise FileNotFoundError(f"no evaluated cold-start or zero-RL runs under {root}")
-    modes = sorted({m for label in labels for m in gains[label]}, key=lambda m: (m not in MODE_ORDER, _rank(m), m))
+    modes = sorted({m for label in labels for m in gains[label]}, key=lambda m: (_rank(m), m))
     benches = list(next(b for label in labels for b in gains[label].values()))
     fig, axes = plt.subplots(1, len(benches), figsize=(5.2 * len(benches), 3.8), sharey=True, squeeze=False)
     width = 0.8 / len(labels)
@@ -61,10 +54,10 @@ def settings_figure(root: Path, out: Path) -> Path:
                 if not vals:
                     continue
                 x = i + (j - (len(labels) - 1) / 2) * width
-                bar = ax.bar(x, statistics.fmean(vals), width * 0.9, color=f"C{j}", alpha=0.55)
+                ax.bar(x, statistics.fmean(vals), width * 0.9, color=f"C{j}", alpha=0.55)
                 if len(vals) > 1:
-                    ax.errorbar(x, statistics.fmean(vals), yerr=half_width(vals), color="black", capsize=3, lw=1)
-                ax.scatter([x] * len(vals), vals, color=bar.patches[0].get_facecolor()[:3], s=14, zorder=3)
+                    ax.errorbar(x, statistics.fmean(vals), yerr=tables.half_width(vals), color="black", capsize=3, lw=1)
+                ax.scatter([x] * len(vals), vals, color=f"C{j}", s=14, zorder=3)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(range(len(modes)), modes)
         ax.set_title(bench + (" (in domain)" if bench == benches[0] else " (out of domain)"))

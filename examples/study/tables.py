@@ -40,8 +40,14 @@ def mean_ci(values: Sequence[float], fmt: str = ".3g") -> str:
     m = statistics.fmean(vals)
     if len(vals) < 2:
         return f"{m:{fmt}}"
-    h = T975.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / math.sqrt(len(vals))
-    return f"{m:{fmt}} ± {h:{fmt}}"
+    return f"{m:{fmt}} ± {half_width(vals):{fmt}}"
+
+
+def half_width(values: Sequence[float]) -> float:
+    """The 95% t-interval's half width of the mean across seeds (0 with fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    return T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def pct_ci(values: Sequence[float]) -> str:
