@@ -36,6 +36,22 @@ def _train_once(rt) -> None:
     rt.actor.train_step(batch)
 
 
+def _wait_until_dead(server, timeout_s: float = 120.0) -> None:
+    """Until Ray reports the server's actor gone. The signal is sent without a reply, and a /health that times out
+    on a loaded box is no proof of death: a sync started while the kill is still on its way would broadcast to a
+    server that dies in the middle of it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(server.pid.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the killed server still answers after {timeout_s}s")
+
+
 def _assert_engines_match_actor(rt, version: int) -> None:
     actor = rt.actor.compute_logprobs([PROBE], 1.0)[0]
     assert rt.engine.live() == [0, 1]
@@ -53,9 +69,8 @@ def test_a_server_killed_before_a_sync_is_restarted_and_resynced(ray_config, sha
         first_group = rt.served.route.generation
         _train_once(rt)
         rt.servers.processes[0].signal(signal.SIGKILL)  # after the rollout: the pool has not seen it die
-        deadline = time.monotonic() + 30
-        while SGLangHTTPEngine(old_url, retries=0).health() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _wait_until_dead(rt.servers.servers[0])
+        assert not SGLangHTTPEngine(old_url, retries=0).health()
         assert rt.engine.live() == [0, 1]
         metrics = rt.sync_weights(2)  # its health check finds server 0 dead: server 1 alone, in a new group
         assert metrics["sync/servers"] == 1.0
