@@ -30,6 +30,11 @@ class UnhealthyServerError(ConnectionError):
     """A rollout server failed its health check before a weight sync (an engine failure to the pool)."""
 
 
+class BrokenBroadcastError(ConnectionError):
+    """A rollout server was in a weight broadcast that lost a member: it holds part of the new weights and waits in
+    a collective that will never complete, so it is restarted (an engine failure to the pool)."""
+
+
 class WeightRoute(Protocol):
     """How the actor's weights reach the served engines. `resync` runs under the pool's weight lock."""
 
@@ -113,7 +118,13 @@ class BroadcastToLive:
     fixed when it is formed, so a dead member would block every broadcast. Before each sync the members' health
     is checked (a server that died after the rollout is not yet known to the pool) and failed ones are handed to
     the pool's recovery; the group is re-formed under a fresh name whenever the live set changes. A replacement
-    is brought in by a broadcast to the live servers and it (the survivors receive what they hold)."""
+    is brought in by a broadcast to the live servers and it (the survivors receive what they hold).
+
+    A server that dies during the broadcast itself (after its health check) breaks the group: the others hold part
+    of the new weights and wait in a collective that rank 0 gave up (`BroadcastSync` stops waiting for them), and
+    with NCCL a communicator that saw an error cannot be trusted again. So every member of that group is restarted
+    and rejoins at the new version, like any replacement; the run goes on. A failed sync with every member healthy
+    (a probe mismatch, a refused tensor) still raises."""
 
     def __init__(self, ranks: Any, servers: Any, backend: str) -> None:
         """`ranks`: the actor's `RayRanks` (rank 0 forms the groups); `servers`: the `ServedEngineGroup`."""
@@ -133,13 +144,22 @@ class BroadcastToLive:
     def sync(self, actor: ActorGroup, pool: EnginePool, version: int) -> dict[str, float]:
         """Under the pool's weight lock (then the actor's, as in a recovery): a replacement joins before or after
         the broadcast, never during it."""
+        from lcot_mega.weight_sync.push import WeightSyncError
+
         with pool.loading_elsewhere(version):
             self._take_out_unhealthy(pool)
             live = pool.live()
             if not live:  # every server is being restarted: the first replacement is resynced to `version`
                 return {"sync/servers": 0.0}
             self._retarget(live)
-            return actor.sync_weights(version) | {"sync/servers": float(len(live))}
+            try:
+                return actor.sync_weights(version) | {"sync/servers": float(len(live))}
+            except WeightSyncError as e:  # (Ray's task error is an instance of its cause)
+                lost = self._take_out_unhealthy(pool)
+                if not lost:
+                    raise
+                self._restart_broken_group(pool, live, lost, version, e)
+                return {"sync/servers": 0.0, "sync/servers_restarted": float(len(live))}
 
     def resync(self, actor: ActorGroup, pool: EnginePool, i: int, engine: RolloutEngine) -> None:
         self._retarget(sorted(set(pool.live()) | {i}))
@@ -155,12 +175,31 @@ class BroadcastToLive:
         self.ranks.retarget(Targets(urls, self.servers.api_key, self.backend), self.generation)
         self.members = urls
 
-    def _take_out_unhealthy(self, pool: EnginePool) -> None:
+    def _take_out_unhealthy(self, pool: EnginePool) -> list[int]:
+        """Live servers that fail their health check are handed to the pool's recovery; their indices."""
         live = pool.live()
         if not live:
-            return
+            return []
         with ThreadPoolExecutor(len(live)) as ex:  # a hung server takes the health timeout: check all at once
             healthy = list(ex.map(lambda i: self.servers.client(i).health(), live))
         for i, ok in zip(live, healthy, strict=True):
             if not ok:
                 pool.mark_dead(i, UnhealthyServerError(f"rollout server {i} failed its health check"))
+        return [i for i, ok in zip(live, healthy, strict=True) if not ok]
+
+    def _restart_broken_group(
+        self, pool: EnginePool, members: Sequence[int], lost: Sequence[int], version: int, error: Exception
+    ) -> None:
+        """The survivors of a broadcast that lost `lost` go to the pool's recovery too (see the class docstring)."""
+        survivors = [i for i in members if i not in lost]
+        cause = str(error).strip().splitlines()[-1][:300]  # a Ray task error ends with its cause
+        print(
+            f"lcot-mega: weight sync to version {version} lost rollout server(s) {list(lost)} in the middle of its "
+            f"broadcast ({cause}); restarting the group's other server(s) {survivors}, which hold part of the new "
+            "weights",
+            flush=True,
+        )
+        for i in survivors:
+            pool.mark_dead(
+                i, BrokenBroadcastError(f"rollout server {i} was in the broken broadcast to version {version}")
+            )

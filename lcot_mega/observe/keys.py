@@ -122,6 +122,7 @@ DOCUMENTED_KEYS: tuple[str, ...] = (
     "sync/delta_changed_frac",
     "sync/delta_fallbacks",
     "sync/servers",
+    "sync/servers_restarted",
     # wall time
     "perf/step_s",
     "perf/rollout_s",

@@ -31,6 +31,10 @@ from lcot_mega.weight_sync.staging import flat_range
 
 Bucket = Sequence[tuple[str, torch.Tensor]]
 DEFAULT_TIMEOUT_S = 300.0
+FAILED_BROADCAST_GRACE_S = 10.0
+"""How long the servers' update requests are awaited once a broadcast failed on the trainer's side (a member
+died): the others wait in a receive that will not complete until the group's timeout, so waiting for them
+would only delay the error by `timeout_s`."""
 _ALIGN = 64  # bytes: each received tensor starts aligned in the receive buffer, whatever its dtype
 
 
@@ -208,7 +212,7 @@ class BroadcastSync:
                 self.group.broadcast(t.detach().to(self.group.device).contiguous())
         except Exception as e:
             failure = f"broadcast: {type(e).__name__}: {e}"
-        errors = _join(threads, self.timeout_s)
+        errors = _join(threads, min(self.timeout_s, FAILED_BROADCAST_GRACE_S) if failure else self.timeout_s)
         if failure:
             errors.insert(0, failure)
         if errors:

@@ -1,6 +1,7 @@
-"""Disaggregated mode survives its rollout servers: a server killed between rollout and sync, or hung in the middle
-of a generation, is restarted in its bundle, joins a re-formed weight group and scores exactly like the actor at
-the current weight version; the run's weight syncs never fail on the way."""
+"""Disaggregated mode survives its rollout servers: a server killed between rollout and sync, killed in the middle
+of a sync's broadcast, or hung in the middle of a generation, is restarted in its bundle, joins a re-formed weight
+group and scores exactly like the actor at the current weight version; the run's weight syncs never fail on the
+way."""
 
 from __future__ import annotations
 
@@ -82,6 +83,41 @@ def test_a_server_killed_before_a_sync_is_restarted_and_resynced(ray_config, sha
         assert counts["failures"] == 1 and counts["restarts"] == 1
         _train_once(rt)
         assert rt.sync_weights(3)["sync/servers"] == 2.0  # the next sync reaches both again
+        _assert_engines_match_actor(rt, version=3)
+    finally:
+        rt.close()
+
+
+def test_a_server_killed_during_a_broadcast_takes_its_group_down_and_every_server_rejoins_at_the_new_version(
+    ray_config, shared_ray
+):
+    rt = build_runtime(ray_config(mode="disaggregated", actor_ranks=1, num_engines=2))
+    try:
+        _train_once(rt)
+        rt.sync_weights(1)
+        _train_once(rt)
+        route, victim = rt.served.route, rt.servers.servers[0]
+        retarget, fired = route._retarget, []
+
+        def retarget_then_kill(indices):  # once: after the health checks, before the broadcast (nothing can see it)
+            retarget(indices)
+            if not fired:
+                fired.append(indices)
+                rt.servers.processes[0].signal(signal.SIGKILL)
+                _wait_until_dead(victim)
+
+        route._retarget = retarget_then_kill
+        start = time.monotonic()
+        metrics = rt.sync_weights(2)
+        # not the weight group's 300 s: rank 0 stops waiting for server 1, which waits in a broadcast it gave up
+        assert time.monotonic() - start < 150
+        assert fired == [[0, 1]] and metrics["sync/servers"] == 0.0 and metrics["sync/servers_restarted"] == 2.0
+        assert rt.engine.wait_recovered(timeout_s=300)
+        _assert_engines_match_actor(rt, version=2)  # both replaced, each resynced to the version the sync was for
+        counts = rt.engine.take_counters()
+        assert counts["failures"] == 2 and counts["restarts"] == 2
+        _train_once(rt)
+        assert rt.sync_weights(3)["sync/servers"] == 2.0
         _assert_engines_match_actor(rt, version=3)
     finally:
         rt.close()
