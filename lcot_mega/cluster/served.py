@@ -182,10 +182,10 @@ class BroadcastToLive:
             return []
         with ThreadPoolExecutor(len(live)) as ex:  # a hung server takes the health timeout: check all at once
             healthy = list(ex.map(lambda i: self.servers.client(i).health(), live))
-        for i, ok in zip(live, healthy, strict=True):
-            if not ok:
-                pool.mark_dead(i, UnhealthyServerError(f"rollout server {i} failed its health check"))
-        return [i for i, ok in zip(live, healthy, strict=True) if not ok]
+        lost = [i for i, ok in zip(live, healthy, strict=True) if not ok]
+        for i in lost:
+            pool.mark_dead(i, UnhealthyServerError(f"rollout server {i} failed its health check"))
+        return lost
 
     def _restart_broken_group(
         self, pool: EnginePool, members: Sequence[int], lost: Sequence[int], version: int, error: Exception
