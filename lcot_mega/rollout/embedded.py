@@ -53,6 +53,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+def _outside_megatron_shim() -> contextlib.AbstractContextManager:
+    """Decoding outside the megatron-core CPU shim's function mode (`actor.cpu_compat`), which a process that also
+    holds a Megatron actor or converted a checkpoint has on for good: every torch call of a decode step would pass
+    through its Python `__torch_function__` (16-35% of a generate call's time on the 2-core box, docs/LOG.md
+    2026-12-07). The engine's calls name no CUDA device, so the rewriting is not needed. A no-op without the shim."""
+    from lcot_mega.actor import cpu_compat
+
+    return cpu_compat.paused()
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _UPDATE_BUCKET_BYTES = 256 << 20
 # A stop string split over tokens is found in the decoded tail of this many tokens beyond its length.
@@ -186,7 +197,7 @@ class EmbeddedEngine:
         self._check_prompts(prompts)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings {list(params.stop)} need a tokenizer; {self.model_dir} has none")
-        with self._lock:
+        with self._lock, _outside_megatron_shim():
             self._check_ready()
             with self._state_lock:
                 self._in_flight = True

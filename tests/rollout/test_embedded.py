@@ -361,3 +361,42 @@ def test_the_kv_cache_keyword_follows_the_installed_transformers():
         def forward(self, input_ids, cache=None, **kwargs): ...
 
     assert _cache_keyword(Old()) == "past_key_values" and _cache_keyword(New()) == "cache"
+
+
+SHIM_PROBE = """
+import sys, torch
+from torch.overrides import TorchFunctionMode
+from lcot_mega.actor import cpu_compat
+from lcot_mega.rollout.embedded import EmbeddedEngine
+from lcot_mega.rollout.protocol import SamplingParams
+
+class Counting(TorchFunctionMode):
+    calls = 0
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        Counting.calls += 1
+        return func(*args, **(kwargs or {}))
+
+engine = EmbeddedEngine(sys.argv[1])
+params = SamplingParams(max_new_tokens=12, n=2, seed=3, ignore_eos=True)
+prompts = [[5, 6, 7], [8, 9]]
+before = [[c.token_ids for c in g] for g in engine.generate(prompts, params)]
+assert cpu_compat.enable()
+with Counting():
+    after = [[c.token_ids for c in g] for g in engine.generate(prompts, params)]
+    in_generate = Counting.calls
+    torch.ones(2) + 1
+print(before == after, in_generate, Counting.calls > in_generate)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the megatron-core CPU shim is a no-op where CUDA exists")
+def test_generate_runs_outside_the_megatron_cpu_shim_and_samples_the_same(model_dir):
+    """A process with a Megatron actor has `cpu_compat`'s function mode on for good; decoding under it paid a Python
+    call per torch op. Generate runs outside every function mode there, with the same samples as before the shim."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("megatron.core")
+    run = subprocess.run([sys.executable, "-c", SHIM_PROBE, str(model_dir)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["True", "0", "True"]
