@@ -57,8 +57,9 @@ log = logging.getLogger(__name__)
 def _outside_megatron_shim() -> contextlib.AbstractContextManager:
     """Decoding outside the megatron-core CPU shim's function mode (`actor.cpu_compat`), which a process that also
     holds a Megatron actor or converted a checkpoint has on for good: every torch call of a decode step would pass
-    through its Python `__torch_function__` (16-35% of a generate call's time on the 2-core box, docs/LOG.md
-    2026-12-07). The engine's calls name no CUDA device, so the rewriting is not needed. A no-op without the shim."""
+    through its Python `__torch_function__` (thousands of calls a generate; on SmolLM2 alone on the 2-core box that
+    costs 0-4% of its time, docs/LOG.md 2026-12-07). The engine's calls name no CUDA device, so the rewriting is not
+    needed. A no-op without the shim."""
     from lcot_mega.actor import cpu_compat
 
     return cpu_compat.paused()
