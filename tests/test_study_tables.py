@@ -180,3 +180,32 @@ def test_robustness_table_gives_each_mode_its_probe_drop_across_seeds_and_the_st
     assert "| cold start | starting model | - | 40.0 | 10.0 | 30.0 |" in lines
     assert not [x for x in lines if "| both |" in x or "zero-RL" in x]
     assert "no robustness evaluations" in tables.robustness(tmp_path / "none")
+
+
+def test_evidence_table_gives_each_comparison_its_interval_and_where_it_lies(tables, tmp_path):
+    for seed, neg, both in ((1, 0.5, 0.3), (2, 0.4, 0.5)):
+        _run(tmp_path, f"negative-seed{seed}", neg, [1.0] * 2, 0.5, experiment="cold_start")
+        _run(tmp_path, f"both-seed{seed}", both, [1.0] * 2, 0.5, experiment="cold_start")
+    for seed, pos, neg in ((1, 0.30, 0.00), (2, 0.32, 0.02), (3, 0.34, 0.04)):
+        _run(tmp_path, f"positive-seed{seed}", pos, [1.0] * 2, 0.5, experiment="zero_rl_long")
+        _run(tmp_path, f"negative-seed{seed}", neg, [1.0] * 2, 0.5, experiment="zero_rl_long")
+    for base_eval, acc in (("cold-start-eval", 0.4), ("base-eval-long", 0.1)):
+        (tmp_path / base_eval).mkdir()
+        (tmp_path / base_eval / "summary.json").write_text(json.dumps({"benchmarks": {"chain_sum": {"avg@k": acc}}}))
+    _probed(tmp_path / "zero_rl_long" / "negative-seed1" / "eval-robust", 0.5, 0.45)
+    _probed(tmp_path / "zero_rl_long" / "positive-seed1" / "eval-robust", 0.5, 0.3)
+    lines = tables.evidence(tmp_path).splitlines()
+    row = {(x.split(" | ")[0][2:], x.split(" | ")[1]): x for x in lines[2:]}
+    # cold start negative minus its start: +10 and 0 points, mean 5, sd 7.07 -> 12.706 * 7.07 / sqrt 2 = 63.5
+    assert row["cold start", "negative minus the starting model"].endswith("| 1,2 | 5.0 ± 63.5 | - | spans 0 |")
+    # negative minus both at the same seed: +20 and -10, sd 21.2 -> 190.6
+    assert row["cold start", "negative minus both, same seed"].endswith("| 1,2 | 5.0 ± 190.6 | - | spans 0 |")
+    # zero-RL gains 20, 22, 24 (sd 2, 4.303 * 2 / sqrt 3 = 5.0) and -10, -8, -6; paired 30 points at every seed
+    assert row["zero-RL", "positive minus the starting model"].endswith("| 1,2,3 | 22.0 ± 5.0 | - | above 0 |")
+    assert row["zero-RL", "negative minus the starting model"].endswith("| 1,2,3 | -8.0 ± 5.0 | - | below 0 |")
+    assert row["zero-RL", "positive minus negative, same seed"].endswith("| 1,2,3 | 30.0 ± 0.0 | - | above 0 |")
+    # probe drops 5 (negative) and 20 (positive) points at seed 1: one seed, no interval
+    assert row["zero-RL", "probe drop, negative minus positive, same seed"].endswith("| 1 | -15.0 | - | one seed |")
+    assert ("cold start", "negative minus positive, same seed") not in row  # no positive run in cold start
+    assert not [k for k in row if k[0].startswith("zero-RL, 48")]  # no refill runs
+    assert "no evaluated runs" in tables.evidence(tmp_path / "none")

@@ -1,7 +1,7 @@
 """Turn the study runs' own metrics.jsonl and `lcot-mega eval` outputs into the tables of docs/REPRODUCTION.md.
 
 python examples/study/tables.py EXPERIMENT|all [RUNS_ROOT=runs/study]   (EXPERIMENT: polarity zero_adv length uncertain
-    cold_start zero_rl_long settings injection robustness)
+    cold_start zero_rl_long settings injection robustness evidence)
 python examples/study/tables.py export [RUNS_ROOT=runs/study] DEST
 
 `export` copies what the tables read (config.yaml, metrics.jsonl, each evaluation's summary.json and problems.jsonl;
@@ -23,6 +23,7 @@ import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -414,6 +415,90 @@ def _avg_gain(run: Path, ref: Path | None, idx: int) -> float:
     return _bench(run, idx, "avg@k") - _bench(ref, idx, "avg@k") if ref else math.nan
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """One number the verdicts of REPRODUCTION section 5 rest on: run `a`'s avg@k minus `b`'s at the same seed, or
+    minus the starting model's (`b` None), or with `probe` the two runs' robustness-probe drops (clean minus probed)."""
+
+    setting: str
+    experiment: str
+    a: str
+    b: str | None
+    expects: str
+    base_eval: str = ""
+    probe: bool = False
+
+
+EVIDENCE = (
+    Comparison(
+        "cold start", "cold_start", "negative", None, "> 0: negatives alone reach strong performance", "cold-start-eval"
+    ),
+    Comparison("cold start", "cold_start", "negative", "both", ">= 0: as good as both"),
+    Comparison("cold start", "cold_start", "negative", "positive", "> 0 out of domain: negatives generalize better"),
+    Comparison("cold start", "cold_start", "positive", None, "not stated", "cold-start-eval"),
+    Comparison("zero-RL", "zero_rl_long", "positive", None, "> 0: positives make it converge", "base-eval-long"),
+    Comparison("zero-RL", "zero_rl_long", "negative", None, "<= 0 (the strong form)", "base-eval-long"),
+    Comparison("zero-RL", "zero_rl_long", "positive", "negative", "> 0: positives are needed"),
+    Comparison("zero-RL", "zero_rl_long", "weighted", "both", "none stated (W-REINFORCE: >= 0)"),
+    Comparison("zero-RL", "zero_rl_long", "inject", "both", "about 0: beyond capacity stays hard"),
+    Comparison("cold start", "cold_start", "negative", "positive", "< 0: negatives make it robust", probe=True),
+    Comparison("zero-RL", "zero_rl_long", "negative", "positive", "< 0: negatives make it robust", probe=True),
+    Comparison("zero-RL, 48 tokens", "zero_adv", "refill", "drop", "> 0 (DAPO)"),
+)
+"""The comparisons behind each claim of the study that issue 18 tests, with the sign the study predicts."""
+
+
+def interval_says(values: Sequence[float]) -> str:
+    """Where the 95% t-interval of the mean across seeds lies: 'above 0', 'below 0' or 'spans 0' (no interval from
+    one seed). The verdict in REPRODUCTION.md reads this column against the study's expected sign."""
+    if len(values) < 2:
+        return "one seed" if values else "-"
+    m, h = statistics.fmean(values), half_width(values)
+    return "above 0" if m - h > 0 else "below 0" if m + h < 0 else "spans 0"
+
+
+def _differences(root: Path, c: Comparison, names: list[str]) -> tuple[list[str], list[list[float]]]:
+    """The seeds compared and, per benchmark name, each seed's difference (fractions)."""
+    groups = evaluated(runs_of(root, c.experiment))
+    if c.b is None:
+        runs, start = groups.get(c.a, []), eval_summary(root, c.base_eval)
+        gains = [_gains(runs, i, start.get(n, {}), "avg@k") if n in start else [] for i, n in enumerate(names)]
+        return [_seed(r) for r in runs], gains
+    if c.probe:
+        drop = {
+            k: {_seed(r): p["drop"] for r in runs if (p := _probe(r / "eval-robust"))} for k, runs in groups.items()
+        }
+        a, b = drop.get(c.a, {}), drop.get(c.b, {})
+        seeds = sorted(set(a) & set(b), key=int)
+        return seeds, [[a[s] - b[s] for s in seeds]] + [[] for _ in names[1:]]
+    b = _by_seed(groups.get(c.b, []))
+    pairs = [(r, b[_seed(r)]) for r in groups.get(c.a, []) if _seed(r) in b]
+    return [_seed(r) for r, _ in pairs], [[_avg_gain(r, ref, i) for r, ref in pairs] for i, _ in enumerate(names)]
+
+
+def evidence(root: Path) -> str:
+    """The comparisons of EVIDENCE in points, each with its 95% t-interval over seeds and where that interval lies:
+    the numbers the claims table of REPRODUCTION section 5 quotes, rebuilt from the runs."""
+    rows, names = [], []
+    for c in EVIDENCE:
+        names = _bench_names(evaluated(runs_of(root, c.experiment))) or names
+        seeds, diffs = _differences(root, c, names)
+        if not seeds:
+            continue
+        what = f"{c.a} minus the starting model" if c.b is None else f"{c.a} minus {c.b}, same seed"
+        if c.probe:
+            what = f"probe drop, {c.a} minus {c.b}, same seed"
+        points = [[100 * v for v in d] for d in diffs]
+        row = [c.setting, what, c.expects, ",".join(seeds)]
+        row += [mean_ci(p, ".1f") for p in points[:2]] + ["-"] * (2 - len(points[:2]))
+        rows.append([*row, " / ".join(interval_says(p) for p in points[:2] if p)])
+    if not rows:
+        return "no evaluated runs for any comparison under " + str(root)
+    head = ["setting", "comparison", "the study expects", "seeds"]
+    head += [f"{n} (points)" for n in ([*names, "", ""])[:2]] + ["the 95% interval"]
+    return table(head, rows)
+
+
 EXPORTED = ("config.yaml", "metrics.jsonl", "done")
 EXPORTED_EVAL = ("summary.json", "problems.jsonl")
 
@@ -455,6 +540,7 @@ EXPERIMENTS = {
     "settings": settings,
     "injection": injection,
     "robustness": robustness,
+    "evidence": evidence,
 }
 
 
