@@ -11,7 +11,9 @@ Pure Python (no torch): distributed callers pass `is_writer` and an `all_ok` agr
       .tmp-step_000000130/    being written; a crash leaves it behind and the next start removes it
 
 Commit protocol, so that a crash, SIGTERM or SIGKILL at any point leaves the previous checkpoint usable:
-1. the writer removes a stale temp dir of this step and creates `.tmp-step_N`; all ranks agree;
+1. the writer checks that the filesystem has room for a checkpoint as large as the newest one (else nothing is
+   written and every rank raises `CheckpointWriteError`, errno ENOSPC), removes a stale temp dir of this step and
+   creates `.tmp-step_N`; all ranks agree;
 2. every rank writes its files into the temp dir and fsyncs them; all ranks agree that all succeeded
    (any failure: the writer removes the temp dir and every rank raises);
 3. the writer writes `COMPLETE` (temp file, fsync, rename), renames the directory to `step_N`, fsyncs the
@@ -21,6 +23,11 @@ Manifest cost: every file's size is recorded and checked; the crc32 of a file's 
 `checksum_max_bytes` (16 MiB: metadata, common state, JSON). Checksumming tensor shards would read the whole
 checkpoint (hundreds of GB with optimizer state) at every save and load; a truncated shard still fails the
 size check.
+
+A full disk does not always surface as `OSError(ENOSPC)`: torch's zip writer, under megatron-core's
+dist_checkpointing, reports it as `RuntimeError("... unexpected pos ...")`. So a failed write is called a full disk
+when its error chain holds ENOSPC or when the filesystem has less than `LOW_FREE_BYTES` left at the moment of
+failure (measured before the temp dir is removed).
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ MANIFEST_FORMAT = "lcot-mega-checkpoint/1"
 DEFAULT_CHECKSUM_MAX_BYTES = 16 << 20
 _STEP_DIR = re.compile(r"^step_(\d{9,})$")
 _CHUNK = 1 << 20
+LOW_FREE_BYTES = 256 << 20
+"""Free space below which a failed checkpoint write is reported as a full disk, whatever its exception says."""
 
 AllOk = Callable[[bool], bool]
 """Collective agreement: every rank passes whether its part succeeded; returns True only if all did."""
@@ -184,18 +193,55 @@ def verify_checkpoint_dir(path: str | Path) -> dict:
 # --- atomic directory commit -------------------------------------------------------------------------------
 
 
-def _write_error(err: BaseException, final: Path, tmp: Path) -> CheckpointWriteError:
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+def free_bytes(path: str | Path) -> int:
+    """Bytes this process can still write on `path`'s filesystem (root may use the blocks reserved for it)."""
+    st = os.statvfs(path)
+    blocks = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return blocks * st.f_frsize
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def _disk_full(err: BaseException, where: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC in the error chain, or (see the module docstring) the
+    filesystem nearly full now, before the temp dir is removed."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return free_bytes(where) < LOW_FREE_BYTES
+    except OSError:
+        return False
+
+
+def _write_error(err: BaseException, final: Path, tmp: Path, disk_full: bool) -> CheckpointWriteError:
+    if disk_full:
         return CheckpointWriteError(
             f"no space left on device while writing checkpoint {final.name} into {final.parent}"
             f" (temp dir {tmp.name} removed; the previous checkpoint is untouched): free space there"
-            " or keep fewer checkpoints (trainer.keep_last)",
+            f" or keep fewer checkpoints (trainer.keep_last). The write failed with: {type(err).__name__}: {err}",
             errno.ENOSPC,
         )
     return CheckpointWriteError(
         f"writing checkpoint {final} failed: {err} (temp dir removed; the previous checkpoint is untouched)",
         getattr(err, "errno", None),
     )
+
+
+def _check_room(where: Path, final: Path, expected_bytes: int) -> None:
+    """Refuse to start a checkpoint the filesystem cannot hold: `expected_bytes` is the newest one's size."""
+    free = free_bytes(where)
+    if free < expected_bytes:
+        raise CheckpointWriteError(
+            f"no space left on device for checkpoint {final.name} in {where}: the newest checkpoint took"
+            f" {_gib(expected_bytes)} and {_gib(free)} are free. Nothing was written and the previous checkpoint"
+            " is untouched: free space there or keep fewer checkpoints (trainer.keep_last)",
+            errno.ENOSPC,
+        )
 
 
 def _run(action: Callable[[], None] | None) -> BaseException | None:
@@ -211,12 +257,15 @@ def _run(action: Callable[[], None] | None) -> BaseException | None:
 def _agree(all_ok: AllOk, err: BaseException | None, final: Path, tmp: Path, is_writer: bool) -> None:
     if all_ok(err is None):
         return
+    disk_full = err is not None and not isinstance(err, CheckpointWriteError) and _disk_full(err, final.parent)
     if is_writer:
         shutil.rmtree(tmp, ignore_errors=True)
     if err is None:
         raise CheckpointWriteError(f"another rank failed while writing checkpoint {final}; temp dir removed")
-    if isinstance(err, OSError):
-        raise _write_error(err, final, tmp) from err
+    if isinstance(err, CheckpointWriteError):
+        raise err
+    if isinstance(err, OSError) or disk_full:
+        raise _write_error(err, final, tmp, disk_full) from err
     raise err
 
 
@@ -248,16 +297,24 @@ def atomic_checkpoint_dir(
     all_ok: AllOk | None = None,
     checksum_max_bytes: int = DEFAULT_CHECKSUM_MAX_BYTES,
     on_commit: Callable[[Path], None] | None = None,
+    expected_bytes: int = 0,
 ) -> Iterator[Path]:
     """Yield a temp dir to write into; on success it becomes `final` (manifest last), on failure it is removed.
 
     Every rank enters with the same arguments; `all_ok` is the collective agreement (barrier + failure
     propagation). `on_commit(final)` runs on the writer after the rename (the store moves `latest` there).
+    `expected_bytes`: what the checkpoint will take; the writer refuses to start when less is free.
     """
     final = Path(final)
     all_ok = all_ok or _single_process
     tmp = final.parent / f"{TMP_PREFIX}{final.name}"
-    _agree(all_ok, _run((lambda: _fresh_dir(tmp)) if is_writer else None), final, tmp, is_writer)
+
+    def prepare() -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _check_room(final.parent, final, expected_bytes)
+        _fresh_dir(tmp)
+
+    _agree(all_ok, _run(prepare if is_writer else None), final, tmp, is_writer)
     err = None
     try:
         yield tmp
@@ -345,7 +402,8 @@ class CheckpointStore:
 
     @contextmanager
     def writing(self, step: int) -> Iterator[Path]:
-        """Every rank writes its files of checkpoint `step` into the yielded dir; committed on exit."""
+        """Every rank writes its files of checkpoint `step` into the yielded dir; committed on exit. The writer first
+        checks that the disk has room for a checkpoint as large as the head."""
         with atomic_checkpoint_dir(
             self.path_for(step),
             step,
@@ -353,8 +411,19 @@ class CheckpointStore:
             all_ok=self.all_ok,
             checksum_max_bytes=self.checksum_max_bytes,
             on_commit=self._after_commit,
+            expected_bytes=self.size_of(self.head()) if self.is_writer else 0,
         ) as tmp:
             yield tmp
+
+    def size_of(self, step: int | None) -> int:
+        """Bytes of checkpoint `step` by its manifest (0 when there is none, or it is unreadable)."""
+        if step is None:
+            return 0
+        try:
+            files = json.loads((self.path_for(step) / MANIFEST).read_text(encoding="utf-8"))["files"]
+            return sum(int(entry["size"]) for entry in files.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return 0
 
     def _after_commit(self, final: Path) -> None:
         atomic_write_text(self.root / LATEST, final.name + "\n")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from lcot_mega.actor.train_step import TrainBatch
+from lcot_mega.checkpoint import store as store_mod
 from lcot_mega.cluster.actor_group import ActorGroup, ActorRank
 from lcot_mega.cluster.runtime import Runtime
 from lcot_mega.config import Config
@@ -175,7 +176,13 @@ def _crash(tmp: Path) -> None:
 
 
 def _disk_full(tmp: Path) -> None:
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+    """A disk filled by the payload, failing as it does under megatron-core: torch's zip writer raises
+    `RuntimeError("... unexpected pos ...")` with no errno (writing to /dev/full gives exactly that), and the
+    filesystem has no room left (the store's free-space probe reads 0 until `arm_save_fault` restores it)."""
+    store_mod.free_bytes = lambda path: 0
+    if not os.path.exists("/dev/full"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+    torch.save(torch.zeros(1024), "/dev/full")
 
 
 SAVE_FAULTS: dict[str, Callable[[Path], None]] = {"crash": _crash, "disk_full": _disk_full}
@@ -185,14 +192,17 @@ def arm_save_fault(rank: ActorRank, kind: str) -> None:
     """The next checkpoint write of `rank` fails (`SAVE_FAULTS[kind]`) once its payload is written, before the
     commit; one shot."""
     fault, store = SAVE_FAULTS[kind], rank.store
-    real = store.writing
+    real, real_free = store.writing, store_mod.free_bytes
 
     @contextmanager
     def failing_once(step: int) -> Iterator[Path]:
         del store.writing  # back to the class's own method
-        with real(step) as tmp:
-            yield tmp
-            fault(tmp)
+        try:
+            with real(step) as tmp:
+                yield tmp
+                fault(tmp)
+        finally:
+            store_mod.free_bytes = real_free
 
     store.writing = failing_once
 

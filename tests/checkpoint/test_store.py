@@ -268,3 +268,64 @@ def test_good_mark_is_not_part_of_the_manifest(tmp_path):
     assert (path / GOOD_MARK).is_file()
     verify_checkpoint_dir(path)
     assert store.latest_valid().good
+
+
+def _torch_full_disk_error() -> None:
+    """What a full disk looks like through torch's writer (megatron-core's dist_checkpointing saves with it): a
+    RuntimeError with no errno. /dev/full answers every write with ENOSPC."""
+    torch = pytest.importorskip("torch")
+    torch.save(torch.zeros(1024), "/dev/full")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_torch_reports_a_full_disk_without_errno_so_errno_alone_cannot_tell(tmp_path):
+    with pytest.raises(RuntimeError, match="unexpected pos") as info:
+        _torch_full_disk_error()
+    assert not isinstance(info.value, OSError) and info.value.__cause__ is None
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_write_failing_on_a_full_filesystem_is_reported_as_a_full_disk(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path / "ckpts")
+    previous = _commit(store, 1)
+    monkeypatch.setattr(store_mod, "free_bytes", lambda path: 1 << 20)  # 1 MiB left when the write fails
+    full = pytest.raises(CheckpointWriteError, match=r"no space left on device .* RuntimeError: .*unexpected pos")
+    with full as info, store.writing(2) as d:
+        (d / "meta.json").write_text("{}")
+        _torch_full_disk_error()
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value.__cause__, RuntimeError)
+    assert _tmp_entries(tmp_path / "ckpts") == [] and store.steps() == [1]
+    verify_checkpoint_dir(previous)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_the_same_error_with_room_on_disk_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path / "ckpts")
+    _commit(store, 1)
+    monkeypatch.setattr(store_mod, "free_bytes", lambda path: 1 << 40)
+    with pytest.raises(RuntimeError, match="unexpected pos"), store.writing(2):
+        _torch_full_disk_error()
+    assert _tmp_entries(tmp_path / "ckpts") == [] and store.steps() == [1]
+
+
+def test_size_of_a_checkpoint_is_the_sum_of_its_manifest_sizes(tmp_path):
+    store = CheckpointStore(tmp_path)
+    _commit(store, 1, big=5000)
+    # shard.bin: b"weights" * 100 = 700 bytes; meta.json: '{"step": 1}' = 11 bytes; big.bin: 5000 bytes
+    assert store.size_of(1) == 700 + 11 + 5000
+    assert store.size_of(None) == 0 and store.size_of(7) == 0
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path)
+    previous = _commit(store, 1, big=5000)  # 5,711 bytes
+    monkeypatch.setattr(store_mod, "free_bytes", lambda path: 5000)
+    started = []
+    refused = pytest.raises(CheckpointWriteError, match=r"no space left on device for checkpoint step_000000002")
+    with refused as info, store.writing(2) as d:
+        started.append(d)
+    assert info.value.errno == errno.ENOSPC and started == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, previous.name]
+    monkeypatch.setattr(store_mod, "free_bytes", lambda path: 5711)  # exactly enough: written
+    _commit(store, 2, big=5000)
+    assert store.head() == 2
