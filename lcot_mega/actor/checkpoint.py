@@ -106,10 +106,17 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def dist_store(root: str | Path, keep_last: int = 3, *, clean_stale: bool = True) -> CheckpointStore:
+def dist_store(
+    root: str | Path, keep_last: int = 3, *, keep_good: int = 1, clean_stale: bool = True
+) -> CheckpointStore:
     """The run's `CheckpointStore` as seen by this rank (global rank 0 writes; a shared filesystem is assumed)."""
     return CheckpointStore(
-        root, keep_last, is_writer=_rank() == 0, all_ok=all_ranks_ok, clean_stale=clean_stale and _rank() == 0
+        root,
+        keep_last,
+        keep_good=keep_good,
+        is_writer=_rank() == 0,
+        all_ok=all_ranks_ok,
+        clean_stale=clean_stale and _rank() == 0,
     )
 
 

@@ -6,7 +6,7 @@ Pure Python (no torch): distributed callers pass `is_writer` and an `all_ok` agr
     root/
       latest                  text: the name of the head checkpoint directory (replaced atomically)
       step_000000120/         a committed checkpoint: payload files, then
-        GOOD                  (optional) a guard marked it good: kept forever, rollback target
+        GOOD                  (optional) a guard marked it good: a rollback target, kept while among the newest good
         COMPLETE              manifest JSON, written last: step and every file with its size (+ crc32)
       .tmp-step_000000130/    being written; a crash leaves it behind and the next start removes it
 
@@ -341,9 +341,10 @@ def atomic_checkpoint_dir(
 class CheckpointStore:
     """The checkpoints of one run under `root`: commit, `latest` pointer, retention, good marks, fallback.
 
-    `keep_last` complete checkpoints up to the head are kept, plus every one marked good; older ones are
-    deleted only after a newer one is committed. Checkpoints with a larger step than the head belong to a
-    timeline abandoned by a rollback and are deleted at the next commit (unless marked good).
+    `keep_last` complete checkpoints up to the head are kept, plus the newest `keep_good` marked good up to the head
+    (rollback targets); older ones are deleted only after a newer one is committed. Keeping every good one would
+    keep every checkpoint of a healthy run, since each is marked good a step after it is written. Checkpoints with
+    a larger step than the head belong to a timeline abandoned by a rollback and are deleted at the next commit.
     """
 
     def __init__(
@@ -351,6 +352,7 @@ class CheckpointStore:
         root: str | Path,
         keep_last: int = 3,
         *,
+        keep_good: int = 1,
         is_writer: bool = True,
         all_ok: AllOk | None = None,
         checksum_max_bytes: int = DEFAULT_CHECKSUM_MAX_BYTES,
@@ -358,6 +360,9 @@ class CheckpointStore:
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 (trainer.keep_last), got {keep_last}")
+        if keep_good < 1:
+            raise ValueError(f"keep_good must be >= 1 (trainer.keep_good), got {keep_good}")
+        self.keep_good = keep_good
         self.root = Path(root)
         self.keep_last = keep_last
         self.is_writer = is_writer
@@ -466,7 +471,8 @@ class CheckpointStore:
         return None
 
     def mark_good(self, step: int) -> Checkpoint:
-        """Mark committed checkpoint `step` good: retention keeps it and `rollback` can return to it."""
+        """Mark committed checkpoint `step` good: `rollback` can return to it, and retention keeps it while it is
+        among the newest `keep_good` good ones."""
         path = self.path_for(step)
         verify_checkpoint_dir(path)
         if self.is_writer:
@@ -501,8 +507,8 @@ class CheckpointStore:
         if head is None or not self.is_writer:
             return []
         complete = [s for s in steps if s <= head and (self.path_for(s) / MANIFEST).is_file()]
-        keep = set(complete[-self.keep_last :]) | {head}
-        keep |= {s for s in steps if (self.path_for(s) / GOOD_MARK).is_file()}
+        good = [s for s in complete if (self.path_for(s) / GOOD_MARK).is_file()]
+        keep = set(complete[-self.keep_last :]) | set(good[-self.keep_good :]) | {head}
         deleted = [s for s in steps if s not in keep]
         for s in deleted:
             _remove_tree(self.path_for(s))

@@ -142,7 +142,9 @@ class ActorRank:
         self.hf_dir = Path(cfg.model.path)
         arch = arch_from_hf_config(AutoConfig.from_pretrained(self.hf_dir))
         self.actor = MegatronActor(arch, cfg.actor, cfg.algo, self.hf_dir, seed=cfg.trainer.seed)
-        self.store = dist_store(Path(cfg.trainer.run_dir) / "checkpoints", cfg.trainer.keep_last)
+        self.store = dist_store(
+            Path(cfg.trainer.run_dir) / "checkpoints", cfg.trainer.keep_last, keep_good=cfg.trainer.keep_good
+        )
         self.engines, self.transport = list(engines), transport
         self.probe = probe if probe is not None else sync_probe(cfg, arch.vocab_size)
         self.bucket_bytes = bucket_bytes

@@ -374,6 +374,10 @@ class TrainerConfig:
     """Checkpoint every N steps; 0 saves only at the end."""
     keep_last: int = opt(3, ge=1)
     """Checkpoints kept on disk (older ones are deleted after a newer one is written)."""
+    keep_good: int = opt(1, ge=1)
+    """Checkpoints marked good by the guards (rollback targets, docs/STABILITY.md) kept beside the `keep_last`
+    newest: the newest `keep_good` of them. A rollback restores the newest; older ones are its fallback should it be
+    corrupt. Older good checkpoints are deleted like any other."""
     eval_every: int = opt(10, ge=0)
     """Evaluate on data.eval every N steps; 0 disables it."""
     max_staleness: int = opt(0, ge=0)

@@ -62,6 +62,10 @@ def sft_config_errors(cfg: Config) -> list[str]:
     errors += _cluster_errors(cfg)
     if cfg.trainer.max_staleness != 0:
         errors.append(f"trainer.max_staleness = {cfg.trainer.max_staleness}: lcot-mega sft samples nothing (RL only)")
+    if cfg.trainer.keep_good != 1:
+        errors.append(
+            f"trainer.keep_good = {cfg.trainer.keep_good}: lcot-mega sft has no guards to mark a checkpoint good"
+        )
     if cfg.actor.updates_per_batch != 1:
         errors.append(
             f"actor.updates_per_batch = {cfg.actor.updates_per_batch}: an SFT step is one optimizer step on"

@@ -34,7 +34,9 @@ class Watch:
 
     @classmethod
     def open(cls, cfg: Config, run: RunDir) -> Watch:
-        store = CheckpointStore(run.checkpoints, cfg.trainer.keep_last, clean_stale=False)
+        store = CheckpointStore(
+            run.checkpoints, cfg.trainer.keep_last, keep_good=cfg.trainer.keep_good, clean_stale=False
+        )
         return cls(Guard(cfg.guards), Recovery(cfg.guards), GuardLog(run.path), store)
 
     def state_dict(self) -> dict:

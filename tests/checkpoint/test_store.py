@@ -58,7 +58,7 @@ def test_commit_renames_into_place_with_manifest_and_moves_latest(tmp_path):
     assert store.latest_valid().path == store.path_for(200)
 
 
-def test_retention_keeps_last_k_and_every_good_one(tmp_path):
+def test_retention_keeps_last_k_and_the_newest_good_one(tmp_path):
     store = CheckpointStore(tmp_path, keep_last=2)
     _commit(store, 1)
     _commit(store, 2)
@@ -69,6 +69,25 @@ def test_retention_keeps_last_k_and_every_good_one(tmp_path):
     assert store.steps() == [2, 4, 5]  # last 2, plus the good one
     assert store.latest_valid().step == 5
     assert store.last_good().step == 2
+
+
+def test_a_healthy_run_whose_every_checkpoint_turns_good_stays_within_retention(tmp_path):
+    """Each checkpoint is marked good a step after it is written (guards.good_after = 1): keeping every good one
+    kept every checkpoint of a healthy run (68 GB of study checkpoints filled a disk, session 21)."""
+    store = CheckpointStore(tmp_path, keep_last=1)
+    for step in range(4, 44, 4):
+        if step > 4:  # as in the driver: the checkpoint of 4 steps ago was confirmed good before this one is saved
+            store.mark_good(step - 4)
+        _commit(store, step)
+    assert store.steps() == [36, 40]  # the newest, and the newest good one (the rollback target); not all ten
+    assert store.last_good().step == 36
+    wider = CheckpointStore(tmp_path / "wider", keep_last=1, keep_good=2)
+    for step in (1, 2, 3, 4, 5):
+        _commit(wider, step)
+        wider.mark_good(step)
+    assert wider.steps() == [3, 4, 5]  # 5, the newest; 3 and 4, the two newest good ones when 5 was committed
+    with pytest.raises(ValueError, match=r"trainer\.keep_good"):
+        CheckpointStore(tmp_path, keep_good=0)
 
 
 def test_rollback_to_last_good_and_abandoned_timeline_is_pruned(tmp_path):

@@ -126,6 +126,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, model, data, config
         (("sft.batch_size=0",), "sft.batch_size"),
         (("actor.updates_per_batch=2",), "actor.updates_per_batch = 2: an SFT step is one optimizer step"),
         (("trainer.max_staleness=1",), "trainer.max_staleness = 1: lcot-mega sft samples nothing"),
+        (("trainer.keep_good=2",), "trainer.keep_good = 2: lcot-mega sft has no guards"),
     ],
 )
 def test_bad_configs_are_refused_before_any_work(tmp_path, model, data, config, overrides, message):
