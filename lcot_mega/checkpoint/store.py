@@ -362,9 +362,9 @@ class CheckpointStore:
             raise ValueError(f"keep_last must be >= 1 (trainer.keep_last), got {keep_last}")
         if keep_good < 1:
             raise ValueError(f"keep_good must be >= 1 (trainer.keep_good), got {keep_good}")
-        self.keep_good = keep_good
         self.root = Path(root)
         self.keep_last = keep_last
+        self.keep_good = keep_good
         self.is_writer = is_writer
         self.all_ok = all_ok or _single_process
         self.checksum_max_bytes = checksum_max_bytes
