@@ -83,8 +83,7 @@ for setting in "${settings[@]}"; do
             fi
             run="runs/study/$setting/$mode-seed$seed"
             if [ ! -f "$run/done" ]; then
-                lcot-mega train "$CONFIG" "${over[@]}" "${extra[@]}" trainer.seed="$seed" --run-dir "$run"
-                touch "$run/done"
+                train_run "$run" "${over[@]}" "${extra[@]}" trainer.seed="$seed"
             fi
             evaluate "$run" "$run/eval-final" "${over[@]:1}"
             probe "$run" "$run/eval-robust" "${over[@]:1}"

@@ -15,16 +15,37 @@ ensure_model() {
     fi
 }
 
+# train_run RUN_DIR OVERRIDE...: train (or resume an interrupted run) and mark the run done, but only when it ran to
+# its last step. `lcot-mega train` stopped by SIGTERM/SIGINT checkpoints and exits 0 ("stopped by SIG..."; the same
+# command resumes), so the calling script stops there too, instead of marking and evaluating a half-trained run.
+train_run() {
+    local run=$1 log status
+    shift
+    log=$(mktemp)
+    # no --resume: train resumes by itself from a committed checkpoint, and starts afresh (setting aside the
+    # metrics of a run killed before its first checkpoint) when there is none
+    lcot-mega train "$CONFIG" "$@" --run-dir "$run" | tee "$log"
+    status=${PIPESTATUS[0]}
+    if [ "$status" -ne 0 ]; then
+        rm -f "$log"
+        exit "$status"
+    fi
+    if grep -q "stopped by SIG" "$log"; then
+        rm -f "$log"
+        echo "study: $run was stopped before its last step; run the same command to resume it" >&2
+        exit 0
+    fi
+    rm -f "$log"
+    touch "$run/done"
+}
+
 # train_and_eval RUN_DIR OVERRIDE...: train (or resume an interrupted run), then evaluate the final checkpoint on
 # the config's eval sets (in-domain and out-of-domain) with EVAL_K samples per seed. A finished step is skipped.
 train_and_eval() {
     local run=$1
     shift
     if [ ! -f "$run/done" ]; then
-        # no --resume: train resumes by itself from a committed checkpoint, and starts afresh (setting aside the
-        # metrics of a run killed before its first checkpoint) when there is none
-        lcot-mega train "$CONFIG" "$@" --run-dir "$run"
-        touch "$run/done"
+        train_run "$run" "$@"
     fi
     if [ ! -f "$run/eval-final/summary.json" ]; then
         # shellcheck disable=SC2086  # EVAL_SEEDS is a list of seeds
