@@ -430,6 +430,7 @@ class Comparison:
 
 
 EVIDENCE = (
+    Comparison("cold start", "cold_start", "both", None, "not stated", "cold-start-eval"),
     Comparison(
         "cold start", "cold_start", "negative", None, "> 0: negatives alone reach strong performance", "cold-start-eval"
     ),
