@@ -24,9 +24,11 @@ MODE_ORDER = ("both", "negative", "positive", "weighted", "inject")
 
 @cache
 def _tables() -> ModuleType:
-    """tables.py beside this file, loaded by path so the figure works from any working directory."""
+    """tables.py beside this file, loaded by path so the figure works from any working directory; registered in
+    sys.modules before it runs, since its dataclasses look their module up while they are built."""
     spec = importlib.util.spec_from_file_location("study_tables", Path(__file__).with_name("tables.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
