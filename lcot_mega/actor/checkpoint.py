@@ -335,6 +335,11 @@ if hasattr(os, "register_at_fork"):
 
 
 def _die_with_parent(parent_pid: int) -> None:
+    """Killed with the trainer, and deaf to the SIGTERM / SIGINT sent to its whole process group (a scheduler's
+    preemption, Ctrl-C): the trainer handles those by finishing its step and saving, which needs these helpers alive
+    (a group SIGTERM killed the writer-queue server and the final save failed with a broken pipe, session 21)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG

@@ -31,7 +31,10 @@ def main(argv: list[str]) -> None:
     """Set up the process, then serve the trainer on the inherited connection."""
     fd, parent_pid = int(argv[0]), int(argv[1])
     _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes us
+    # Ctrl-C and a scheduler's SIGTERM to the process group are the trainer's to handle: it finishes its step (grading
+    # included) and closes us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.set_inheritable(fd, False)  # a subprocess of the reward function must not keep the channel open
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns once that its timeouts are off
     with Connection(fd) as conn:

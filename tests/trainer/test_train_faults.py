@@ -7,8 +7,10 @@ Every run is a real process on the tiny model; outcomes are read back from what 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +134,30 @@ def test_sigterm_saves_and_exits_cleanly_and_the_same_command_resumes(tmp_path, 
     _ok(second)
     assert "at step 2" in second.stdout
     assert sorted(_steps(run)) == [1, 2, 3, 4]
+
+
+def test_sigterm_to_the_whole_process_group_still_saves_the_step_in_flight(tmp_path, model):
+    """A scheduler's preemption (scancel, SLURM's SIGTERM) and Ctrl-C signal every process of the job, helpers
+    included: megatron's writer-queue server and the grading workers must outlive it long enough for the final save
+    (session 21: the queue server died with the group and the save failed with a broken pipe)."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "lcot_mega.cli", "train", str(TINY), f"model.path={model}", *QUIET]
+    args += ["trainer.steps=30", "trainer.save_every=1", "--run-dir", str(run)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.jsonl").is_file() or 2 not in _steps(run):  # a save (and its helpers) happened
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not reach step 2"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    last = max(_steps(run))
+    assert f"stopped by SIGTERM after step {last}" in out and last < 30
+    assert CheckpointStore(run / "checkpoints", is_writer=False).latest_valid().step == last
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_uses_it(tmp_path, model):
