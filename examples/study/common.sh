@@ -19,23 +19,22 @@ ensure_model() {
 # its last step. `lcot-mega train` stopped by SIGTERM/SIGINT checkpoints and exits 0 ("stopped by SIG..."; the same
 # command resumes), so the calling script stops there too, instead of marking and evaluating a half-trained run.
 train_run() {
-    local run=$1 log status
+    local run=$1 log status stopped=0
     shift
     log=$(mktemp)
     # no --resume: train resumes by itself from a committed checkpoint, and starts afresh (setting aside the
     # metrics of a run killed before its first checkpoint) when there is none
     lcot-mega train "$CONFIG" "$@" --run-dir "$run" | tee "$log"
     status=${PIPESTATUS[0]}
+    grep -q "stopped by SIG" "$log" && stopped=1
+    rm -f "$log"
     if [ "$status" -ne 0 ]; then
-        rm -f "$log"
         exit "$status"
     fi
-    if grep -q "stopped by SIG" "$log"; then
-        rm -f "$log"
+    if [ "$stopped" -eq 1 ]; then
         echo "study: $run was stopped before its last step; run the same command to resume it" >&2
         exit 0
     fi
-    rm -f "$log"
     touch "$run/done"
 }
 
